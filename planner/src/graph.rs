@@ -1,0 +1,655 @@
+//! The model's op graph (petgraph): prefill, decode and training (forward + backward) at sub-layer granularity.
+//!
+//! Every op records the work it does as a list of [`Kernel`]s (what the cost model prices)
+//! and the aggregates the placement needs: FLOPs, bytes read and written, resident weight
+//! bytes, activations saved for backward, optimizer state and KV cache. Every edge records
+//! the bytes of the tensor it moves. Node indices are op ids and are in execution order.
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+use lemur_protocol::{DType, ModelConfig, OpKind, Phase};
+
+/// An element-wise (memory-bound) kernel family; the cost model decides how many
+/// launches and passes over memory each family takes on a machine's kernel style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EwClass {
+    /// Table lookup: embedding rows gathered into the residual stream.
+    Gather,
+    RmsNorm,
+    Rope,
+    SiluMul,
+    Add,
+    /// Copying K and V up to the number of query heads (grouped-query attention).
+    RepeatKv,
+    /// Softmax cross-entropy over the logits (training only).
+    CrossEntropy,
+    /// Softmax backward over materialised attention scores.
+    SoftmaxBackward,
+}
+
+/// One kernel's worth of work, the unit the cost model prices.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kernel {
+    /// `batch` independent (m x k) . (k x n) products; `weight_bytes` of the operands are parameters.
+    Gemm { batch: u64, m: u64, n: u64, k: u64, dtype: DType, weight_bytes: u64 },
+    /// Materialised-score attention: `bh` (batch x heads) products of `q_len` queries against
+    /// `kv_len` keys of width `head_dim`; FLOPs = 4 bh q_len kv_len head_dim (QK^T and PV),
+    /// times `gemms / 2` (the backward pass runs four such products).
+    Attention { bh: u64, q_len: u64, kv_len: u64, head_dim: u64, gemms: u64, dtype: DType, read_bytes: u64 },
+    /// Element-wise work with its minimal (fused) traffic.
+    Elementwise { class: EwClass, backward: bool, read_bytes: u64, write_bytes: u64 },
+}
+
+impl Kernel {
+    pub fn flops(&self) -> u64 {
+        match *self {
+            Kernel::Gemm { batch, m, n, k, .. } => 2 * batch * m * n * k,
+            Kernel::Attention { bh, q_len, kv_len, head_dim, gemms, .. } => 2 * gemms * bh * q_len * kv_len * head_dim,
+            Kernel::Elementwise { .. } => 0,
+        }
+    }
+
+    /// Bytes read: (weights, activations).
+    pub fn bytes_read(&self) -> (u64, u64) {
+        match *self {
+            Kernel::Gemm { batch, m, n, k, dtype, weight_bytes } => {
+                let operands = batch * (m * k + k * n) * dtype.bytes();
+                (weight_bytes, operands - weight_bytes)
+            }
+            Kernel::Attention { read_bytes, .. } => (0, read_bytes),
+            Kernel::Elementwise { class: EwClass::Gather, read_bytes, .. } => (read_bytes, 0),
+            Kernel::Elementwise { read_bytes, .. } => (0, read_bytes),
+        }
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        match *self {
+            Kernel::Gemm { batch, m, n, dtype, .. } => batch * m * n * dtype.bytes(),
+            Kernel::Attention { bh, q_len, head_dim, gemms, dtype, .. } => {
+                // Forward writes the context (q_len x head_dim per head); backward writes dQ, dK, dV.
+                let outputs = if gemms > 2 { 3 } else { 1 };
+                outputs * bh * q_len * head_dim * dtype.bytes()
+            }
+            Kernel::Elementwise { write_bytes, .. } => write_bytes,
+        }
+    }
+}
+
+/// One node of the graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Op {
+    pub kind: OpKind,
+    /// Decoder layer, or `None` for the embedding, final norm and lm head.
+    pub layer: Option<u32>,
+    pub phase: Phase,
+    /// For a backward op, the id of its forward op.
+    pub forward_of: Option<usize>,
+    pub kernels: Vec<Kernel>,
+    pub flops: u64,
+    pub weight_read_bytes: u64,
+    pub act_read_bytes: u64,
+    pub act_write_bytes: u64,
+    /// Parameter bytes that must be resident where this op runs.
+    pub weight_bytes: u64,
+    /// Activations this (forward) op keeps alive until its backward runs.
+    pub saved_bytes: u64,
+    /// Gradients and optimizer state of the trainable parameters this op owns.
+    pub optimizer_bytes: u64,
+    /// KV cache this op owns (attention).
+    pub kv_cache_bytes: u64,
+}
+
+impl Op {
+    fn new(kind: OpKind, layer: Option<u32>, phase: Phase, kernels: Vec<Kernel>) -> Self {
+        let mut op = Self {
+            kind,
+            layer,
+            phase,
+            forward_of: None,
+            kernels,
+            flops: 0,
+            weight_read_bytes: 0,
+            act_read_bytes: 0,
+            act_write_bytes: 0,
+            weight_bytes: 0,
+            saved_bytes: 0,
+            optimizer_bytes: 0,
+            kv_cache_bytes: 0,
+        };
+        op.push_kernels(Vec::new());
+        op
+    }
+
+    /// Appends kernels and recomputes the FLOP and byte totals.
+    fn push_kernels(&mut self, more: Vec<Kernel>) {
+        self.kernels.extend(more);
+        self.flops = self.kernels.iter().map(Kernel::flops).sum();
+        let (mut wr, mut ar, mut aw) = (0, 0, 0);
+        for k in &self.kernels {
+            let (w, a) = k.bytes_read();
+            wr += w;
+            ar += a;
+            aw += k.bytes_written();
+        }
+        (self.weight_read_bytes, self.act_read_bytes, self.act_write_bytes) = (wr, ar, aw);
+    }
+
+    /// Position of the op's block in the model: 0 embedding, 1..=L layers, L+1 the head.
+    pub fn block(&self, num_layers: u64) -> u32 {
+        match (self.kind, self.layer) {
+            (OpKind::Embedding, _) => 0,
+            (_, Some(l)) => l + 1,
+            _ => num_layers as u32 + 1,
+        }
+    }
+
+    /// A readable label: `L3.q_proj`, `lm_head`, `L3.q_proj'` for a backward op.
+    pub fn label(&self) -> String {
+        let tick = if self.phase == Phase::Backward { "'" } else { "" };
+        match self.layer {
+            Some(l) => format!("L{l}.{}{tick}", self.kind),
+            None => format!("{}{tick}", self.kind),
+        }
+    }
+}
+
+/// What an edge carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeKind {
+    Activation,
+    Gradient,
+    /// Tensors a forward op keeps for its own backward op (always on the same machine).
+    Saved,
+}
+
+/// One edge: a tensor moving from producer to consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edge {
+    pub bytes: u64,
+    pub kind: EdgeKind,
+}
+
+/// How a training run updates the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finetune {
+    /// Every parameter is trained (mixed precision AdamW).
+    Full,
+    Lora(LoraSpec),
+}
+
+/// Low-rank adapters: which projections carry them and of what rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: u64,
+    pub targets: Vec<OpKind>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self { rank: 16, targets: vec![OpKind::QProj, OpKind::VProj] }
+    }
+}
+
+/// What the graph computes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// The prompt: `seq` tokens for each of `batch` sequences. `context` is the KV cache
+    /// the attention ops must hold (prompt plus generated tokens).
+    Prefill { batch: u64, seq: u64, context: u64 },
+    /// One new token per sequence against a KV cache of `kv_len` tokens.
+    Decode { batch: u64, kv_len: u64 },
+    /// Forward and backward over `batch` sequences of `seq` tokens.
+    Train { batch: u64, seq: u64, finetune: Finetune },
+}
+
+/// The op graph of one workload of one model.
+#[derive(Debug, Clone)]
+pub struct OpGraph {
+    pub model: ModelConfig,
+    pub dtype: DType,
+    pub workload: Workload,
+    pub graph: DiGraph<Op, Edge>,
+}
+
+/// Bytes per trainable parameter for gradients and AdamW state in mixed precision:
+/// a gradient in the model's dtype, an f32 master copy, and f32 first and second moments.
+pub fn full_ft_state_bytes(dtype: DType) -> u64 {
+    dtype.bytes() + 4 + 4 + 4
+}
+
+/// Bytes per LoRA parameter: the f32 parameter itself, its f32 gradient and two f32 moments.
+pub const LORA_STATE_BYTES: u64 = 16;
+
+impl OpGraph {
+    pub fn ops(&self) -> impl Iterator<Item = (usize, &Op)> {
+        self.graph.node_indices().map(|i| (i.index(), &self.graph[i]))
+    }
+
+    pub fn op(&self, id: usize) -> &Op {
+        &self.graph[NodeIndex::new(id)]
+    }
+
+    pub fn len(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.graph.node_count() == 0
+    }
+
+    /// Every edge as (producer id, consumer id, edge).
+    pub fn edges(&self) -> impl Iterator<Item = (usize, usize, Edge)> + '_ {
+        self.graph.edge_references().map(|e| (e.source().index(), e.target().index(), *e.weight()))
+    }
+
+    pub fn predecessors(&self, id: usize) -> impl Iterator<Item = usize> + '_ {
+        self.graph.neighbors_directed(NodeIndex::new(id), Direction::Incoming).map(NodeIndex::index)
+    }
+
+    /// Total FLOPs over all ops.
+    pub fn total_flops(&self) -> u64 {
+        self.ops().map(|(_, o)| o.flops).sum()
+    }
+
+    /// Builds the graph for a workload.
+    pub fn build(model: &ModelConfig, dtype: DType, workload: Workload) -> Self {
+        let mut b = Builder { m: model, dt: dtype, g: DiGraph::new() };
+        match &workload {
+            Workload::Prefill { batch, seq, context } => {
+                b.forward(Phase::Prefill, *batch, *seq, *seq, *context, None);
+            }
+            Workload::Decode { batch, kv_len } => {
+                let attend = kv_len + 1;
+                let visible = model.sliding_window.map_or(attend, |w| attend.min(w));
+                b.forward(Phase::Decode, *batch, 1, visible, attend, None);
+            }
+            Workload::Train { batch, seq, finetune } => {
+                let fwd = b.forward(Phase::Forward, *batch, *seq, *seq, 0, Some(finetune));
+                b.backward(&fwd, *batch, *seq, finetune);
+            }
+        }
+        Self { model: model.clone(), dtype, workload, graph: b.g }
+    }
+}
+
+struct Builder<'a> {
+    m: &'a ModelConfig,
+    dt: DType,
+    g: DiGraph<Op, Edge>,
+}
+
+/// Ids of the forward ops, for wiring the backward pass.
+struct Forward {
+    ids: Vec<NodeIndex>,
+}
+
+impl Builder<'_> {
+    fn act(&self, tokens: u64, width: u64) -> u64 {
+        tokens * width * self.dt.bytes()
+    }
+
+    fn ew(&self, class: EwClass, read: u64, write: u64) -> Kernel {
+        Kernel::Elementwise { class, backward: false, read_bytes: read, write_bytes: write }
+    }
+
+    fn add(&mut self, op: Op) -> NodeIndex {
+        self.g.add_node(op)
+    }
+
+    fn edge(&mut self, from: NodeIndex, to: NodeIndex, bytes: u64) {
+        self.g.add_edge(from, to, Edge { bytes, kind: EdgeKind::Activation });
+    }
+
+    /// A linear projection of `t` tokens from `k_in` to `n_out` features, with its LoRA adapter if any.
+    fn linear(&self, kind: OpKind, layer: Option<u32>, phase: Phase, t: u64, lora: u64) -> Op {
+        let dt = self.dt;
+        let (k_in, n_out) = linear_dims(self.m, kind);
+        let w = k_in * n_out * dt.bytes();
+        let mut kernels = vec![Kernel::Gemm { batch: 1, m: t, n: n_out, k: k_in, dtype: dt, weight_bytes: w }];
+        if lora > 0 {
+            let (a, bw) = (lora * k_in * dt.bytes(), n_out * lora * dt.bytes());
+            kernels.push(Kernel::Gemm { batch: 1, m: t, n: lora, k: k_in, dtype: dt, weight_bytes: a });
+            kernels.push(Kernel::Gemm { batch: 1, m: t, n: n_out, k: lora, dtype: dt, weight_bytes: bw });
+            kernels.push(self.ew(EwClass::Add, 2 * self.act(t, n_out), self.act(t, n_out)));
+        }
+        let mut op = Op::new(kind, layer, phase, kernels);
+        op.weight_bytes = w;
+        op
+    }
+
+    fn norm(&self, kind: OpKind, layer: Option<u32>, phase: Phase, t: u64) -> Op {
+        let h = self.m.hidden_size;
+        let k = self.ew(EwClass::RmsNorm, self.act(t, h) + h * self.dt.bytes(), self.act(t, h));
+        let mut op = Op::new(kind, layer, phase, vec![k]);
+        op.weight_bytes = h * self.dt.bytes();
+        op
+    }
+
+    /// The forward (or prefill/decode) pass. `t_kv` is how many keys each query attends
+    /// (materialised), `ctx` the KV-cache length to hold.
+    fn forward(&mut self, phase: Phase, b: u64, s: u64, t_kv: u64, ctx: u64, ft: Option<&Finetune>) -> Forward {
+        let m = self.m;
+        let dt = self.dt;
+        let t = b * s; // tokens in flight
+        let (h, qd, kvd, inter) = (m.hidden_size, m.q_dim(), m.kv_dim(), m.intermediate_size);
+        let lora_rank = |kind: OpKind| match ft {
+            Some(Finetune::Lora(spec)) if spec.targets.contains(&kind) => spec.rank,
+            _ => 0,
+        };
+        let mut ids = Vec::new();
+
+        let mut emb = Op::new(
+            OpKind::Embedding,
+            None,
+            phase,
+            vec![self.ew(EwClass::Gather, self.act(t, h) + t * 4, self.act(t, h))],
+        );
+        emb.weight_bytes = m.vocab_size * h * dt.bytes();
+        let emb = self.add(emb);
+        ids.push(emb);
+        let mut stream = emb; // producer of the residual stream
+
+        for l in 0..m.num_layers as u32 {
+            let ly = Some(l);
+            let attn_norm = self.add(self.norm(OpKind::AttnNorm, ly, phase, t));
+            let q = self.add(self.linear(OpKind::QProj, ly, phase, t, lora_rank(OpKind::QProj)));
+            let k = self.add(self.linear(OpKind::KProj, ly, phase, t, lora_rank(OpKind::KProj)));
+            let v = self.add(self.linear(OpKind::VProj, ly, phase, t, lora_rank(OpKind::VProj)));
+            let rope_bytes = self.act(t, qd + kvd);
+            let rope = self.add(Op::new(
+                OpKind::Rope,
+                ly,
+                phase,
+                vec![self.ew(EwClass::Rope, rope_bytes + 2 * s * m.head_dim * dt.bytes(), rope_bytes)],
+            ));
+            // Attention: repeat K and V over the query groups, then the materialised-score kernel.
+            let groups = m.num_heads / m.num_kv_heads;
+            let kv_read = 2 * b * t_kv * kvd * dt.bytes();
+            let mut att_kernels = Vec::new();
+            if groups > 1 {
+                att_kernels.push(self.ew(EwClass::RepeatKv, kv_read, kv_read * groups));
+            }
+            att_kernels.push(Kernel::Attention {
+                bh: b * m.num_heads,
+                q_len: s,
+                kv_len: t_kv,
+                head_dim: m.head_dim,
+                gemms: 2,
+                dtype: dt,
+                read_bytes: self.act(t, qd) + kv_read * groups,
+            });
+            let mut att = Op::new(OpKind::Attention, ly, phase, att_kernels);
+            // A cache that drops what falls out of the sliding window holds at most a window.
+            let held = m.sliding_window.map_or(ctx, |w| ctx.min(w));
+            att.kv_cache_bytes = 2 * b * held * kvd * dt.bytes();
+            let att = self.add(att);
+            let o = self.add(self.linear(OpKind::OProj, ly, phase, t, lora_rank(OpKind::OProj)));
+            let res1 = self.add(Op::new(
+                OpKind::AttnResidual,
+                ly,
+                phase,
+                vec![self.ew(EwClass::Add, 2 * self.act(t, h), self.act(t, h))],
+            ));
+            let mlp_norm = self.add(self.norm(OpKind::MlpNorm, ly, phase, t));
+            let gate = self.add(self.linear(OpKind::GateProj, ly, phase, t, lora_rank(OpKind::GateProj)));
+            let up = self.add(self.linear(OpKind::UpProj, ly, phase, t, lora_rank(OpKind::UpProj)));
+            let act = self.add(Op::new(
+                OpKind::SiluMul,
+                ly,
+                phase,
+                vec![self.ew(EwClass::SiluMul, 2 * self.act(t, inter), self.act(t, inter))],
+            ));
+            let down = self.add(self.linear(OpKind::DownProj, ly, phase, t, lora_rank(OpKind::DownProj)));
+            let res2 = self.add(Op::new(
+                OpKind::MlpResidual,
+                ly,
+                phase,
+                vec![self.ew(EwClass::Add, 2 * self.act(t, h), self.act(t, h))],
+            ));
+
+            let hb = self.act(t, h);
+            self.edge(stream, attn_norm, hb);
+            self.edge(stream, res1, hb);
+            for p in [q, k, v] {
+                self.edge(attn_norm, p, hb);
+            }
+            self.edge(q, rope, self.act(t, qd));
+            self.edge(k, rope, self.act(t, kvd));
+            self.edge(rope, att, self.act(t, qd + kvd));
+            self.edge(v, att, self.act(t, kvd));
+            self.edge(att, o, self.act(t, qd));
+            self.edge(o, res1, hb);
+            self.edge(res1, mlp_norm, hb);
+            self.edge(res1, res2, hb);
+            self.edge(mlp_norm, gate, hb);
+            self.edge(mlp_norm, up, hb);
+            self.edge(gate, act, self.act(t, inter));
+            self.edge(up, act, self.act(t, inter));
+            self.edge(act, down, self.act(t, inter));
+            self.edge(down, res2, hb);
+            ids.extend([attn_norm, q, k, v, rope, att, o, res1, mlp_norm, gate, up, act, down, res2]);
+            stream = res2;
+        }
+
+        let fnorm = self.add(self.norm(OpKind::FinalNorm, None, phase, t));
+        // Generation needs logits of the last position only; training needs every position
+        // and a cross-entropy loss over them.
+        let head_rows = if ft.is_some() { t } else { b };
+        let mut head = self.linear(OpKind::LmHead, None, phase, head_rows, lora_rank(OpKind::LmHead));
+        if m.tie_word_embeddings {
+            // The weight is the embedding's; it is still resident where the head runs.
+            head.weight_bytes = m.vocab_size * h * dt.bytes();
+        }
+        if ft.is_some() {
+            let logits = head_rows * m.vocab_size;
+            head.push_kernels(vec![self.ew(EwClass::CrossEntropy, logits * dt.bytes() + t * 4, logits * 4)]);
+        }
+        let head = self.add(head);
+        self.edge(stream, fnorm, self.act(t, h));
+        self.edge(fnorm, head, self.act(head_rows, h));
+        ids.extend([fnorm, head]);
+        Forward { ids }
+    }
+
+    /// Adds backward ops in reverse order, gradient edges mirroring the activation edges,
+    /// saved-tensor edges, and the training memory of every forward op.
+    fn backward(&mut self, fwd: &Forward, b: u64, s: u64, ft: &Finetune) {
+        let m = self.m;
+        let dt = self.dt;
+        let t = b * s;
+        let lora = match ft {
+            Finetune::Lora(spec) => Some(spec),
+            Finetune::Full => None,
+        };
+        let lora_rank = |kind: OpKind| lora.filter(|l| l.targets.contains(&kind)).map_or(0, |l| l.rank);
+        let trainable = |op: &Op| match lora {
+            None => op.weight_bytes > 0,
+            Some(_) => lora_rank(op.kind) > 0,
+        };
+
+        // needs_grad[i]: the op's output needs a gradient (it, or something before it, trains).
+        let n = fwd.ids.len();
+        let mut needs_grad = vec![false; n];
+        // The forward pass is built first, so a forward op's id is its position.
+        debug_assert!(fwd.ids.iter().enumerate().all(|(i, id)| id.index() == i));
+        let pos = |ix: NodeIndex| ix.index();
+        for (i, &id) in fwd.ids.iter().enumerate() {
+            let preds: Vec<_> = self.g.neighbors_directed(id, Direction::Incoming).collect();
+            needs_grad[i] = trainable(&self.g[id]) || preds.iter().any(|&p| needs_grad[pos(p)]);
+        }
+        // input_grad[i]: the op must produce gradients for its inputs.
+        let input_grad: Vec<bool> = fwd
+            .ids
+            .iter()
+            .map(|&id| self.g.neighbors_directed(id, Direction::Incoming).any(|p| needs_grad[pos(p)]))
+            .collect();
+
+        let mut bwd: Vec<Option<NodeIndex>> = vec![None; n];
+        for i in (0..n).rev() {
+            let id = fwd.ids[i];
+            let f = self.g[id].clone();
+            let train = trainable(&f);
+            if !(train || input_grad[i]) || !needs_grad[i] {
+                continue;
+            }
+            let (kernels, saved) = self.backward_kernels(&f, t, s, b, train, input_grad[i], lora_rank(f.kind));
+            let mut op = Op::new(f.kind, f.layer, Phase::Backward, kernels);
+            op.forward_of = Some(id.index());
+            let bid = self.add(op);
+            bwd[i] = Some(bid);
+            let fw = &mut self.g[id];
+            fw.saved_bytes = saved;
+            fw.optimizer_bytes = match lora {
+                None if train => fw.weight_bytes / dt.bytes() * full_ft_state_bytes(dt),
+                Some(_) if train => {
+                    let (k_in, n_out) = linear_dims(m, f.kind);
+                    lora_rank(f.kind) * (k_in + n_out) * LORA_STATE_BYTES
+                }
+                _ => 0,
+            };
+            self.g.add_edge(id, bid, Edge { bytes: saved, kind: EdgeKind::Saved });
+            // Gradients arrive from the backward ops of this op's consumers.
+            let consumers: Vec<_> =
+                self.g.edges_directed(id, Direction::Outgoing).map(|e| (e.target(), *e.weight())).collect();
+            for (c, e) in consumers {
+                if e.kind != EdgeKind::Activation {
+                    continue;
+                }
+                if let Some(cb) = bwd[pos(c)] {
+                    self.g.add_edge(cb, bid, Edge { bytes: e.bytes, kind: EdgeKind::Gradient });
+                }
+            }
+        }
+    }
+
+    /// Kernels of one backward op and the bytes its forward op must save for it.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_kernels(
+        &self,
+        f: &Op,
+        t: u64,
+        s: u64,
+        b: u64,
+        train: bool,
+        input_grad: bool,
+        lora: u64,
+    ) -> (Vec<Kernel>, u64) {
+        let m = self.m;
+        let dt = self.dt;
+        let bw =
+            |class, read, write| Kernel::Elementwise { class, backward: true, read_bytes: read, write_bytes: write };
+        let h = m.hidden_size;
+        match f.kind {
+            k if k.is_linear() => {
+                let (k_in, n_out) = linear_dims(m, k);
+                let rows = t; // training computes every position
+                let w = k_in * n_out * dt.bytes();
+                let mut ks = Vec::new();
+                if k == OpKind::LmHead {
+                    // Gradient of the cross-entropy: softmax minus one-hot, over the saved logits.
+                    let logits = rows * m.vocab_size;
+                    ks.push(bw(EwClass::CrossEntropy, logits * 4, logits * dt.bytes()));
+                }
+                if input_grad {
+                    ks.push(Kernel::Gemm { batch: 1, m: rows, n: k_in, k: n_out, dtype: dt, weight_bytes: w });
+                }
+                let mut saved = 0;
+                if train && lora == 0 {
+                    // dW = X^T dY over all tokens.
+                    ks.push(Kernel::Gemm { batch: 1, m: k_in, n: n_out, k: rows, dtype: dt, weight_bytes: 0 });
+                    saved += self.act(rows, k_in);
+                }
+                if lora > 0 {
+                    // dB = (XA)^T dY; d(XA) = dY B^T; dA = X^T d(XA); dX += d(XA) A^T.
+                    ks.push(Kernel::Gemm { batch: 1, m: lora, n: n_out, k: rows, dtype: dt, weight_bytes: 0 });
+                    ks.push(Kernel::Gemm {
+                        batch: 1,
+                        m: rows,
+                        n: lora,
+                        k: n_out,
+                        dtype: dt,
+                        weight_bytes: n_out * lora * dt.bytes(),
+                    });
+                    ks.push(Kernel::Gemm { batch: 1, m: k_in, n: lora, k: rows, dtype: dt, weight_bytes: 0 });
+                    if input_grad {
+                        ks.push(Kernel::Gemm {
+                            batch: 1,
+                            m: rows,
+                            n: k_in,
+                            k: lora,
+                            dtype: dt,
+                            weight_bytes: lora * k_in * dt.bytes(),
+                        });
+                    }
+                    saved += self.act(rows, k_in) + self.act(rows, lora);
+                }
+                if k == OpKind::LmHead {
+                    saved += rows * m.vocab_size * 4;
+                }
+                (ks, saved)
+            }
+            OpKind::Embedding => {
+                // Scatter-add of the output gradient into the embedding's gradient rows.
+                (vec![bw(EwClass::Gather, self.act(t, h) + t * 4, self.act(t, h))], t * 4)
+            }
+            OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm => {
+                // dX needs x and 1/rms; dW reduces dY * x_hat over tokens.
+                let x = self.act(t, h);
+                (vec![bw(EwClass::RmsNorm, 2 * x + t * 4, x)], x + t * 4)
+            }
+            OpKind::Rope => {
+                let bytes = self.act(t, m.q_dim() + m.kv_dim());
+                (vec![bw(EwClass::Rope, bytes + 2 * s * m.head_dim * dt.bytes(), bytes)], 0)
+            }
+            OpKind::Attention => {
+                let probs = b * m.num_heads * s * s * dt.bytes();
+                let qkvo = self.act(t, 2 * m.q_dim() + 2 * m.kv_dim());
+                let groups = m.num_heads / m.num_kv_heads;
+                let kv = self.act(t, 2 * m.kv_dim());
+                let ks = vec![
+                    // dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q.
+                    Kernel::Attention {
+                        bh: b * m.num_heads,
+                        q_len: s,
+                        kv_len: s,
+                        head_dim: m.head_dim,
+                        gemms: 4,
+                        dtype: dt,
+                        read_bytes: qkvo + 2 * probs,
+                    },
+                    // dS = P * (dP - rowsum(dO * O)), over the materialised scores.
+                    bw(EwClass::SoftmaxBackward, 2 * probs, probs),
+                    // Sum the repeated heads' dK and dV back onto the KV heads.
+                    bw(EwClass::RepeatKv, kv * groups, kv),
+                ];
+                (ks, qkvo + probs)
+            }
+            OpKind::AttnResidual | OpKind::MlpResidual => {
+                // The gradient passes through to both inputs unchanged: one copy.
+                let x = self.act(t, h);
+                (vec![bw(EwClass::Add, x, x)], 0)
+            }
+            OpKind::SiluMul => {
+                let i = self.act(t, m.intermediate_size);
+                (vec![bw(EwClass::SiluMul, 3 * i, 2 * i)], 2 * i)
+            }
+            _ => unreachable!("every op kind is covered above"),
+        }
+    }
+}
+
+/// (input features, output features) of a linear op.
+pub fn linear_dims(m: &ModelConfig, kind: OpKind) -> (u64, u64) {
+    let h = m.hidden_size;
+    match kind {
+        OpKind::QProj => (h, m.q_dim()),
+        OpKind::KProj | OpKind::VProj => (h, m.kv_dim()),
+        OpKind::OProj => (m.q_dim(), h),
+        OpKind::GateProj | OpKind::UpProj => (h, m.intermediate_size),
+        OpKind::DownProj => (m.intermediate_size, h),
+        OpKind::LmHead => (h, m.vocab_size),
+        other => panic!("{other} is not a linear op"),
+    }
+}

@@ -1,0 +1,326 @@
+//! Machine and link profiles: what each machine can do, as measured, and how machines are joined.
+//!
+//! The TOML files under `profiles/` deserialize into these types; the planner loads them
+//! (naming the file on error) and the plan file carries them so a plan is self-describing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{positive, FieldError};
+
+/// Numeric precision of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub fn bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(DType::F32),
+            "f16" => Some(DType::F16),
+            "bf16" => Some(DType::Bf16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How element-wise work runs on a machine, which decides how many kernels and passes
+/// over memory the cost model charges for norms, RoPE, SiLU and residual adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelStyle {
+    /// One kernel per primitive, norms upcast to f32 (PyTorch eager, as Hugging Face runs).
+    Eager,
+    /// Fused norm, RoPE and softmax kernels (candle, MLX).
+    Fused,
+}
+
+/// A measured throughput curve: `y` (TFLOP/s) at sizes `x`, interpolated log-log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Curve {
+    /// Problem sizes, strictly increasing.
+    pub size: Vec<f64>,
+    /// Achieved TFLOP/s at each size.
+    pub tflops: Vec<f64>,
+}
+
+impl Curve {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.size.is_empty() {
+            return Err(FieldError::new("size", "the curve has no points"));
+        }
+        if self.size.len() != self.tflops.len() {
+            return Err(FieldError::new(
+                "tflops",
+                format!("has {} values but `size` has {}", self.tflops.len(), self.size.len()),
+            ));
+        }
+        for (i, &s) in self.size.iter().enumerate() {
+            positive(&format!("size[{i}]"), s)?;
+            if i > 0 && s <= self.size[i - 1] {
+                return Err(FieldError::new(
+                    format!("size[{i}]"),
+                    format!("sizes must be strictly increasing, but {s} follows {}", self.size[i - 1]),
+                ));
+            }
+        }
+        for (i, &t) in self.tflops.iter().enumerate() {
+            positive(&format!("tflops[{i}]"), t)?;
+        }
+        Ok(())
+    }
+
+    /// Throughput at `size`: log-log interpolation between points, clamped to the end points.
+    ///
+    /// Clamping (rather than extrapolating) keeps tiny problems from being priced as slower
+    /// than the smallest one measured and big ones from exceeding the best measured rate.
+    pub fn at(&self, size: f64) -> f64 {
+        let n = self.size.len();
+        if size <= self.size[0] {
+            return self.tflops[0];
+        }
+        if size >= self.size[n - 1] {
+            return self.tflops[n - 1];
+        }
+        let i = self.size.partition_point(|&s| s <= size);
+        let (x0, x1) = (self.size[i - 1].ln(), self.size[i].ln());
+        let (y0, y1) = (self.tflops[i - 1].ln(), self.tflops[i].ln());
+        let t = (size.ln() - x0) / (x1 - x0);
+        (y0 + t * (y1 - y0)).exp()
+    }
+
+    /// The best throughput on the curve.
+    pub fn peak(&self) -> f64 {
+        self.tflops.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+/// Memory of one machine, in bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Memory {
+    /// Physical (unified) memory.
+    pub total_bytes: u64,
+    /// What the accelerator may use for weights, KV cache and activations.
+    pub usable_bytes: u64,
+    /// The largest single buffer the device will allocate.
+    pub max_alloc_bytes: u64,
+}
+
+/// Spec-sheet peaks, for reporting achieved-versus-theoretical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peak {
+    /// Theoretical TFLOP/s per dtype (`f16 = 24.0`).
+    pub tflops: BTreeMap<DType, f64>,
+    /// Theoretical memory bandwidth, GB/s.
+    pub bandwidth_gbps: f64,
+}
+
+/// Achieved memory bandwidth, GB/s (10^9 bytes per second).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bandwidth {
+    pub read_gbps: f64,
+    pub copy_gbps: f64,
+}
+
+/// Everything the planner knows about one kind of machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineProfile {
+    /// Short name, unique within a cluster description (`m5-pro`).
+    pub name: String,
+    /// Free text: the machine and how it was measured.
+    pub description: String,
+    /// How element-wise work runs here (see [`KernelStyle`]).
+    pub kernel_style: KernelStyle,
+    /// Fixed cost of launching one kernel, microseconds.
+    pub dispatch_overhead_us: f64,
+    pub memory: Memory,
+    pub peak: Peak,
+    pub bandwidth: Bandwidth,
+    /// Square GEMM throughput by N, per dtype.
+    pub gemm: BTreeMap<DType, Curve>,
+    /// Attention throughput by sequence length, per dtype.
+    pub attention: BTreeMap<DType, Curve>,
+}
+
+impl MachineProfile {
+    /// Checks every value; the error's field path is relative to the file's root.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.name.trim().is_empty() {
+            return Err(FieldError::new("name", "must not be empty"));
+        }
+        if !self.dispatch_overhead_us.is_finite() || self.dispatch_overhead_us < 0.0 {
+            return Err(FieldError::new(
+                "dispatch_overhead_us",
+                format!("must be finite and non-negative, got {}", self.dispatch_overhead_us),
+            ));
+        }
+        let m = &self.memory;
+        for (field, v) in
+            [("total_bytes", m.total_bytes), ("usable_bytes", m.usable_bytes), ("max_alloc_bytes", m.max_alloc_bytes)]
+        {
+            if v == 0 {
+                return Err(FieldError::new(format!("memory.{field}"), "must be positive"));
+            }
+        }
+        if m.usable_bytes > m.total_bytes {
+            return Err(FieldError::new(
+                "memory.usable_bytes",
+                format!("{} exceeds total_bytes {}", m.usable_bytes, m.total_bytes),
+            ));
+        }
+        if m.max_alloc_bytes > m.usable_bytes {
+            return Err(FieldError::new(
+                "memory.max_alloc_bytes",
+                format!("{} exceeds usable_bytes {}", m.max_alloc_bytes, m.usable_bytes),
+            ));
+        }
+        positive("peak.bandwidth_gbps", self.peak.bandwidth_gbps)?;
+        for (dt, v) in &self.peak.tflops {
+            positive(&format!("peak.tflops.{dt}"), *v)?;
+        }
+        positive("bandwidth.read_gbps", self.bandwidth.read_gbps)?;
+        positive("bandwidth.copy_gbps", self.bandwidth.copy_gbps)?;
+        for (section, curves) in [("gemm", &self.gemm), ("attention", &self.attention)] {
+            if curves.is_empty() {
+                return Err(FieldError::new(section, "needs a curve for at least one dtype"));
+            }
+            for (dt, c) in curves {
+                c.validate().map_err(|e| e.within(&format!("{section}.{dt}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Dispatch overhead in seconds.
+    pub fn dispatch_s(&self) -> f64 {
+        self.dispatch_overhead_us * 1e-6
+    }
+}
+
+/// A link between two kinds of machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkProfile {
+    pub name: String,
+    /// The two machine names it joins; `"*"` matches any machine.
+    pub between: [String; 2],
+    /// Sustained bandwidth for point-to-point tensor transfers, GB/s.
+    pub bandwidth_gbps: f64,
+    /// One-way latency of a message, microseconds.
+    pub latency_us: f64,
+}
+
+impl LinkProfile {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.name.trim().is_empty() {
+            return Err(FieldError::new("name", "must not be empty"));
+        }
+        for (i, b) in self.between.iter().enumerate() {
+            if b.trim().is_empty() {
+                return Err(FieldError::new(format!("between[{i}]"), "must name a machine or \"*\""));
+            }
+        }
+        positive("bandwidth_gbps", self.bandwidth_gbps)?;
+        if !self.latency_us.is_finite() || self.latency_us < 0.0 {
+            return Err(FieldError::new(
+                "latency_us",
+                format!("must be finite and non-negative, got {}", self.latency_us),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Seconds to move `bytes` across this link in one message.
+    pub fn transfer_s(&self, bytes: u64) -> f64 {
+        self.latency_us * 1e-6 + bytes as f64 / (self.bandwidth_gbps * 1e9)
+    }
+
+    /// How specifically this link matches the pair `(a, b)`: 2 for both names, 1 for one
+    /// name and a wildcard, 0 for two wildcards; `None` if it does not match.
+    pub fn matches(&self, a: &str, b: &str) -> Option<u8> {
+        let fits = |pat: &str, name: &str| pat == "*" || pat == name;
+        let exact = |pat: &str| u8::from(pat != "*");
+        let [x, y] = &self.between;
+        if (fits(x, a) && fits(y, b)) || (fits(x, b) && fits(y, a)) {
+            Some(exact(x) + exact(y))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn curve(size: &[f64], tflops: &[f64]) -> Curve {
+        Curve { size: size.to_vec(), tflops: tflops.to_vec() }
+    }
+
+    #[test]
+    fn curve_interpolates_log_log_and_clamps() {
+        let c = curve(&[512.0, 2048.0], &[1.0, 4.0]);
+        // Halfway in log space: sqrt(512 * 2048) = 1024 -> sqrt(1 * 4) = 2.
+        assert!((c.at(1024.0) - 2.0).abs() < 1e-12);
+        assert_eq!(c.at(1.0), 1.0);
+        assert_eq!(c.at(1e9), 4.0);
+        assert_eq!(c.at(512.0), 1.0);
+        assert_eq!(c.at(2048.0), 4.0);
+    }
+
+    #[test]
+    fn curve_validation_names_the_point() {
+        assert_eq!(curve(&[], &[]).validate().unwrap_err().field, "size");
+        assert_eq!(curve(&[1.0, 2.0], &[1.0]).validate().unwrap_err().field, "tflops");
+        assert_eq!(curve(&[2.0, 1.0], &[1.0, 1.0]).validate().unwrap_err().field, "size[1]");
+        assert_eq!(curve(&[1.0, 2.0], &[1.0, f64::NAN]).validate().unwrap_err().field, "tflops[1]");
+        assert_eq!(curve(&[1.0, 2.0], &[1.0, -3.0]).validate().unwrap_err().field, "tflops[1]");
+    }
+
+    #[test]
+    fn links_match_most_specific_first() {
+        let l = |a: &str, b: &str| LinkProfile {
+            name: "l".into(),
+            between: [a.into(), b.into()],
+            bandwidth_gbps: 1.0,
+            latency_us: 0.0,
+        };
+        assert_eq!(l("m4", "m5").matches("m5", "m4"), Some(2));
+        assert_eq!(l("*", "m5").matches("m5", "m4"), Some(1));
+        assert_eq!(l("*", "*").matches("a", "b"), Some(0));
+        assert_eq!(l("m4", "m4").matches("m4", "m5"), None);
+        // 1 GB at 1 GB/s plus no latency is one second.
+        assert!((l("*", "*").transfer_s(1_000_000_000) - 1.0).abs() < 1e-12);
+    }
+}
