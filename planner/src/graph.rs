@@ -136,6 +136,12 @@ impl Op {
         (self.weight_read_bytes, self.act_read_bytes, self.act_write_bytes) = (wr, ar, aw);
     }
 
+    /// Bytes this op keeps resident besides weights: optimizer state, activations saved for
+    /// backward (once per micro-batch in flight) and KV cache.
+    pub fn state_bytes(&self, inflight: u64) -> u64 {
+        self.optimizer_bytes + self.saved_bytes * inflight + self.kv_cache_bytes
+    }
+
     /// Position of the op's block in the model: 0 embedding, 1..=L layers, L+1 the head.
     pub fn block(&self, num_layers: u64) -> u32 {
         match (self.kind, self.layer) {

@@ -4,6 +4,7 @@
 //! - [`model`]: the model's shape ([`ModelConfig`]), from presets or a Hugging Face `config.json`.
 //! - [`profile`]: what a machine can do ([`MachineProfile`]) and how machines are joined ([`LinkProfile`]).
 //! - [`op`]: the names of ops ([`OpKind`]) and passes ([`Phase`]) that plans place.
+//! - [`plan`]: the plan file ([`Plan`]) workers execute, and its validation.
 //! - [`error`]: [`FieldError`], a validation error that names the field at fault.
 //!
 //! Only this crate defines what goes on the wire or into a file another process reads.
@@ -11,9 +12,11 @@
 pub mod error;
 pub mod model;
 pub mod op;
+pub mod plan;
 pub mod profile;
 
 pub use error::FieldError;
 pub use model::ModelConfig;
 pub use op::{OpKind, Phase};
+pub use plan::{Plan, PlanError, PLAN_FORMAT_VERSION};
 pub use profile::{Bandwidth, Curve, DType, KernelStyle, LinkProfile, MachineProfile, Memory, Peak};

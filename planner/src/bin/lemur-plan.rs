@@ -1,47 +1,98 @@
 //! `lemur-plan`: plan a model's work across measured machines (thin over `lemur_planner`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use lemur_planner::{costs_report::costs_report, load_model, Finetune, LoraSpec, ProfileSet, Roofline};
-use lemur_protocol::{DType, MachineProfile};
+use clap::{Parser, ValueEnum};
+use lemur_planner::costs_report::costs_report;
+use lemur_planner::ilp::IlpOptions;
+use lemur_planner::{load_model, plan, Finetune, LoraSpec, Mode, Objective, PlanRequest, ProfileSet, Roofline};
+use lemur_protocol::{DType, MachineProfile, OpKind};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Generation: prefill a prompt, then decode tokens.
+    Infer,
+    /// Fine-tuning: forward and backward over sequences.
+    Train,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    /// One request (TTFT + gen-tokens x time per token) or one training micro-batch, in order.
+    Latency,
+    /// Pipelined work: minimise the busiest machine or link.
+    Throughput,
+}
 
 /// Plan LLM work across a small cluster of unlike machines.
+///
+/// Measures nothing itself: reads machine profiles (`profiles/*.toml`) and links
+/// (`profiles/links.toml`), builds the model's op graph, prices every op on every machine,
+/// and solves an ILP (HiGHS) for the placement of every op. Prints the plan with its
+/// predicted times, the baselines it beats, and the proven bound and gap.
 #[derive(Debug, Parser)]
-#[command(name = "lemur-plan", version, about)]
+#[command(name = "lemur-plan", version, about, long_about)]
 struct Args {
     /// Directory of machine profiles (`*.toml`) and `links.toml`.
     #[arg(long, default_value = "profiles")]
     profiles: PathBuf,
-    /// A preset (mistral-7b, tiny, llama-1b-shaped), a Hugging Face directory or a config.json.
+    /// A preset (mistral-7b, tiny, tiny-3layer, llama-1b-shaped), a Hugging Face directory or a config.json.
     #[arg(long, default_value = "mistral-7b")]
     model: String,
     /// Machines of the cluster, by profile name; repeat a name for several of one kind
     /// (`m4-pro,m5-pro,m5-pro`). Default: one of each profile.
     #[arg(long, value_delimiter = ',')]
     machines: Vec<String>,
-    /// Print the predicted forward and backward time of one decoder layer on each machine.
+    /// What to plan.
+    #[arg(long, value_enum, default_value = "infer")]
+    mode: ModeArg,
+    /// What to minimise. Default: latency for inference, throughput for training.
+    #[arg(long, value_enum)]
+    objective: Option<ObjectiveArg>,
+    /// Prompt length (infer) or sequence length (train and --costs). Default: 2048 for infer, 512 for train.
     #[arg(long)]
-    costs: bool,
-    /// Sequence length (training and --costs) or prompt length (inference).
-    #[arg(long, default_value_t = 512)]
-    seq: u64,
-    /// Sequences per batch.
+    seq: Option<u64>,
+    /// Sequences per batch (per micro-batch when training).
     #[arg(long, default_value_t = 1)]
     batch: u64,
-    /// Price the backward pass of LoRA fine-tuning instead of full fine-tuning.
+    /// Tokens generated per request (infer).
+    #[arg(long, default_value_t = 256)]
+    gen_tokens: u64,
+    /// Micro-batches per optimizer step (train).
+    #[arg(long, default_value_t = 8)]
+    micro_batches: u64,
+    /// Train LoRA adapters instead of every weight (also prices --costs' backward as LoRA).
     #[arg(long)]
     lora: bool,
     /// LoRA rank.
     #[arg(long, default_value_t = 16)]
     lora_rank: u64,
+    /// Projections that carry LoRA adapters.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    lora_targets: Vec<String>,
     /// Precision of weights and activations: f16, bf16 or f32.
     #[arg(long, default_value = "f16")]
     dtype: String,
-    /// Print JSON instead of tables.
+    /// Seconds the solver may take in all.
+    #[arg(long, default_value_t = 60.0)]
+    time_limit: f64,
+    /// Stop when the solver's relative gap is below this.
+    #[arg(long, default_value_t = 1e-3)]
+    gap: f64,
+    /// Write the plan (JSON) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the plan as JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Write a per-machine timeline of the predicted schedule (SVG) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Print the predicted forward and backward time of one decoder layer on each machine instead of planning.
+    #[arg(long)]
+    costs: bool,
 }
 
 /// Writes to stdout; a closed pipe (`| head`) ends the program quietly.
@@ -55,7 +106,7 @@ fn emit(text: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -69,16 +120,70 @@ fn main() -> Result<()> {
     } else {
         args.machines.iter().map(|n| set.machine(n)).collect::<Result<_, _>>()?
     };
+    let mut targets = Vec::new();
+    for t in &args.lora_targets {
+        match OpKind::parse(t) {
+            Some(k) if k.is_linear() => targets.push(k),
+            _ => bail!("--lora-targets: `{t}` is not a projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head)"),
+        }
+    }
+    let finetune = if args.lora { Finetune::Lora(LoraSpec { rank: args.lora_rank, targets }) } else { Finetune::Full };
     if args.costs {
-        let finetune = if args.lora {
-            Finetune::Lora(LoraSpec { rank: args.lora_rank, ..LoraSpec::default() })
-        } else {
-            Finetune::Full
-        };
-        let report = costs_report(&Roofline, &model, &machines, dtype, args.seq, args.batch, finetune)
+        let seq = args.seq.unwrap_or(512);
+        let report = costs_report(&Roofline, &model, &machines, dtype, seq, args.batch, finetune)
             .context("pricing the model")?;
         let text = if args.json { serde_json::to_string_pretty(&report)? + "\n" } else { report.to_table() };
         return emit(&text);
     }
-    bail!("planning arrives with the ILP planner; use --costs for the cost table")
+    let (mode, default_objective) = match args.mode {
+        ModeArg::Infer => (
+            Mode::Infer { prompt: args.seq.unwrap_or(2048), gen_tokens: args.gen_tokens, batch: args.batch },
+            Objective::Latency,
+        ),
+        ModeArg::Train => (
+            Mode::Train {
+                seq: args.seq.unwrap_or(512),
+                batch: args.batch,
+                finetune,
+                micro_batches: args.micro_batches,
+            },
+            Objective::Throughput,
+        ),
+    };
+    let objective = match args.objective {
+        Some(ObjectiveArg::Latency) => Objective::Latency,
+        Some(ObjectiveArg::Throughput) => Objective::Throughput,
+        None => default_objective,
+    };
+    if !args.time_limit.is_finite() || args.time_limit <= 0.0 {
+        bail!("--time-limit must be positive");
+    }
+    let mut req = PlanRequest::new(model, machines.into_iter().cloned().collect(), set.links.clone());
+    req.dtype = dtype;
+    req.mode = mode;
+    req.objective = objective;
+    req.ilp = IlpOptions { time_limit_s: args.time_limit, rel_gap: args.gap };
+    req.heuristic_budget = Duration::from_secs_f64((args.time_limit * 0.1).min(2.0));
+
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    spinner.set_message(format!("solving the placement (up to {:.0} s)", args.time_limit));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let planned = plan(&Roofline, &req);
+    spinner.finish_and_clear();
+    let planned = planned?;
+
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&planned.plan)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        let svg = lemur_planner::timeline::svg(&planned);
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&planned.plan)? + "\n"))
+    } else {
+        emit(&lemur_planner::report::summary(&planned))
+    }
 }

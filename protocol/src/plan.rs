@@ -1,0 +1,225 @@
+//! The plan file: what workers execute and users inspect. Complete and self-describing:
+//! the model, the machines with their profiles, every op with its machine and its predicted
+//! cost everywhere, every edge, the objective with its proof (bound, gap), and the baselines.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DType, LinkProfile, MachineProfile, ModelConfig, OpKind, Phase};
+
+/// The plan format this build reads and writes.
+pub const PLAN_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub format_version: u32,
+    pub model: ModelConfig,
+    pub dtype: DType,
+    pub workload: PlanWorkload,
+    pub machines: Vec<PlanMachine>,
+    pub links: Vec<LinkProfile>,
+    pub ops: Vec<PlanOp>,
+    pub edges: Vec<PlanEdge>,
+    /// `latency` or `throughput`.
+    pub objective: String,
+    /// The objective's predicted value, milliseconds.
+    pub objective_ms: f64,
+    /// A proven lower bound on the objective, milliseconds.
+    pub bound: f64,
+    /// (objective - bound) / objective.
+    pub gap: f64,
+    pub solve_seconds: f64,
+    pub predicted: Predicted,
+    pub baselines: Vec<PlanBaseline>,
+}
+
+/// What was planned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanWorkload {
+    /// `infer` or `train`.
+    pub mode: String,
+    /// Prompt length (infer) or sequence length (train).
+    pub seq: u64,
+    pub batch: u64,
+    /// Tokens generated (infer).
+    pub gen_tokens: u64,
+    /// `full` or `lora` (train).
+    pub finetune: Option<String>,
+    pub lora_rank: Option<u64>,
+    pub lora_targets: Option<Vec<OpKind>>,
+    pub micro_batches: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanMachine {
+    /// Unique within the plan (`m5-pro`, `m5-pro#2`).
+    pub name: String,
+    pub profile: MachineProfile,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanOp {
+    pub id: usize,
+    pub layer: Option<u32>,
+    pub kind: OpKind,
+    pub phase: Phase,
+    /// The machine it runs on (a name from `machines`).
+    pub machine: String,
+    /// For a backward op, the id of its forward op.
+    #[serde(default)]
+    pub forward_of: Option<usize>,
+    /// Predicted milliseconds on every machine.
+    pub costs_ms: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanEdge {
+    pub from: usize,
+    pub to: usize,
+    pub bytes: u64,
+    /// Link time if the edge crosses machines in this plan, else 0.
+    pub cost_ms: f64,
+}
+
+/// Predicted figures of the chosen placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Predicted {
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+    pub step_ms: Option<f64>,
+    pub handover_ms: f64,
+    pub handover_bytes: u64,
+    pub per_machine: Vec<MachineUse>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineUse {
+    pub machine: String,
+    /// Compute per phase run (prefill, decode step, or training micro-batch), milliseconds.
+    pub compute_ms: BTreeMap<String, f64>,
+    pub memory_bytes: u64,
+    pub memory_capacity_bytes: u64,
+    /// Bytes received per phase run.
+    pub ingress_bytes: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBaseline {
+    pub name: String,
+    /// The baseline's objective in milliseconds, or `None` if it does not fit.
+    pub predicted_ms: Option<f64>,
+    /// Why it cannot run, if it cannot.
+    pub infeasible: Option<String>,
+}
+
+/// A plan that cannot be executed, with the op or field at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("plan format {found} is not supported (this build reads {PLAN_FORMAT_VERSION})")]
+    Version { found: u32 },
+    #[error("op {id}: {problem}")]
+    Op { id: usize, problem: String },
+    #[error("edge {from} -> {to}: {problem}")]
+    Edge { from: usize, to: usize, problem: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Plan {
+    /// Checks that the plan can be executed: supported version, unique machines, every op
+    /// placed exactly once on a known machine, backward ops with their forward ops, and
+    /// edges that join existing ops in execution order within a phase.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.format_version != PLAN_FORMAT_VERSION {
+            return Err(PlanError::Version { found: self.format_version });
+        }
+        self.model.validate().map_err(|e| PlanError::Other(format!("model: {e}")))?;
+        let mut names = BTreeSet::new();
+        for m in &self.machines {
+            if !names.insert(m.name.as_str()) {
+                return Err(PlanError::Other(format!("machine `{}` is listed twice", m.name)));
+            }
+            m.profile.validate().map_err(|e| PlanError::Other(format!("machine `{}`: {e}", m.name)))?;
+        }
+        let mut by_id: BTreeMap<usize, &PlanOp> = BTreeMap::new();
+        for op in &self.ops {
+            if by_id.insert(op.id, op).is_some() {
+                return Err(PlanError::Op { id: op.id, problem: "is placed more than once".into() });
+            }
+            if !names.contains(op.machine.as_str()) {
+                return Err(PlanError::Op {
+                    id: op.id,
+                    problem: format!(
+                        "runs on unknown machine `{}` (the plan's machines: {})",
+                        op.machine,
+                        names.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        for (expect, &id) in by_id.keys().enumerate() {
+            if id != expect {
+                return Err(PlanError::Op { id: expect, problem: "is missing (op ids must be 0..n)".into() });
+            }
+        }
+        for op in &self.ops {
+            if let Some(f) = op.forward_of {
+                let fwd = by_id.get(&f).ok_or_else(|| PlanError::Op {
+                    id: op.id,
+                    problem: format!("is the backward of op {f}, which does not exist"),
+                })?;
+                if fwd.machine != op.machine {
+                    return Err(PlanError::Op {
+                        id: op.id,
+                        problem: format!(
+                            "is the backward of op {f} but runs on `{}`, not `{}` where its weights are",
+                            op.machine, fwd.machine
+                        ),
+                    });
+                }
+            }
+        }
+        for e in &self.edges {
+            let (Some(a), Some(b)) = (by_id.get(&e.from), by_id.get(&e.to)) else {
+                return Err(PlanError::Edge {
+                    from: e.from,
+                    to: e.to,
+                    problem: "names an op that does not exist".into(),
+                });
+            };
+            if e.from >= e.to {
+                return Err(PlanError::Edge { from: e.from, to: e.to, problem: "goes against execution order".into() });
+            }
+            let phase_group = |p: Phase| matches!(p, Phase::Forward | Phase::Backward);
+            if a.phase != b.phase && !(phase_group(a.phase) && phase_group(b.phase)) {
+                return Err(PlanError::Edge {
+                    from: e.from,
+                    to: e.to,
+                    problem: format!("joins a {} op to a {} op", a.phase, b.phase),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a plan from JSON.
+    pub fn from_json(text: &str) -> Result<Self, PlanError> {
+        let plan: Plan = serde_json::from_str(text).map_err(|e| PlanError::Other(format!("not a plan: {e}")))?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// The ops placed on `machine`, in execution order.
+    pub fn ops_on<'a>(&'a self, machine: &'a str) -> impl Iterator<Item = &'a PlanOp> + 'a {
+        self.ops.iter().filter(move |o| o.machine == machine)
+    }
+}
