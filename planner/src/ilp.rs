@@ -46,11 +46,14 @@ pub struct IlpOutcome {
 pub struct IlpOptions {
     pub time_limit_s: f64,
     pub rel_gap: f64,
+    /// Warm start, analytic-bound cuts and symmetry rows. Off gives the plain formulation
+    /// (kept for the solver benchmark's baseline).
+    pub structured: bool,
 }
 
 impl Default for IlpOptions {
     fn default() -> Self {
-        Self { time_limit_s: 60.0, rel_gap: 1e-3 }
+        Self { time_limit_s: 60.0, rel_gap: 1e-3, structured: true }
     }
 }
 
@@ -98,7 +101,10 @@ pub fn analytic_bounds(inst: &Instance) -> (f64, f64) {
 pub fn solve(inst: &Instance, start: &Assignment, opts: IlpOptions) -> Result<IlpOutcome, IlpError> {
     let t0 = Instant::now();
     let start = &canonical(inst, start);
-    let first = solve_once(inst, start, opts, true)?;
+    let first = solve_once(inst, start, opts, opts.structured)?;
+    if !opts.structured {
+        return Ok(first);
+    }
     let stale = match &first.assignment {
         Some(a) => {
             let exact = evaluate(inst, a).objective_s;
@@ -335,12 +341,14 @@ fn solve_once(inst: &Instance, start: &Assignment, opts: IlpOptions, hint: bool)
             add(&mut model, constraint!(t >= compute[m].clone()));
             add(&mut model, constraint!(t >= ingress[m].clone()));
         }
-        add(&mut model, constraint!(t >= thr_bound));
-    } else {
+        if opts.structured {
+            add(&mut model, constraint!(t >= thr_bound));
+        }
+    } else if opts.structured {
         add(&mut model, constraint!(latency.clone() >= lat_bound));
     }
     // Symmetry: machines sharing a profile are interchangeable; order them by load.
-    for a in 0..k {
+    for a in (0..k).filter(|_| opts.structured) {
         if let Some(b) = (a + 1..k).find(|&b| inst.machines[b].profile == inst.machines[a].profile) {
             add(&mut model, constraint!(compute[a].clone() >= compute[b].clone()));
         }
@@ -356,7 +364,7 @@ fn solve_once(inst: &Instance, start: &Assignment, opts: IlpOptions, hint: bool)
     if hint {
         // A warm start that breaks a symmetry row would be rejected; HiGHS then starts cold.
         let _ = hm.try_set_solution(Some(&init), None, None, None);
-    } else {
+    } else if opts.structured {
         // No incumbent to hand over: prune everything worse than the warm start instead.
         hm.set_option("objective_bound", start_metrics.objective_s * (1.0 + 1e-9) + 1e-12);
     }

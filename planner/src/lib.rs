@@ -13,11 +13,13 @@
 //!   by memory, FLOPS and DP, greedy) and the local-search warm start.
 //! - [`ilp`] is the placement ILP on HiGHS through good_lp.
 //! - [`planning`] runs them all and assembles the [`lemur_protocol::Plan`] with its evidence.
+//! - [`builder`]: [`Planner`], the programmatic way in.
 //! - [`costs_report`] is the per-layer cost table behind `lemur-plan --costs`.
 //!
 //! The planner opens no sockets and starts no actors: it turns numbers into a plan.
 
 pub mod baselines;
+pub mod builder;
 pub mod cost;
 pub mod costs_report;
 pub mod evaluate;
@@ -30,6 +32,7 @@ pub mod profiles;
 pub mod report;
 pub mod timeline;
 
+pub use builder::Planner;
 pub use cost::{CostError, CostModel, CostTable, Roofline};
 pub use graph::{Finetune, LoraSpec, Op, OpGraph, Workload};
 pub use model_source::{load_model, ModelError};

@@ -13,6 +13,17 @@ fn gb(b: u64) -> f64 {
     b as f64 / 1e9
 }
 
+/// Bytes in the largest unit that keeps them readable.
+fn bytes(b: u64) -> String {
+    match b {
+        0 => "0 B".into(),
+        b if b < 10_000 => format!("{b} B"),
+        b if b < 10_000_000 => format!("{:.1} kB", b as f64 / 1e3),
+        b if b < 10_000_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        b => format!("{:.2} GB", b as f64 / 1e9),
+    }
+}
+
 /// The summary: machines, placement per layer, per-machine use, predictions, baselines, proof.
 pub fn summary(p: &Planned) -> String {
     let plan = &p.plan;
@@ -93,19 +104,24 @@ pub fn summary(p: &Planned) -> String {
         }
     }
     let _ = writeln!(s);
-    let _ = writeln!(s, "Per machine:");
+    let _ = writeln!(s, "Per machine (compute and bytes received per run of each phase):");
+    let phase_names: Vec<&str> = p.instance.phases.iter().map(|ph| ph.phase_name).collect();
     for u in &plan.predicted.per_machine {
-        let comp: Vec<String> = u.compute_ms.iter().map(|(ph, ms)| format!("{ph} {ms:.1} ms")).collect();
-        let ing: Vec<String> =
-            u.ingress_bytes.iter().map(|(ph, b)| format!("{ph} {:.1} MB", *b as f64 / 1e6)).collect();
+        let per_phase: Vec<String> = phase_names
+            .iter()
+            .map(|ph| {
+                let ms = u.compute_ms.get(*ph).copied().unwrap_or(0.0);
+                let recv = u.ingress_bytes.get(*ph).copied().unwrap_or(0);
+                format!("{ph} {ms:.1} ms, received {}", bytes(recv))
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "  {:<10} compute: {}; memory {:.2} / {:.2} GB; received: {}",
+            "  {:<10} {}; memory {:.2} / {:.2} GB",
             u.machine,
-            comp.join(", "),
+            per_phase.join("; "),
             gb(u.memory_bytes),
-            gb(u.memory_capacity_bytes),
-            ing.join(", ")
+            gb(u.memory_capacity_bytes)
         );
     }
     let _ = writeln!(s);

@@ -123,7 +123,7 @@ pub fn svg(planned: &Planned) -> String {
     ];
     let y = height - 25.0;
     for (i, (name, kind)) in legend.iter().enumerate() {
-        let x = 10.0 + i as f64 * 150.0;
+        let x = 10.0 + i as f64 * 130.0;
         let _ = writeln!(s, r#"<rect x="{x}" y="{y}" width="12" height="12" fill="{}"/>"#, colour(*kind));
         let _ = writeln!(s, r#"<text x="{}" y="{}">{name}</text>"#, x + 16.0, y + 10.0);
     }

@@ -54,7 +54,7 @@ fn brute_force(inst: &Instance) -> Option<f64> {
 }
 
 fn exact() -> IlpOptions {
-    IlpOptions { time_limit_s: 60.0, rel_gap: 0.0 }
+    IlpOptions { time_limit_s: 60.0, rel_gap: 0.0, structured: true }
 }
 
 #[test]
@@ -193,7 +193,7 @@ fn request(names: &[&str], mode: Mode, objective: Objective) -> PlanRequest {
     let mut r = PlanRequest::new(ModelConfig::mistral_7b(), machines(names, None), profiles().links);
     r.mode = mode;
     r.objective = objective;
-    r.ilp = IlpOptions { time_limit_s: 20.0, rel_gap: 1e-3 };
+    r.ilp = IlpOptions { time_limit_s: 20.0, rel_gap: 1e-3, structured: true };
     r
 }
 

@@ -162,7 +162,7 @@ fn main() -> Result<()> {
     req.dtype = dtype;
     req.mode = mode;
     req.objective = objective;
-    req.ilp = IlpOptions { time_limit_s: args.time_limit, rel_gap: args.gap };
+    req.ilp = IlpOptions { time_limit_s: args.time_limit, rel_gap: args.gap, structured: true };
     req.heuristic_budget = Duration::from_secs_f64((args.time_limit * 0.1).min(2.0));
 
     let spinner = indicatif::ProgressBar::new_spinner();
