@@ -60,7 +60,7 @@ fn plan_writes_json_and_svg() {
     for needle in [
         "Machines:",
         "Placement",
-        "Per machine:",
+        "Per machine",
         "Predicted: training step",
         "Baselines",
         "this plan",
