@@ -5,6 +5,8 @@
 //! - [`profile`]: what a machine can do ([`MachineProfile`]) and how machines are joined ([`LinkProfile`]).
 //! - [`op`]: the names of ops ([`OpKind`]) and passes ([`Phase`]) that plans place.
 //! - [`plan`]: the plan file ([`Plan`]) workers execute, and its validation.
+//! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
+//!   the length-delimited [`wire::FrameCodec`].
 //! - [`error`]: [`FieldError`], a validation error that names the field at fault.
 //!
 //! Only this crate defines what goes on the wire or into a file another process reads.
@@ -14,6 +16,7 @@ pub mod model;
 pub mod op;
 pub mod plan;
 pub mod profile;
+pub mod wire;
 
 pub use error::FieldError;
 pub use model::ModelConfig;

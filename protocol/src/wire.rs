@@ -1,0 +1,387 @@
+//! Messages between workers and their framing: a versioned handshake, plan and control
+//! messages, and tensors as dtype + shape + raw little-endian bytes.
+//!
+//! A frame is `u32 LE length | u32 LE header length | header (JSON) | tensor bytes`. The
+//! header is a [`Message`]; a message that carries tensors lists their [`TensorMeta`]
+//! (dtype and shape) and the raw bytes follow in that order, with no per-element encoding.
+//! Decoding checks every length against the frame before touching it and hands tensor data
+//! out as [`Bytes`] slices of the received buffer (no copy). A frame longer than the
+//! codec's limit, a header that is not a known message, or tensor bytes that do not match
+//! their shapes is a [`FrameError`], never a panic or an unbounded allocation.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::{Phase, Plan};
+
+/// First field of every handshake: "LMUR".
+pub const MAGIC: u32 = 0x4c4d_5552;
+/// Bumped whenever a message changes shape.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
+
+/// Element type of a tensor on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireDType {
+    F32,
+    F16,
+    Bf16,
+    U32,
+}
+
+impl WireDType {
+    pub fn size(self) -> usize {
+        match self {
+            WireDType::F32 | WireDType::U32 => 4,
+            WireDType::F16 | WireDType::Bf16 => 2,
+        }
+    }
+}
+
+/// Shape and type of a tensor whose bytes follow the header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorMeta {
+    pub dtype: WireDType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorMeta {
+    /// Bytes of data, or `None` if the shape overflows.
+    pub fn nbytes(&self) -> Option<usize> {
+        self.shape.iter().try_fold(self.dtype.size(), |acc, &d| acc.checked_mul(d))
+    }
+}
+
+/// A tensor on the wire: metadata and raw little-endian bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireTensor {
+    pub meta: TensorMeta,
+    pub data: Bytes,
+}
+
+/// The first message on every connection, both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: u32,
+    pub version: u32,
+    pub cluster_id: String,
+    pub rank: u32,
+    pub machine: String,
+}
+
+impl Hello {
+    pub fn new(cluster_id: &str, rank: u32, machine: &str) -> Self {
+        Self { magic: MAGIC, version: PROTOCOL_VERSION, cluster_id: cluster_id.into(), rank, machine: machine.into() }
+    }
+
+    /// Checks a peer's hello against ours and what we expect of it; the error says which
+    /// side has what.
+    pub fn check(&self, ours: &Hello, expected_rank: Option<u32>) -> Result<(), String> {
+        if self.magic != MAGIC {
+            return Err(format!("peer sent magic {:#x}, expected {MAGIC:#x}: not a Lemurian worker", self.magic));
+        }
+        if self.version != ours.version {
+            return Err(format!(
+                "protocol version mismatch: rank {} speaks {}, rank {} speaks {}",
+                self.rank, self.version, ours.rank, ours.version
+            ));
+        }
+        if self.cluster_id != ours.cluster_id {
+            return Err(format!(
+                "cluster mismatch: rank {} is in cluster `{}`, rank {} in `{}`",
+                self.rank, self.cluster_id, ours.rank, ours.cluster_id
+            ));
+        }
+        if let Some(r) = expected_rank {
+            if self.rank != r {
+                return Err(format!("expected rank {r} at this address, found rank {}", self.rank));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where each rank listens and which machine (profile) it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankInfo {
+    pub rank: u32,
+    pub addr: String,
+    /// The plan's machine name this rank executes.
+    pub machine: String,
+}
+
+/// Every message workers exchange. Messages with tensors list their metadata here; the
+/// bytes travel after the header (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    Hello(Hello),
+    /// The handshake was refused; the connection closes after this.
+    Refused {
+        reason: String,
+    },
+    /// Rank 0 to every rank: the plan, the cluster, and the weights to load.
+    Setup {
+        plan: Box<Plan>,
+        ranks: Vec<RankInfo>,
+        model_dir: String,
+        dtype: WireDType,
+    },
+    /// A rank has loaded its weights and connected to its peers.
+    Ready {
+        rank: u32,
+        weight_bytes: u64,
+        load_seconds: f64,
+    },
+    /// Rank 0 to every rank: run one step (the prefill, or one decode step) of a request.
+    Start {
+        request_id: u64,
+        step: u32,
+        phase: Phase,
+        tokens: TensorMeta,
+        position: u64,
+    },
+    /// The output of op `from_op` for step `step`, sent to a rank that consumes it.
+    Activation {
+        request_id: u64,
+        step: u32,
+        from_op: usize,
+        tensors: Vec<TensorMeta>,
+    },
+    /// After prefill: the K and V cache of `layer` (first entry at absolute position
+    /// `start`), for the rank that decodes it.
+    KvHandover {
+        request_id: u64,
+        layer: u32,
+        start: u64,
+        tensors: Vec<TensorMeta>,
+    },
+    /// The lm head's output for a step, to rank 0.
+    Logits {
+        request_id: u64,
+        step: u32,
+        logits: TensorMeta,
+    },
+    /// A request is over: drop its KV cache.
+    Finish {
+        request_id: u64,
+    },
+    /// A rank's traffic for a finished request, to rank 0.
+    Stats {
+        rank: u32,
+        request_id: u64,
+        bytes_sent: u64,
+        frames_sent: u64,
+    },
+    /// Something failed on `rank`.
+    Error {
+        rank: u32,
+        message: String,
+    },
+    Heartbeat {
+        rank: u32,
+        seq: u64,
+    },
+    /// Stop; the receiver exits cleanly.
+    Shutdown {
+        reason: String,
+    },
+}
+
+impl Message {
+    /// Metadata of the tensors that follow this message's header.
+    pub fn tensor_metas(&self) -> Vec<&TensorMeta> {
+        match self {
+            Message::Start { tokens, .. } => vec![tokens],
+            Message::Activation { tensors, .. } | Message::KvHandover { tensors, .. } => tensors.iter().collect(),
+            Message::Logits { logits, .. } => vec![logits],
+            _ => Vec::new(),
+        }
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Refused { .. } => "refused",
+            Message::Setup { .. } => "setup",
+            Message::Ready { .. } => "ready",
+            Message::Start { .. } => "start",
+            Message::Activation { .. } => "activation",
+            Message::KvHandover { .. } => "kv_handover",
+            Message::Logits { .. } => "logits",
+            Message::Finish { .. } => "finish",
+            Message::Stats { .. } => "stats",
+            Message::Error { .. } => "error",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::Shutdown { .. } => "shutdown",
+        }
+    }
+}
+
+/// One decoded frame: a message and the data of its tensors, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub message: Message,
+    pub tensors: Vec<Bytes>,
+}
+
+impl Frame {
+    /// A frame without tensors.
+    pub fn control(message: Message) -> Self {
+        Self { message, tensors: Vec::new() }
+    }
+
+    /// The tensors of this frame, metadata with data.
+    pub fn wire_tensors(&self) -> Vec<WireTensor> {
+        self.message
+            .tensor_metas()
+            .into_iter()
+            .zip(&self.tensors)
+            .map(|(m, d)| WireTensor { meta: m.clone(), data: d.clone() })
+            .collect()
+    }
+}
+
+/// A frame that cannot be decoded or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {len} bytes is shorter than its 4-byte header length")]
+    Short { len: usize },
+    #[error("header claims {claimed} bytes but the frame has {available} after it")]
+    HeaderLength { claimed: usize, available: usize },
+    #[error("unknown or malformed message: {0}")]
+    Message(String),
+    #[error("tensor {index} has a shape whose size overflows")]
+    Overflow { index: usize },
+    #[error("the tensors declare {declared} bytes but the frame carries {carried}")]
+    TensorBytes { declared: usize, carried: usize },
+    #[error("message `{message}` declares {declared} tensors but {given} were given")]
+    TensorCount { message: &'static str, declared: usize, given: usize },
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// Length-delimited frames of [`Frame`]s, with a maximum frame size.
+#[derive(Debug)]
+pub struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max: usize,
+}
+
+impl FrameCodec {
+    pub fn new(max_frame: usize) -> Self {
+        let inner = LengthDelimitedCodec::builder()
+            .little_endian()
+            .length_field_length(4)
+            .max_frame_length(max_frame)
+            .new_codec();
+        Self { inner, max: max_frame }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+/// Decodes one frame's payload (without the outer length).
+pub fn decode_payload(mut payload: Bytes) -> Result<Frame, FrameError> {
+    if payload.len() < 4 {
+        return Err(FrameError::Short { len: payload.len() });
+    }
+    let header_len = payload.get_u32_le() as usize;
+    if header_len > payload.len() {
+        return Err(FrameError::HeaderLength { claimed: header_len, available: payload.len() });
+    }
+    let header = payload.split_to(header_len);
+    let message: Message = serde_json::from_slice(&header).map_err(|e| FrameError::Message(e.to_string()))?;
+    let mut declared = 0usize;
+    let metas = message.tensor_metas();
+    for (index, m) in metas.iter().enumerate() {
+        let n = m.nbytes().ok_or(FrameError::Overflow { index })?;
+        declared = declared.checked_add(n).ok_or(FrameError::Overflow { index })?;
+    }
+    if declared != payload.len() {
+        return Err(FrameError::TensorBytes { declared, carried: payload.len() });
+    }
+    let tensors = metas.iter().map(|m| payload.split_to(m.nbytes().unwrap_or(0))).collect();
+    Ok(Frame { message, tensors })
+}
+
+/// Checks a frame's tensors against its message and returns the header bytes.
+fn header_of(frame: &Frame) -> Result<Vec<u8>, FrameError> {
+    let metas = frame.message.tensor_metas();
+    if metas.len() != frame.tensors.len() {
+        return Err(FrameError::TensorCount {
+            message: frame.message.name(),
+            declared: metas.len(),
+            given: frame.tensors.len(),
+        });
+    }
+    for (index, (m, d)) in metas.iter().zip(&frame.tensors).enumerate() {
+        let n = m.nbytes().ok_or(FrameError::Overflow { index })?;
+        if n != d.len() {
+            return Err(FrameError::TensorBytes { declared: n, carried: d.len() });
+        }
+    }
+    serde_json::to_vec(&frame.message).map_err(|e| FrameError::Message(e.to_string()))
+}
+
+/// Encodes one frame's payload (without the outer length).
+pub fn encode_payload(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+    let header = header_of(frame)?;
+    dst.reserve(4 + header.len() + frame.tensors.iter().map(Bytes::len).sum::<usize>());
+    dst.put_u32_le(header.len() as u32);
+    dst.put_slice(&header);
+    for t in &frame.tensors {
+        dst.put_slice(t);
+    }
+    Ok(())
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        // Refuse an oversized frame from its length alone, before buffering it.
+        if src.len() >= 4 {
+            let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
+            if len > self.max {
+                return Err(FrameError::TooLarge { len, max: self.max });
+            }
+        }
+        match self.inner.decode(src)? {
+            Some(payload) => decode_payload(payload.freeze()).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let header = header_of(&frame)?;
+        let len = 4 + header.len() + frame.tensors.iter().map(Bytes::len).sum::<usize>();
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        // One copy, straight into the write buffer.
+        dst.reserve(4 + len);
+        dst.put_u32_le(len as u32);
+        dst.put_u32_le(header.len() as u32);
+        dst.put_slice(&header);
+        for t in &frame.tensors {
+            dst.put_slice(t);
+        }
+        Ok(())
+    }
+}

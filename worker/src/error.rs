@@ -1,0 +1,28 @@
+//! The worker's error type.
+
+/// Everything that can go wrong in a worker, naming the file, op or peer at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("the plan cannot run here: {0}")]
+    Plan(String),
+    #[error("op {op} ({label}): {message}")]
+    Op { op: usize, label: String, message: String },
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("wire: {0}")]
+    Wire(String),
+    #[error("rank {rank}: {message}")]
+    Peer { rank: u32, message: String },
+    #[error("cluster file {path}: {message}")]
+    Cluster { path: String, message: String },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame: {0}")]
+    Frame(#[from] lemur_protocol::wire::FrameError),
+}

@@ -1,0 +1,275 @@
+//! The executor's arithmetic: every op kind of a Llama/Mistral decoder in candle, the
+//! rotary tables, and the per-request KV cache with Mistral's sliding window.
+//!
+//! Semantics follow Mistral's reference and Hugging Face: a query at position i attends
+//! to keys j with i - window < j <= i, in prefill and in decode; the cache keeps at most
+//! `window` positions. (candle-transformers' Mistral keeps window + 1 in prefill and
+//! ignores the window in decode; with a window that does not bind, both agree.)
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear};
+use lemur_protocol::{ModelConfig, OpKind};
+
+use crate::error::WorkerError;
+
+/// The weights one op needs.
+#[derive(Debug, Clone)]
+pub enum OpWeights {
+    Embedding(Embedding),
+    Norm(Tensor),
+    Linear(Linear),
+    None,
+}
+
+/// The K and V cache of one layer of one request: `[batch, kv_heads, len, head_dim]`, and
+/// the absolute position of its first entry.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub start: usize,
+}
+
+/// What an op computes with: weights by (kind, layer), rotary tables, KV caches.
+#[derive(Debug)]
+pub struct Executor {
+    pub cfg: ModelConfig,
+    pub device: Device,
+    pub dtype: DType,
+    weights: HashMap<(OpKind, Option<u32>), OpWeights>,
+    cos: Tensor,
+    sin: Tensor,
+    /// KV caches by (request, layer).
+    pub kv: HashMap<(u64, u32), KvCache>,
+}
+
+/// Where in the sequence a step runs.
+#[derive(Debug, Clone)]
+pub struct StepInput {
+    pub request: u64,
+    /// Token ids `[batch, seq]` (u32).
+    pub tokens: Tensor,
+    /// Absolute position of the first token of this step.
+    pub position: usize,
+}
+
+impl Executor {
+    pub fn new(cfg: ModelConfig, device: Device, dtype: DType) -> Result<Self, WorkerError> {
+        let (cos, sin) = rope_tables(&cfg, &device, dtype)?;
+        Ok(Self { cfg, device, dtype, weights: HashMap::new(), cos, sin, kv: HashMap::new() })
+    }
+
+    pub fn set_weights(&mut self, kind: OpKind, layer: Option<u32>, w: OpWeights) {
+        self.weights.insert((kind, layer), w);
+    }
+
+    pub fn has_weights(&self, kind: OpKind, layer: Option<u32>) -> bool {
+        self.weights.contains_key(&(kind, layer))
+    }
+
+    fn weight(&self, kind: OpKind, layer: Option<u32>) -> Result<&OpWeights, WorkerError> {
+        self.weights
+            .get(&(kind, layer))
+            .ok_or_else(|| WorkerError::Weights(format!("no weights loaded for {kind} of layer {layer:?}")))
+    }
+
+    fn linear(&self, kind: OpKind, layer: Option<u32>, x: &Tensor) -> Result<Tensor, WorkerError> {
+        match self.weight(kind, layer)? {
+            OpWeights::Linear(l) => Ok(l.forward(x)?),
+            _ => Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
+        }
+    }
+
+    fn norm(&self, kind: OpKind, layer: Option<u32>, x: &Tensor) -> Result<Tensor, WorkerError> {
+        match self.weight(kind, layer)? {
+            OpWeights::Norm(w) => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, self.cfg.rms_norm_eps as f32)?),
+            _ => Err(WorkerError::Weights(format!("{kind} needs a norm weight"))),
+        }
+    }
+
+    /// Runs one op. `inputs` pairs each input's producer kind with its output tensors.
+    pub fn run(
+        &mut self,
+        kind: OpKind,
+        layer: Option<u32>,
+        inputs: &[(OpKind, &[Tensor])],
+        step: &StepInput,
+    ) -> Result<Vec<Tensor>, WorkerError> {
+        let one = |want: &[OpKind]| -> Result<&Tensor, WorkerError> {
+            inputs
+                .iter()
+                .find(|(k, _)| want.contains(k))
+                .and_then(|(_, t)| t.first())
+                .ok_or_else(|| WorkerError::Plan(format!("{kind} lacks an input from {want:?}")))
+        };
+        let stream_kinds = [OpKind::Embedding, OpKind::MlpResidual, OpKind::AttnResidual];
+        Ok(match kind {
+            OpKind::Embedding => match self.weight(kind, layer)? {
+                OpWeights::Embedding(e) => vec![e.forward(&step.tokens)?],
+                _ => return Err(WorkerError::Weights("embedding needs its table".into())),
+            },
+            OpKind::AttnNorm | OpKind::MlpNorm => vec![self.norm(kind, layer, one(&stream_kinds)?)?],
+            OpKind::FinalNorm => {
+                // Generation needs the last position only (norms are per position).
+                let x = one(&stream_kinds)?;
+                let s = x.dim(1)?;
+                vec![self.norm(kind, layer, &x.narrow(1, s - 1, 1)?)?]
+            }
+            OpKind::QProj | OpKind::KProj | OpKind::VProj => {
+                vec![self.linear(kind, layer, one(&[OpKind::AttnNorm])?)?]
+            }
+            OpKind::GateProj | OpKind::UpProj => vec![self.linear(kind, layer, one(&[OpKind::MlpNorm])?)?],
+            OpKind::OProj => vec![self.linear(kind, layer, one(&[OpKind::Attention])?)?],
+            OpKind::DownProj => vec![self.linear(kind, layer, one(&[OpKind::SiluMul])?)?],
+            OpKind::LmHead => vec![self.linear(kind, layer, one(&[OpKind::FinalNorm])?)?],
+            OpKind::Rope => {
+                let (q, k) = (one(&[OpKind::QProj])?, one(&[OpKind::KProj])?);
+                vec![
+                    self.rope(q, self.cfg.num_heads, step.position)?,
+                    self.rope(k, self.cfg.num_kv_heads, step.position)?,
+                ]
+            }
+            OpKind::Attention => {
+                let qk = inputs
+                    .iter()
+                    .find(|(k, _)| *k == OpKind::Rope)
+                    .map(|(_, t)| *t)
+                    .filter(|t| t.len() == 2)
+                    .ok_or_else(|| WorkerError::Plan("attention lacks rotated q and k".into()))?;
+                let v = one(&[OpKind::VProj])?;
+                let layer = layer.ok_or_else(|| WorkerError::Plan("attention without a layer".into()))?;
+                vec![self.attention(&qk[0], &qk[1], v, layer, step)?]
+            }
+            OpKind::AttnResidual => {
+                let o = one(&[OpKind::OProj])?;
+                let stream = one(&[OpKind::Embedding, OpKind::MlpResidual])?;
+                vec![(stream + o)?]
+            }
+            OpKind::MlpResidual => {
+                let d = one(&[OpKind::DownProj])?;
+                let stream = one(&[OpKind::AttnResidual])?;
+                vec![(stream + d)?]
+            }
+            OpKind::SiluMul => {
+                let (g, u) = (one(&[OpKind::GateProj])?, one(&[OpKind::UpProj])?);
+                vec![(g.silu()? * u)?]
+            }
+        })
+    }
+
+    /// `[b, s, heads * d]` -> rotated `[b, heads, s, d]` at absolute positions from `position`.
+    fn rope(&self, x: &Tensor, heads: u64, position: usize) -> Result<Tensor, WorkerError> {
+        let (b, s, _) = x.dims3()?;
+        let d = self.cfg.head_dim as usize;
+        let x = x.reshape((b, s, heads as usize, d))?.transpose(1, 2)?.contiguous()?;
+        let max = self.cos.dim(0)?;
+        if position + s > max {
+            return Err(WorkerError::Plan(format!("position {} exceeds the model's {max} positions", position + s)));
+        }
+        let cos = self.cos.narrow(0, position, s)?;
+        let sin = self.sin.narrow(0, position, s)?;
+        Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
+    }
+
+    /// Causal, sliding-window attention with grouped KV heads; appends to the cache.
+    fn attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: u32,
+        step: &StepInput,
+    ) -> Result<Tensor, WorkerError> {
+        let cfg = &self.cfg;
+        let (b, s, _) = v.dims3()?;
+        let d = cfg.head_dim as usize;
+        let v = v.reshape((b, s, cfg.num_kv_heads as usize, d))?.transpose(1, 2)?.contiguous()?;
+        let key = (step.request, layer);
+        let (k_all, v_all, start) = match self.kv.get(&key) {
+            Some(c) => (Tensor::cat(&[&c.k, k], 2)?, Tensor::cat(&[&c.v, &v], 2)?, c.start),
+            None => (k.clone(), v.clone(), step.position),
+        };
+        let kv_len = k_all.dim(2)?;
+        let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
+        let kr = repeat_kv(&k_all, groups)?;
+        let vr = repeat_kv(&v_all, groups)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&kr.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let mask = window_mask(s, step.position, kv_len, start, cfg.sliding_window, &self.device)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&vr)?; // [b, heads, s, d]
+        let out = out.transpose(1, 2)?.reshape((b, s, cfg.num_heads as usize * d))?;
+        // Keep what later queries can still see: the last `window` positions.
+        let (k_keep, v_keep, start_keep) = match cfg.sliding_window.map(|w| w as usize) {
+            Some(w) if kv_len > w => {
+                let drop = kv_len - w;
+                (k_all.narrow(2, drop, w)?, v_all.narrow(2, drop, w)?, start + drop)
+            }
+            _ => (k_all, v_all, start),
+        };
+        self.kv.insert(key, KvCache { k: k_keep.contiguous()?, v: v_keep.contiguous()?, start: start_keep });
+        Ok(out)
+    }
+
+    /// Drops a request's caches.
+    pub fn finish(&mut self, request: u64) {
+        self.kv.retain(|(r, _), _| *r != request);
+    }
+}
+
+/// Rotary tables `[max_positions, head_dim / 2]`, computed as candle-transformers does.
+pub fn rope_tables(cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor), WorkerError> {
+    let dim = cfg.head_dim as usize;
+    let max = cfg.max_position_embeddings as usize;
+    let theta = cfg.rope_theta as f32;
+    let inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / dim as f32)).collect();
+    let n = inv.len();
+    let inv = Tensor::from_vec(inv, (1, n), device)?.to_dtype(dtype)?;
+    let t = Tensor::arange(0u32, max as u32, device)?.to_dtype(dtype)?.reshape((max, 1))?;
+    let freqs = t.matmul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// `[b, kv_heads, s, d]` -> `[b, kv_heads * groups, s, d]`, each KV head repeated for its group.
+pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor, WorkerError> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, s, d) = x.dims4()?;
+    Ok(Tensor::cat(&vec![x; groups], 2)?.reshape((b, h * groups, s, d))?)
+}
+
+/// Additive mask `[s, kv_len]` for queries at absolute positions `position..position+s`
+/// against keys at `start..start+kv_len`: visible iff `q - window < k <= q`.
+/// `None` when nothing is masked (one query, window not binding).
+pub fn window_mask(
+    s: usize,
+    position: usize,
+    kv_len: usize,
+    start: usize,
+    window: Option<u64>,
+    device: &Device,
+) -> Result<Option<Tensor>, WorkerError> {
+    let w = window.map(|w| w as usize);
+    let mut any = false;
+    let mut data = Vec::with_capacity(s * kv_len);
+    for i in 0..s {
+        let qp = position + i;
+        for j in 0..kv_len {
+            let kp = start + j;
+            let visible = kp <= qp && w.is_none_or(|w| kp + w > qp);
+            any |= !visible;
+            data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(data, (s, kv_len), device)?))
+}

@@ -1,0 +1,916 @@
+//! A rank's runtime: connection set-up with timeouts, then three kinds of actix actors.
+//!
+//! - `Peer`: one per connected rank. Reads frames (`FramedRead` as a stream), writes them
+//!   (`SinkWrite` over tokio's `FramedWrite`), sends a heartbeat every second and declares
+//!   the peer dead after five silent seconds or a broken connection.
+//! - `Compute`: owns the candle state ([`Executor`]) on a `SyncArbiter` thread, never on
+//!   the I/O arbiter. It runs each step's local ops as their inputs arrive and sends
+//!   outputs to the ranks that need them as soon as they exist.
+//! - `Node`: routes frames between peers and compute; on rank 0 it drives the request
+//!   (prefill, then one decode step per token) and gathers timings.
+//!
+//! Set-up: every rank binds its address; rank 0 connects to every rank, each rank s >= 1
+//! connects to every rank t > s, all with a versioned handshake. Rank 0 sends the plan; each
+//! rank validates it, loads only its weights and reports `Ready`. Flow control is by step:
+//! rank 0 starts step n + 1 only after step n's logits, so in-flight data is one step's.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::io::{SinkWrite, WriteHandler};
+use actix::prelude::*;
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use futures::{SinkExt, StreamExt};
+use lemur_protocol::wire::{
+    Frame, FrameCodec, FrameError, Hello, Message, RankInfo, TensorMeta, WireDType, WireTensor,
+};
+use lemur_protocol::{Phase, Plan};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
+
+use crate::cluster::Cluster;
+use crate::error::WorkerError;
+use crate::exec::{Executor, KvCache, StepInput};
+use crate::program::{Outbound, Program, Progress, StepRun};
+use crate::tensor_wire::{from_wire, to_wire, wire_dtype};
+use crate::weights::Checkpoint;
+
+/// How long each wait may last.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Connecting to a peer (it may still be starting).
+    pub connect: Duration,
+    /// Any single handshake or set-up read.
+    pub handshake: Duration,
+    /// A rank waiting for rank 0 to connect and send the plan.
+    pub wait_for_leader: Duration,
+    /// Loading weights on every rank.
+    pub load: Duration,
+    pub heartbeat_interval: Duration,
+    /// Silence after which a peer is dead.
+    pub peer_dead: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(30),
+            handshake: Duration::from_secs(10),
+            wait_for_leader: Duration::from_secs(600),
+            load: Duration::from_secs(600),
+            heartbeat_interval: Duration::from_millis(1000),
+            peer_dead: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What rank 0 runs.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub plan: Plan,
+    pub model_dir: PathBuf,
+    pub dtype: DType,
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub eos: Option<u32>,
+}
+
+/// Everything a rank needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub rank: u32,
+    pub cluster: Cluster,
+    pub device: Device,
+    /// Rank 0 only.
+    pub job: Option<Job>,
+    pub timeouts: Timeouts,
+}
+
+/// What rank 0 reports after a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub tokens: Vec<u32>,
+    pub ttft: Duration,
+    /// Mean time per output token after the first.
+    pub tpot: Option<Duration>,
+    /// Activation bytes sent by each rank, by rank.
+    pub bytes_sent: Vec<u64>,
+    /// Logits of every step (last position), kept for tests.
+    pub logits: Vec<Vec<f32>>,
+}
+
+type Net = Framed<TcpStream, FrameCodec>;
+
+/// Where the runtime leaves rank 0's outcome (or any rank's error) for `run_node`.
+type Shared = Arc<Mutex<Option<Result<Option<Outcome>, WorkerError>>>>;
+
+/// Activations that arrived before their step started, by (request, step).
+type Early = HashMap<(u64, u32), Vec<(usize, Vec<Tensor>)>>;
+
+async fn read_frame(net: &mut Net, limit: Duration, what: &str, peer: &str) -> Result<Frame, WorkerError> {
+    match tokio::time::timeout(limit, net.next()).await {
+        Err(_) => Err(WorkerError::Wire(format!("{peer}: no {what} within {:.0} s", limit.as_secs_f64()))),
+        Ok(None) => Err(WorkerError::Wire(format!("{peer}: closed the connection before {what}"))),
+        Ok(Some(r)) => Ok(r?),
+    }
+}
+
+/// Connects to `addr`, retrying until `limit`, and shakes hands; returns the connection.
+async fn dial(addr: &str, ours: &Hello, expect: u32, t: &Timeouts) -> Result<Net, WorkerError> {
+    let deadline = Instant::now() + t.connect;
+    let stream = loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(addr, error = %e, "peer not up yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(WorkerError::Peer { rank: expect, message: format!("cannot connect to {addr}: {e}") })
+            }
+        }
+    };
+    stream.set_nodelay(true)?;
+    let mut net = Framed::new(stream, FrameCodec::default());
+    net.send(Frame::control(Message::Hello(ours.clone()))).await?;
+    let peer = format!("rank {expect} at {addr}");
+    match read_frame(&mut net, t.handshake, "handshake", &peer).await?.message {
+        Message::Hello(h) => h.check(ours, Some(expect)).map_err(|m| WorkerError::Peer { rank: expect, message: m })?,
+        Message::Refused { reason } => {
+            return Err(WorkerError::Peer { rank: expect, message: format!("refused us: {reason}") })
+        }
+        other => {
+            return Err(WorkerError::Peer {
+                rank: expect,
+                message: format!("sent `{}` instead of a handshake", other.name()),
+            })
+        }
+    }
+    Ok(net)
+}
+
+/// Accepts one connection and shakes hands; returns the peer's rank and the connection.
+async fn accept_one(listener: &TcpListener, ours: &Hello, n: u32, t: &Timeouts) -> Result<(u32, Net), WorkerError> {
+    let (stream, from) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    let mut net = Framed::new(stream, FrameCodec::default());
+    let frame = read_frame(&mut net, t.handshake, "handshake", &from.to_string()).await?;
+    let Message::Hello(h) = frame.message else {
+        return Err(WorkerError::Wire(format!("{from} sent `{}` instead of a handshake", frame.message.name())));
+    };
+    let verdict = h.check(ours, None).and_then(|_| {
+        if h.rank >= n || h.rank == ours.rank {
+            Err(format!("rank {} is not a peer of rank {} in a cluster of {n}", h.rank, ours.rank))
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(reason) = verdict {
+        let _ = net.send(Frame::control(Message::Refused { reason: reason.clone() })).await;
+        return Err(WorkerError::Peer { rank: h.rank, message: reason });
+    }
+    net.send(Frame::control(Message::Hello(ours.clone()))).await?;
+    Ok((h.rank, net))
+}
+
+fn u32_tensor(ids: &[u32]) -> (TensorMeta, Bytes) {
+    let data: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
+    (TensorMeta { dtype: WireDType::U32, shape: vec![1, ids.len()] }, Bytes::from(data))
+}
+
+/// Runs a rank until its work is done. Rank 0 returns the request's outcome.
+pub fn run_node(cfg: NodeConfig) -> Result<Option<Outcome>, WorkerError> {
+    let system = actix::System::new();
+    let result: Shared = Arc::new(Mutex::new(None));
+    let res = result.clone();
+    system.block_on(async move {
+        if let Err(e) = start(cfg, res.clone()).await {
+            *res.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
+            System::current().stop();
+        }
+    });
+    system.run()?;
+    let out = result.lock().unwrap_or_else(|p| p.into_inner()).take();
+    out.unwrap_or_else(|| Err(WorkerError::Wire("the runtime stopped without a result".into())))
+}
+
+async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
+    let me = cfg.rank;
+    let n = cfg.cluster.ranks.len() as u32;
+    let info = cfg.cluster.get(me)?.clone();
+    let ours = Hello::new(&cfg.cluster.id, me, &info.machine);
+    let t = cfg.timeouts;
+    let mut conns: HashMap<u32, Net> = HashMap::new();
+    let (plan, model_dir, dtype) = if me == 0 {
+        let job =
+            cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
+        // Check the plan and every rank's weights before dialling anyone (the checkpoint
+        // is at the same path on every machine; each rank checks again as it loads).
+        let ck = Checkpoint::open(&job.model_dir)?;
+        ck.check_plan_model(&job.plan.model)?;
+        for r in 0..n {
+            ck.check_tensors(&Program::new(&job.plan, r, &cfg.cluster.rank_of_machine())?.local_weights())?;
+        }
+        for r in 1..n {
+            let addr = cfg.cluster.get(r)?.addr.clone();
+            let mut net = dial(&addr, &ours, r, &t).await?;
+            net.send(Frame::control(Message::Setup {
+                plan: Box::new(job.plan.clone()),
+                ranks: cfg.cluster.ranks.clone(),
+                model_dir: job.model_dir.display().to_string(),
+                dtype: wire_dtype(job.dtype)?,
+            }))
+            .await?;
+            conns.insert(r, net);
+        }
+        (job.plan, job.model_dir, job.dtype)
+    } else {
+        let listener = TcpListener::bind(&info.addr)
+            .await
+            .map_err(|e| WorkerError::Wire(format!("cannot listen on {}: {e}", info.addr)))?;
+        tracing::info!(rank = me, addr = %info.addr, "listening");
+        // Lower ranks (0 included) connect to us; we connect to higher ranks.
+        let accept = async {
+            let mut got: HashMap<u32, Net> = HashMap::new();
+            while (0..me).any(|r| !got.contains_key(&r)) {
+                match accept_one(&listener, &ours, n, &t).await {
+                    Ok((r, net)) if r < me => {
+                        got.insert(r, net);
+                    }
+                    Ok((r, _)) => tracing::warn!(rank = r, "unexpected connection from a higher rank"),
+                    Err(e) => tracing::warn!(error = %e, "refused a connection"),
+                }
+            }
+            Ok::<_, WorkerError>(got)
+        };
+        let dial_up = async {
+            let mut got = HashMap::new();
+            for r in me + 1..n {
+                let addr = cfg.cluster.get(r)?.addr.clone();
+                got.insert(r, dial(&addr, &ours, r, &t).await?);
+            }
+            Ok::<_, WorkerError>(got)
+        };
+        let (lower, higher) = tokio::time::timeout(t.wait_for_leader, async { tokio::try_join!(accept, dial_up) })
+            .await
+            .map_err(|_| WorkerError::Wire(format!("no leader within {:.0} s", t.wait_for_leader.as_secs_f64())))??;
+        conns.extend(lower);
+        conns.extend(higher);
+        let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
+        let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
+        let Message::Setup { plan, ranks, model_dir, dtype } = frame.message else {
+            return Err(WorkerError::Peer {
+                rank: 0,
+                message: format!("sent `{}` instead of the plan", frame.message.name()),
+            });
+        };
+        if ranks != cfg.cluster.ranks {
+            let msg = "rank 0's cluster differs from this rank's cluster file".to_string();
+            let _ = leader.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
+            return Err(WorkerError::Plan(msg));
+        }
+        (*plan, PathBuf::from(model_dir), crate::tensor_wire::candle_dtype(dtype))
+    };
+
+    // Validate and load before any compute; report failures to rank 0 by name.
+    let prepared = prepare(&plan, me, &cfg, &model_dir, dtype).await;
+    let (prog, exec, weight_bytes, load_s) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(leader) = conns.get_mut(&0) {
+                let _ = leader.send(Frame::control(Message::Error { rank: me, message: e.to_string() })).await;
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(rank = me, weight_bytes, load_s, "weights loaded");
+
+    // Rank 0 waits for every rank to be ready.
+    if me == 0 {
+        for (r, net) in conns.iter_mut() {
+            let frame = read_frame(net, t.load, "ready", &format!("rank {r}")).await?;
+            match frame.message {
+                Message::Ready { .. } => {}
+                Message::Error { rank, message } => return Err(WorkerError::Peer { rank, message }),
+                other => {
+                    return Err(WorkerError::Peer {
+                        rank: *r,
+                        message: format!("sent `{}` instead of ready", other.name()),
+                    })
+                }
+            }
+        }
+    }
+
+    // Actors.
+    let prog = Arc::new(prog);
+    let node = Node::create(|ctx| {
+        let me_addr = ctx.address();
+        let mut peers = HashMap::new();
+        for (r, net) in conns.drain() {
+            let parts = net.into_parts();
+            let (rd, wr) = parts.io.into_split();
+            let mut reader = FramedRead::new(rd, FrameCodec::default());
+            *reader.read_buffer_mut() = parts.read_buf;
+            let writer = FramedWrite::new(wr, FrameCodec::default());
+            let node = me_addr.clone();
+            let peer = Peer::create(move |pctx| {
+                Peer::add_stream(reader, pctx);
+                Peer { rank: r, me, node, sink: SinkWrite::new(writer, pctx), last_seen: Instant::now(), seq: 0, t }
+            });
+            peers.insert(r, peer);
+        }
+        let cell = Arc::new(Mutex::new(Some(exec)));
+        let (prog2, peers2, node2) = (prog.clone(), peers.clone(), me_addr.clone());
+        let compute = SyncArbiter::start(1, move || Compute {
+            me,
+            prog: prog2.clone(),
+            exec: cell.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            runs: HashMap::new(),
+            early: HashMap::new(),
+            peers: peers2.clone(),
+            node: node2.clone(),
+            bytes_sent: HashMap::new(),
+            frames_sent: 0,
+        });
+        Node { me, n, peers, compute, leader: None, result: result.clone(), shutting_down: false }
+    });
+    if me == 0 {
+        let job = cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
+        node.do_send(Begin { prompt: job.prompt, max_new_tokens: job.max_new_tokens, eos: job.eos });
+    } else {
+        node.do_send(ToPeer {
+            rank: 0,
+            frame: Frame::control(Message::Ready { rank: me, weight_bytes, load_seconds: load_s }),
+        });
+    }
+    Ok(())
+}
+
+async fn prepare(
+    plan: &Plan,
+    me: u32,
+    cfg: &NodeConfig,
+    model_dir: &std::path::Path,
+    dtype: DType,
+) -> Result<(Program, Executor, u64, f64), WorkerError> {
+    let prog = Program::new(plan, me, &cfg.cluster.rank_of_machine())?;
+    let dir = model_dir.to_path_buf();
+    let device = cfg.device.clone();
+    let model = plan.model.clone();
+    let wanted = prog.local_weights();
+    let t0 = Instant::now();
+    let (exec, bytes) = tokio::task::spawn_blocking(move || {
+        let ck = Checkpoint::open(&dir)?;
+        ck.check_plan_model(&model)?;
+        let mut exec = Executor::new(ck.config.clone(), device, dtype)?;
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ops")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("rank {me}: loading weights"));
+        let bytes = ck.load_into(&mut exec, &wanted, Some(&bar))?;
+        bar.finish_and_clear();
+        Ok::<_, WorkerError>((exec, bytes))
+    })
+    .await
+    .map_err(|e| WorkerError::Weights(format!("loading panicked: {e}")))??;
+    Ok((prog, exec, bytes, t0.elapsed().as_secs_f64()))
+}
+
+// ---- messages between actors ----
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Inbound {
+    from: u32,
+    frame: Frame,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PeerDown {
+    rank: u32,
+    reason: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ToPeer {
+    rank: u32,
+    frame: Frame,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Send(Frame);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Begin {
+    prompt: Vec<u32>,
+    max_new_tokens: usize,
+    eos: Option<u32>,
+}
+
+/// Compute's view of incoming work.
+#[derive(Message)]
+#[rtype(result = "()")]
+enum Work {
+    Start { request: u64, step: u32, phase: Phase, position: u64, tokens: WireTensor },
+    Activation { request: u64, step: u32, from_op: usize, tensors: Vec<WireTensor> },
+    Kv { request: u64, layer: u32, start: u64, k: WireTensor, v: WireTensor },
+    Finish { request: u64 },
+}
+
+/// Compute to node.
+#[derive(Message)]
+#[rtype(result = "()")]
+enum Event {
+    Logits { step: u32, logits: Vec<f32>, argmax: u32 },
+    Failed { message: String },
+    Stats { request: u64, bytes_sent: u64, frames_sent: u64 },
+}
+
+// ---- Peer ----
+
+/// One connection to another rank.
+struct Peer {
+    rank: u32,
+    me: u32,
+    node: Addr<Node>,
+    sink: SinkWrite<Frame, FramedWrite<OwnedWriteHalf, FrameCodec>>,
+    last_seen: Instant,
+    seq: u64,
+    t: Timeouts,
+}
+
+impl Actor for Peer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.t.heartbeat_interval, |act, ctx| {
+            act.seq += 1;
+            let _ = act.sink.write(Frame::control(Message::Heartbeat { rank: act.me, seq: act.seq }));
+            if act.last_seen.elapsed() > act.t.peer_dead {
+                act.node.do_send(PeerDown {
+                    rank: act.rank,
+                    reason: format!("no heartbeat for {:.1} s", act.last_seen.elapsed().as_secs_f64()),
+                });
+                ctx.stop();
+            }
+        });
+    }
+}
+
+impl StreamHandler<Result<Frame, FrameError>> for Peer {
+    fn handle(&mut self, item: Result<Frame, FrameError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(frame) => {
+                self.last_seen = Instant::now();
+                if !matches!(frame.message, Message::Heartbeat { .. }) {
+                    self.node.do_send(Inbound { from: self.rank, frame });
+                }
+            }
+            Err(e) => {
+                self.node.do_send(PeerDown { rank: self.rank, reason: format!("bad frame: {e}") });
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        self.node.do_send(PeerDown { rank: self.rank, reason: "closed the connection".into() });
+        ctx.stop();
+    }
+}
+
+impl WriteHandler<FrameError> for Peer {
+    fn error(&mut self, err: FrameError, _ctx: &mut Self::Context) -> Running {
+        self.node.do_send(PeerDown { rank: self.rank, reason: format!("write failed: {err}") });
+        Running::Stop
+    }
+}
+
+impl Handler<Send> for Peer {
+    type Result = ();
+    fn handle(&mut self, msg: Send, _ctx: &mut Self::Context) {
+        let _ = self.sink.write(msg.0);
+    }
+}
+
+// ---- Compute ----
+
+/// The candle state of a rank, on its own thread.
+struct Compute {
+    me: u32,
+    prog: Arc<Program>,
+    exec: Option<Executor>,
+    runs: HashMap<(u64, u32), StepRun>,
+    /// Activations that arrived before their step's start.
+    early: Early,
+    peers: HashMap<u32, Addr<Peer>>,
+    node: Addr<Node>,
+    bytes_sent: HashMap<u64, u64>,
+    frames_sent: u64,
+}
+
+impl Actor for Compute {
+    type Context = SyncContext<Self>;
+}
+
+impl Compute {
+    fn decode(&self, ts: &[WireTensor]) -> Result<Vec<Tensor>, WorkerError> {
+        let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
+        ts.iter().map(|t| from_wire(&t.meta, &t.data, &dev)).collect()
+    }
+
+    fn send(&mut self, request: u64, to: u32, frame: Frame) -> Result<(), WorkerError> {
+        let bytes: u64 = frame.tensors.iter().map(|b| b.len() as u64).sum();
+        *self.bytes_sent.entry(request).or_default() += bytes;
+        self.frames_sent += 1;
+        let peer =
+            self.peers.get(&to).ok_or_else(|| WorkerError::Peer { rank: to, message: "not connected".into() })?;
+        peer.do_send(Send(frame));
+        Ok(())
+    }
+
+    fn step(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
+        let Some(mut run) = self.runs.remove(&key) else { return Ok(()) };
+        let mut out = Vec::new();
+        let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        let progress = run.advance(&self.prog, exec, &mut |o| out.push(o))?;
+        let (request, step) = key;
+        for o in out {
+            match o {
+                Outbound::Activation { to, from_op, tensors } => {
+                    let mut metas = Vec::new();
+                    let mut datas = Vec::new();
+                    for t in tensors.iter() {
+                        let (m, d) = to_wire(t)?;
+                        metas.push(m);
+                        datas.push(d);
+                    }
+                    let msg = Message::Activation { request_id: request, step, from_op, tensors: metas };
+                    self.send(request, to, Frame { message: msg, tensors: datas })?;
+                }
+                Outbound::Logits { logits } => {
+                    let last = logits.flatten_from(1)?.get(0)?.to_dtype(DType::F32)?;
+                    if self.me == 0 {
+                        let v = last.to_vec1::<f32>()?;
+                        let argmax = argmax(&v);
+                        self.node.do_send(Event::Logits { step, logits: v, argmax });
+                    } else {
+                        let (m, d) = to_wire(&last)?;
+                        self.send(
+                            request,
+                            0,
+                            Frame {
+                                message: Message::Logits { request_id: request, step, logits: m },
+                                tensors: vec![d],
+                            },
+                        )?;
+                    }
+                }
+                Outbound::Kv { to, layer, cache } => {
+                    let (mk, dk) = to_wire(&cache.k)?;
+                    let (mv, dv) = to_wire(&cache.v)?;
+                    let msg = Message::KvHandover {
+                        request_id: request,
+                        layer,
+                        start: cache.start as u64,
+                        tensors: vec![mk, mv],
+                    };
+                    self.send(request, to, Frame { message: msg, tensors: vec![dk, dv] })?;
+                }
+            }
+        }
+        if progress == Progress::Blocked {
+            self.runs.insert(key, run);
+        }
+        Ok(())
+    }
+
+    fn work(&mut self, w: Work) -> Result<(), WorkerError> {
+        match w {
+            Work::Start { request, step, phase, position, tokens } => {
+                let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
+                let tokens = from_wire(&tokens.meta, &tokens.data, &dev)?;
+                let mut run =
+                    StepRun::new(request, step, phase, StepInput { request, tokens, position: position as usize });
+                for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
+                    run.deliver(from_op, ts);
+                }
+                self.runs.insert((request, step), run);
+                self.step((request, step))
+            }
+            Work::Activation { request, step, from_op, tensors } => {
+                let ts = self.decode(&tensors)?;
+                match self.runs.get_mut(&(request, step)) {
+                    Some(run) => {
+                        run.deliver(from_op, ts);
+                        self.step((request, step))
+                    }
+                    None => {
+                        self.early.entry((request, step)).or_default().push((from_op, ts));
+                        Ok(())
+                    }
+                }
+            }
+            Work::Kv { request, layer, start, k, v } => {
+                let ts = self.decode(&[k, v])?;
+                let cache = KvCache { k: ts[0].clone(), v: ts[1].clone(), start: start as usize };
+                if let Some(exec) = self.exec.as_mut() {
+                    exec.kv.insert((request, layer), cache);
+                }
+                // A decode step may have been waiting for this cache.
+                let waiting: Vec<_> = self.runs.keys().copied().filter(|(r, _)| *r == request).collect();
+                for key in waiting {
+                    self.step(key)?;
+                }
+                Ok(())
+            }
+            Work::Finish { request } => {
+                if let Some(exec) = self.exec.as_mut() {
+                    exec.finish(request);
+                }
+                self.runs.retain(|(r, _), _| *r != request);
+                self.early.retain(|(r, _), _| *r != request);
+                let bytes_sent = self.bytes_sent.remove(&request).unwrap_or(0);
+                self.node.do_send(Event::Stats { request, bytes_sent, frames_sent: self.frames_sent });
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Handler<Work> for Compute {
+    type Result = ();
+    fn handle(&mut self, w: Work, _ctx: &mut Self::Context) {
+        if let Err(e) = self.work(w) {
+            self.node.do_send(Event::Failed { message: e.to_string() });
+        }
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+// ---- Node ----
+
+struct LeaderState {
+    request: u64,
+    prompt_len: usize,
+    max_new_tokens: usize,
+    eos: Option<u32>,
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    started: Instant,
+    first: Option<Duration>,
+    step_started: Instant,
+    decode_times: Vec<Duration>,
+    stats: HashMap<u32, u64>,
+    done: bool,
+}
+
+/// Routes frames and, on rank 0, drives the request.
+struct Node {
+    me: u32,
+    n: u32,
+    peers: HashMap<u32, Addr<Peer>>,
+    compute: Addr<Compute>,
+    leader: Option<LeaderState>,
+    result: Shared,
+    shutting_down: bool,
+}
+
+impl Actor for Node {
+    type Context = Context<Self>;
+}
+
+impl Node {
+    fn finish_with(&mut self, r: Result<Option<Outcome>, WorkerError>, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        let reason = match &r {
+            Ok(_) => "done".to_string(),
+            Err(e) => e.to_string(),
+        };
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        for p in self.peers.values() {
+            p.do_send(Send(Frame::control(Message::Shutdown { reason: reason.clone() })));
+        }
+        // Let the shutdown frames go out, then stop.
+        ctx.run_later(Duration::from_millis(200), |_, _| System::current().stop());
+    }
+
+    fn broadcast_start(&mut self, step: u32, phase: Phase, position: u64, ids: &[u32]) {
+        let Some(l) = &self.leader else { return };
+        let request = l.request;
+        let (meta, data) = u32_tensor(ids);
+        for p in self.peers.values() {
+            let msg = Message::Start { request_id: request, step, phase, tokens: meta.clone(), position };
+            p.do_send(Send(Frame { message: msg, tensors: vec![data.clone()] }));
+        }
+        self.compute.do_send(Work::Start { request, step, phase, position, tokens: WireTensor { meta, data } });
+    }
+
+    fn on_logits(&mut self, step: u32, logits: Vec<f32>, token: u32, ctx: &mut Context<Self>) {
+        let Some(l) = self.leader.as_mut() else { return };
+        if l.done || step as usize != l.tokens.len() {
+            return;
+        }
+        let now = Instant::now();
+        if step == 0 {
+            l.first = Some(now - l.started);
+        } else {
+            l.decode_times.push(now - l.step_started);
+        }
+        l.tokens.push(token);
+        l.logits.push(logits);
+        let finished = l.tokens.len() >= l.max_new_tokens || l.eos == Some(token);
+        if finished {
+            l.done = true;
+            let request = l.request;
+            for p in self.peers.values() {
+                p.do_send(Send(Frame::control(Message::Finish { request_id: request })));
+            }
+            self.compute.do_send(Work::Finish { request });
+            // Stats arrive from every rank; give them a moment, then report what came.
+            ctx.run_later(Duration::from_secs(5), |act, ctx| act.report(ctx));
+            return;
+        }
+        l.step_started = now;
+        let position = (l.prompt_len + l.tokens.len() - 1) as u64;
+        let next = step + 1;
+        self.broadcast_start(next, Phase::Decode, position, &[token]);
+    }
+
+    fn report(&mut self, ctx: &mut Context<Self>) {
+        let Some(l) = self.leader.as_ref() else { return };
+        let tpot = if l.decode_times.is_empty() {
+            None
+        } else {
+            Some(l.decode_times.iter().sum::<Duration>() / l.decode_times.len() as u32)
+        };
+        let outcome = Outcome {
+            tokens: l.tokens.clone(),
+            ttft: l.first.unwrap_or_default(),
+            tpot,
+            bytes_sent: (0..self.n).map(|r| l.stats.get(&r).copied().unwrap_or(0)).collect(),
+            logits: l.logits.clone(),
+        };
+        self.finish_with(Ok(Some(outcome)), ctx);
+    }
+}
+
+impl Handler<Begin> for Node {
+    type Result = ();
+    fn handle(&mut self, b: Begin, _ctx: &mut Self::Context) {
+        let now = Instant::now();
+        self.leader = Some(LeaderState {
+            request: 1,
+            prompt_len: b.prompt.len(),
+            max_new_tokens: b.max_new_tokens,
+            eos: b.eos,
+            tokens: Vec::new(),
+            logits: Vec::new(),
+            started: now,
+            first: None,
+            step_started: now,
+            decode_times: Vec::new(),
+            stats: HashMap::new(),
+            done: false,
+        });
+        self.broadcast_start(0, Phase::Prefill, 0, &b.prompt);
+    }
+}
+
+impl Handler<ToPeer> for Node {
+    type Result = ();
+    fn handle(&mut self, m: ToPeer, _ctx: &mut Self::Context) {
+        if let Some(p) = self.peers.get(&m.rank) {
+            p.do_send(Send(m.frame));
+        }
+    }
+}
+
+impl Handler<Event> for Node {
+    type Result = ();
+    fn handle(&mut self, e: Event, ctx: &mut Self::Context) {
+        match e {
+            Event::Logits { step, logits, argmax } => self.on_logits(step, logits, argmax, ctx),
+            Event::Failed { message } => {
+                if self.me == 0 {
+                    self.finish_with(Err(WorkerError::Peer { rank: 0, message }), ctx);
+                } else if let Some(p) = self.peers.get(&0) {
+                    p.do_send(Send(Frame::control(Message::Error { rank: self.me, message })));
+                }
+            }
+            Event::Stats { request, bytes_sent, frames_sent } => {
+                if self.me == 0 {
+                    if let Some(l) = self.leader.as_mut() {
+                        l.stats.insert(0, bytes_sent);
+                        if l.stats.len() as u32 == self.n {
+                            self.report(ctx);
+                        }
+                    }
+                } else if let Some(p) = self.peers.get(&0) {
+                    let msg = Message::Stats { rank: self.me, request_id: request, bytes_sent, frames_sent };
+                    p.do_send(Send(Frame::control(msg)));
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Inbound> for Node {
+    type Result = ();
+    fn handle(&mut self, m: Inbound, ctx: &mut Self::Context) {
+        let from = m.from;
+        let tensors = m.frame.wire_tensors();
+        match m.frame.message {
+            Message::Start { request_id, step, phase, position, .. } => {
+                if let Some(tokens) = tensors.into_iter().next() {
+                    self.compute.do_send(Work::Start { request: request_id, step, phase, position, tokens });
+                }
+            }
+            Message::Activation { request_id, step, from_op, .. } => {
+                self.compute.do_send(Work::Activation { request: request_id, step, from_op, tensors });
+            }
+            Message::KvHandover { request_id, layer, start, .. } => {
+                let mut it = tensors.into_iter();
+                if let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    self.compute.do_send(Work::Kv { request: request_id, layer, start, k, v });
+                }
+            }
+            Message::Logits { step, .. } if self.me == 0 => {
+                let v: Vec<f32> = tensors
+                    .first()
+                    .map(|t| t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+                    .unwrap_or_default();
+                let a = argmax(&v);
+                self.on_logits(step, v, a, ctx);
+            }
+            Message::Finish { request_id } => self.compute.do_send(Work::Finish { request: request_id }),
+            Message::Stats { rank, bytes_sent, .. } if self.me == 0 => {
+                if let Some(l) = self.leader.as_mut() {
+                    l.stats.insert(rank, bytes_sent);
+                    if l.done && l.stats.len() as u32 == self.n {
+                        self.report(ctx);
+                    }
+                }
+            }
+            Message::Error { rank, message } if self.me == 0 => {
+                self.finish_with(Err(WorkerError::Peer { rank, message }), ctx);
+            }
+            Message::Shutdown { reason } => {
+                tracing::info!(rank = self.me, from, reason, "shutdown");
+                self.shutting_down = true;
+                *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(None));
+                System::current().stop();
+            }
+            other => tracing::warn!(rank = self.me, from, message = other.name(), "unexpected message"),
+        }
+    }
+}
+
+impl Handler<PeerDown> for Node {
+    type Result = ();
+    fn handle(&mut self, m: PeerDown, ctx: &mut Self::Context) {
+        if self.shutting_down {
+            return;
+        }
+        if self.me == 0 {
+            self.finish_with(Err(WorkerError::Peer { rank: m.rank, message: format!("lost: {}", m.reason) }), ctx);
+        } else if m.rank == 0 {
+            tracing::error!(rank = self.me, reason = m.reason, "lost the leader; exiting");
+            self.shutting_down = true;
+            *self.result.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Err(WorkerError::Peer { rank: 0, message: format!("leader lost: {}", m.reason) }));
+            System::current().stop();
+        } else if let Some(p) = self.peers.get(&0) {
+            p.do_send(Send(Frame::control(Message::Error { rank: m.rank, message: format!("lost: {}", m.reason) })));
+        }
+    }
+}
+
+/// The ranks of a cluster by machine, for messages.
+pub fn describe(ranks: &[RankInfo]) -> String {
+    ranks.iter().map(|r| format!("{}={}@{}", r.rank, r.machine, r.addr)).collect::<Vec<_>>().join(", ")
+}

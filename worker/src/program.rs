@@ -1,0 +1,257 @@
+//! What one rank does with a plan: its ops per phase in order, where their inputs come
+//! from, where their outputs go, and the step runner that executes them as inputs arrive.
+//!
+//! The runner is plain code, no actors: the node feeds it received activations and drains
+//! what it wants sent.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use lemur_protocol::{OpKind, Phase, Plan};
+
+use crate::error::WorkerError;
+use crate::exec::{Executor, StepInput};
+
+/// One op as the runner sees it.
+#[derive(Debug, Clone)]
+pub struct OpSpec {
+    pub id: usize,
+    pub kind: OpKind,
+    pub layer: Option<u32>,
+    pub rank: u32,
+    /// Producer op ids, in the plan's edge order.
+    pub inputs: Vec<usize>,
+    /// Other ranks that consume this op's output.
+    pub send_to: Vec<u32>,
+}
+
+/// A phase's ops in execution order.
+#[derive(Debug, Clone)]
+pub struct PhaseProgram {
+    pub phase: Phase,
+    pub ops: Vec<OpSpec>,
+    /// Index of each op id in `ops`.
+    pub index: HashMap<usize, usize>,
+    /// The rank running the lm head (sends logits to rank 0).
+    pub head_rank: u32,
+}
+
+/// The whole plan from one rank's point of view.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub rank: u32,
+    pub phases: Vec<PhaseProgram>,
+    /// Per layer: (prefill rank, decode rank) of its attention, for the KV handover.
+    pub attention_ranks: BTreeMap<u32, (u32, u32)>,
+}
+
+impl Program {
+    /// Builds a rank's program; `rank_of_machine` maps the plan's machines to ranks.
+    pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
+        plan.validate().map_err(|e| WorkerError::Plan(e.to_string()))?;
+        if plan.workload.mode != "infer" {
+            return Err(WorkerError::Plan(format!(
+                "this worker runs inference plans; the plan is for `{}`",
+                plan.workload.mode
+            )));
+        }
+        let rank_of = |machine: &str, op: usize| {
+            rank_of_machine.get(machine).copied().ok_or_else(|| {
+                WorkerError::Plan(format!("op {op} runs on machine `{machine}`, which no rank of the cluster is"))
+            })
+        };
+        let mut inputs: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut consumers: HashMap<usize, Vec<usize>> = HashMap::new();
+        for e in &plan.edges {
+            inputs.entry(e.to).or_default().push(e.from);
+            consumers.entry(e.from).or_default().push(e.to);
+        }
+        let by_id: HashMap<usize, &lemur_protocol::plan::PlanOp> = plan.ops.iter().map(|o| (o.id, o)).collect();
+        let mut phases = Vec::new();
+        let mut attention_ranks: BTreeMap<u32, (Option<u32>, Option<u32>)> = BTreeMap::new();
+        for phase in [Phase::Prefill, Phase::Decode] {
+            let mut ops = Vec::new();
+            let mut head_rank = None;
+            let mut list: Vec<_> = plan.ops.iter().filter(|o| o.phase == phase).collect();
+            list.sort_by_key(|o| o.id);
+            for o in list {
+                let r = rank_of(&o.machine, o.id)?;
+                let mut send_to: Vec<u32> = Vec::new();
+                for c in consumers.get(&o.id).into_iter().flatten() {
+                    let cr = rank_of(&by_id[c].machine, *c)?;
+                    if cr != r && !send_to.contains(&cr) {
+                        send_to.push(cr);
+                    }
+                }
+                if o.kind == OpKind::LmHead {
+                    head_rank = Some(r);
+                }
+                if o.kind == OpKind::Attention {
+                    let layer =
+                        o.layer.ok_or_else(|| WorkerError::Plan(format!("op {}: attention without a layer", o.id)))?;
+                    let slot = attention_ranks.entry(layer).or_default();
+                    if phase == Phase::Prefill {
+                        slot.0 = Some(r);
+                    } else {
+                        slot.1 = Some(r);
+                    }
+                }
+                ops.push(OpSpec {
+                    id: o.id,
+                    kind: o.kind,
+                    layer: o.layer,
+                    rank: r,
+                    inputs: inputs.get(&o.id).cloned().unwrap_or_default(),
+                    send_to,
+                });
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            let head_rank = head_rank.ok_or_else(|| WorkerError::Plan(format!("the {phase} phase has no lm head")))?;
+            let index = ops.iter().enumerate().map(|(i, o)| (o.id, i)).collect();
+            phases.push(PhaseProgram { phase, ops, index, head_rank });
+        }
+        if !phases.iter().any(|p| p.phase == Phase::Prefill) {
+            return Err(WorkerError::Plan("the plan has no prefill phase".into()));
+        }
+        let attention_ranks = attention_ranks
+            .into_iter()
+            .map(|(l, (p, d))| {
+                let p = p.unwrap_or(0);
+                (l, (p, d.unwrap_or(p)))
+            })
+            .collect();
+        Ok(Self { rank, phases, attention_ranks })
+    }
+
+    pub fn phase(&self, phase: Phase) -> Result<&PhaseProgram, WorkerError> {
+        self.phases
+            .iter()
+            .find(|p| p.phase == phase)
+            .ok_or_else(|| WorkerError::Plan(format!("the plan has no {phase} phase")))
+    }
+
+    /// The (kind, layer) of every op this rank runs in any phase: the weights it loads.
+    pub fn local_weights(&self) -> HashSet<(OpKind, Option<u32>)> {
+        self.phases
+            .iter()
+            .flat_map(|p| p.ops.iter())
+            .filter(|o| o.rank == self.rank)
+            .map(|o| (o.kind, o.layer))
+            .collect()
+    }
+
+    /// Layers whose KV cache this rank must receive after prefill.
+    pub fn handover_in(&self) -> Vec<u32> {
+        self.attention_ranks.iter().filter(|(_, &(p, d))| d == self.rank && p != d).map(|(&l, _)| l).collect()
+    }
+
+    /// Layers whose KV cache this rank sends after prefill, with the receiving rank.
+    pub fn handover_out(&self) -> Vec<(u32, u32)> {
+        self.attention_ranks
+            .iter()
+            .filter(|(_, &(p, d))| p == self.rank && p != d)
+            .map(|(&l, &(_, d))| (l, d))
+            .collect()
+    }
+}
+
+/// Something the runner wants sent.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// Op `from_op`'s output, to `to`.
+    Activation { to: u32, from_op: usize, tensors: Arc<Vec<Tensor>> },
+    /// The lm head's logits, to rank 0 (or kept, on rank 0).
+    Logits { logits: Tensor },
+    /// A layer's KV cache after prefill, to the rank that decodes it.
+    Kv { to: u32, layer: u32, cache: crate::exec::KvCache },
+}
+
+/// One step (prefill or one decode token) of one request on one rank.
+#[derive(Debug)]
+pub struct StepRun {
+    pub request: u64,
+    pub step: u32,
+    pub phase: Phase,
+    pub input: StepInput,
+    values: HashMap<usize, Arc<Vec<Tensor>>>,
+    next: usize,
+    /// Bytes of activations sent by this rank in this step.
+    pub bytes_sent: u64,
+}
+
+/// Whether a step has finished on this rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Waiting for an input from another rank.
+    Blocked,
+    Done,
+}
+
+impl StepRun {
+    pub fn new(request: u64, step: u32, phase: Phase, input: StepInput) -> Self {
+        Self { request, step, phase, input, values: HashMap::new(), next: 0, bytes_sent: 0 }
+    }
+
+    /// An input that arrived from another rank.
+    pub fn deliver(&mut self, from_op: usize, tensors: Vec<Tensor>) {
+        self.values.insert(from_op, Arc::new(tensors));
+    }
+
+    /// Runs every local op whose inputs are ready, in plan order; `out` receives what must
+    /// be sent. Stops at the first local op still waiting for a remote input.
+    pub fn advance(
+        &mut self,
+        prog: &Program,
+        exec: &mut Executor,
+        out: &mut dyn FnMut(Outbound),
+    ) -> Result<Progress, WorkerError> {
+        let phase = prog.phase(self.phase)?;
+        while self.next < phase.ops.len() {
+            let op = &phase.ops[self.next];
+            if op.rank != prog.rank {
+                self.next += 1;
+                continue;
+            }
+            if !op.inputs.iter().all(|i| self.values.contains_key(i)) {
+                return Ok(Progress::Blocked);
+            }
+            // Decode attention whose prefill ran elsewhere needs the handed-over cache.
+            if self.phase == Phase::Decode && op.kind == OpKind::Attention {
+                let layer = op.layer.unwrap_or(0);
+                if !exec.kv.contains_key(&(self.request, layer)) && prog.handover_in().contains(&layer) {
+                    return Ok(Progress::Blocked);
+                }
+            }
+            let ins: Vec<(OpKind, &[Tensor])> =
+                op.inputs.iter().map(|i| (phase.ops[phase.index[i]].kind, self.values[i].as_slice())).collect();
+            let result = exec.run(op.kind, op.layer, &ins, &self.input).map_err(|e| WorkerError::Op {
+                op: op.id,
+                label: format!("{}{}", op.layer.map_or(String::new(), |l| format!("L{l}.")), op.kind),
+                message: e.to_string(),
+            })?;
+            let result = Arc::new(result);
+            for &to in &op.send_to {
+                out(Outbound::Activation { to, from_op: op.id, tensors: result.clone() });
+            }
+            if op.kind == OpKind::LmHead {
+                out(Outbound::Logits { logits: result[0].clone() });
+            }
+            if op.kind == OpKind::Attention && self.phase == Phase::Prefill {
+                let layer = op.layer.unwrap_or(0);
+                for (l, to) in prog.handover_out() {
+                    if l == layer {
+                        if let Some(c) = exec.kv.remove(&(self.request, layer)) {
+                            out(Outbound::Kv { to, layer, cache: c });
+                        }
+                    }
+                }
+            }
+            self.values.insert(op.id, result);
+            self.next += 1;
+        }
+        Ok(Progress::Done)
+    }
+}
