@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,70 +13,14 @@ use lemurian::protocol::plan::PlanOp;
 use lemurian::protocol::{ModelConfig, Plan};
 use lemurian::worker::cluster::Cluster;
 
-/// A small deterministic generator (xorshift64*).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn uniform(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
-
 /// The tiny Mistral of the tests: GQA 4 heads over 2, 2 or 3 layers.
 pub fn tiny(layers: u64, window: Option<u64>) -> ModelConfig {
     ModelConfig { name: "tiny".into(), num_layers: layers, sliding_window: window, ..ModelConfig::tiny() }
 }
 
-/// Writes `config.json` and `model.safetensors` with random weights (norms too) to `dir`.
+/// Writes a random checkpoint (see `lemur_worker::random_model`).
 pub fn write_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
-    let config = serde_json::json!({
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "sliding_window": cfg.sliding_window, "tie_word_embeddings": false,
-    });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    let mut rng = Rng::new(seed);
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let (h, q, kv, i, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
-    let mut add = |name: String, shape: (u64, u64), scale: f32, offset: f32| -> Result<()> {
-        let n = (shape.0 * shape.1) as usize;
-        let data: Vec<f32> = (0..n).map(|_| offset + scale * rng.uniform()).collect();
-        let t = if shape.0 == 1 {
-            Tensor::from_vec(data, shape.1 as usize, &Device::Cpu)?
-        } else {
-            Tensor::from_vec(data, (shape.0 as usize, shape.1 as usize), &Device::Cpu)?
-        };
-        tensors.insert(name, t);
-        Ok(())
-    };
-    let lin = |fan_in: u64| 1.7 / (fan_in as f32).sqrt();
-    add("model.embed_tokens.weight".into(), (v, h), 1.0, 0.0)?;
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), (1, h), 0.3, 1.0)?;
-        add(format!("{p}.post_attention_layernorm.weight"), (1, h), 0.3, 1.0)?;
-        add(format!("{p}.self_attn.q_proj.weight"), (q, h), lin(h), 0.0)?;
-        add(format!("{p}.self_attn.k_proj.weight"), (kv, h), lin(h), 0.0)?;
-        add(format!("{p}.self_attn.v_proj.weight"), (kv, h), lin(h), 0.0)?;
-        add(format!("{p}.self_attn.o_proj.weight"), (h, q), lin(q), 0.0)?;
-        add(format!("{p}.mlp.gate_proj.weight"), (i, h), lin(h), 0.0)?;
-        add(format!("{p}.mlp.up_proj.weight"), (i, h), lin(h), 0.0)?;
-        add(format!("{p}.mlp.down_proj.weight"), (h, i), lin(i), 0.0)?;
-    }
-    add("model.norm.weight".into(), (1, h), 0.3, 1.0)?;
-    add("lm_head.weight".into(), (v, h), lin(h) * 2.0, 0.0)?;
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-    Ok(())
+    Ok(lemurian::worker::random_model::write_random_checkpoint(dir, cfg, seed)?)
 }
 
 /// Greedy generation with candle-transformers' Mistral over the same files (f32).
@@ -129,11 +72,7 @@ pub fn plan_with(
         .solver(Duration::from_secs(10), 1e-3)
         .plan()?;
     let mut plan = planned.plan;
-    let names: Vec<String> = plan.machines.iter().map(|m| m.name.clone()).collect();
-    for op in plan.ops.iter_mut() {
-        let m = rule(op);
-        op.machine = names[m].clone();
-    }
+    plan.reassign(rule);
     plan.validate()?;
     Ok(plan)
 }

@@ -9,6 +9,7 @@
 //!   local ops as their inputs arrive.
 //! - [`node`]: networking and the actix actors (peers, compute, node) that run a rank.
 //! - [`device`]: cpu, cuda and metal behind cargo features.
+//! - [`random_model`]: deterministic random checkpoints for tests, examples and benchmarks.
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
@@ -18,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod node;
 pub mod program;
+pub mod random_model;
 pub mod tensor_wire;
 pub mod weights;
 

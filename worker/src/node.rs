@@ -525,71 +525,102 @@ impl Actor for Compute {
     type Context = SyncContext<Self>;
 }
 
+/// Encodes a step's outputs and hands them to the peers' writers as they are produced.
+struct Outbox<'a> {
+    me: u32,
+    request: u64,
+    step: u32,
+    peers: &'a HashMap<u32, Addr<Peer>>,
+    node: &'a Addr<Node>,
+    bytes: &'a mut u64,
+    frames: &'a mut u64,
+    error: Option<WorkerError>,
+}
+
+impl Outbox<'_> {
+    fn send(&mut self, o: Outbound) {
+        if self.error.is_none() {
+            if let Err(e) = self.try_send(o) {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn to(&mut self, rank: u32, frame: Frame) -> Result<(), WorkerError> {
+        *self.bytes += frame.tensors.iter().map(|b| b.len() as u64).sum::<u64>();
+        *self.frames += 1;
+        let peer = self.peers.get(&rank).ok_or_else(|| WorkerError::Peer { rank, message: "not connected".into() })?;
+        peer.do_send(Send(frame));
+        Ok(())
+    }
+
+    fn try_send(&mut self, o: Outbound) -> Result<(), WorkerError> {
+        let (request, step) = (self.request, self.step);
+        match o {
+            Outbound::Activation { to, from_op, tensors } => {
+                let mut metas = Vec::new();
+                let mut datas = Vec::new();
+                for t in tensors.iter() {
+                    let (m, d) = to_wire(t)?;
+                    metas.push(m);
+                    datas.push(d);
+                }
+                let msg = Message::Activation { request_id: request, step, from_op, tensors: metas };
+                self.to(to, Frame { message: msg, tensors: datas })
+            }
+            Outbound::Logits { logits } => {
+                let last = logits.flatten_from(1)?.get(0)?.to_dtype(DType::F32)?;
+                if self.me == 0 {
+                    let v = last.to_vec1::<f32>()?;
+                    let argmax = argmax(&v);
+                    self.node.do_send(Event::Logits { step, logits: v, argmax });
+                    Ok(())
+                } else {
+                    let (m, d) = to_wire(&last)?;
+                    self.to(
+                        0,
+                        Frame { message: Message::Logits { request_id: request, step, logits: m }, tensors: vec![d] },
+                    )
+                }
+            }
+            Outbound::Kv { to, layer, cache } => {
+                let (mk, dk) = to_wire(&cache.k)?;
+                let (mv, dv) = to_wire(&cache.v)?;
+                let msg = Message::KvHandover {
+                    request_id: request,
+                    layer,
+                    start: cache.start as u64,
+                    tensors: vec![mk, mv],
+                };
+                self.to(to, Frame { message: msg, tensors: vec![dk, dv] })
+            }
+        }
+    }
+}
+
 impl Compute {
     fn decode(&self, ts: &[WireTensor]) -> Result<Vec<Tensor>, WorkerError> {
         let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
         ts.iter().map(|t| from_wire(&t.meta, &t.data, &dev)).collect()
     }
 
-    fn send(&mut self, request: u64, to: u32, frame: Frame) -> Result<(), WorkerError> {
-        let bytes: u64 = frame.tensors.iter().map(|b| b.len() as u64).sum();
-        *self.bytes_sent.entry(request).or_default() += bytes;
-        self.frames_sent += 1;
-        let peer =
-            self.peers.get(&to).ok_or_else(|| WorkerError::Peer { rank: to, message: "not connected".into() })?;
-        peer.do_send(Send(frame));
-        Ok(())
-    }
-
     fn step(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
         let Some(mut run) = self.runs.remove(&key) else { return Ok(()) };
-        let mut out = Vec::new();
         let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
-        let progress = run.advance(&self.prog, exec, &mut |o| out.push(o))?;
-        let (request, step) = key;
-        for o in out {
-            match o {
-                Outbound::Activation { to, from_op, tensors } => {
-                    let mut metas = Vec::new();
-                    let mut datas = Vec::new();
-                    for t in tensors.iter() {
-                        let (m, d) = to_wire(t)?;
-                        metas.push(m);
-                        datas.push(d);
-                    }
-                    let msg = Message::Activation { request_id: request, step, from_op, tensors: metas };
-                    self.send(request, to, Frame { message: msg, tensors: datas })?;
-                }
-                Outbound::Logits { logits } => {
-                    let last = logits.flatten_from(1)?.get(0)?.to_dtype(DType::F32)?;
-                    if self.me == 0 {
-                        let v = last.to_vec1::<f32>()?;
-                        let argmax = argmax(&v);
-                        self.node.do_send(Event::Logits { step, logits: v, argmax });
-                    } else {
-                        let (m, d) = to_wire(&last)?;
-                        self.send(
-                            request,
-                            0,
-                            Frame {
-                                message: Message::Logits { request_id: request, step, logits: m },
-                                tensors: vec![d],
-                            },
-                        )?;
-                    }
-                }
-                Outbound::Kv { to, layer, cache } => {
-                    let (mk, dk) = to_wire(&cache.k)?;
-                    let (mv, dv) = to_wire(&cache.v)?;
-                    let msg = Message::KvHandover {
-                        request_id: request,
-                        layer,
-                        start: cache.start as u64,
-                        tensors: vec![mk, mv],
-                    };
-                    self.send(request, to, Frame { message: msg, tensors: vec![dk, dv] })?;
-                }
-            }
+        let mut out = Outbox {
+            me: self.me,
+            request: key.0,
+            step: key.1,
+            peers: &self.peers,
+            node: &self.node,
+            bytes: self.bytes_sent.entry(key.0).or_default(),
+            frames: &mut self.frames_sent,
+            error: None,
+        };
+        // Each output leaves as soon as its op has run.
+        let progress = run.advance(&self.prog, exec, &mut |o| out.send(o))?;
+        if let Some(e) = out.error {
+            return Err(e);
         }
         if progress == Progress::Blocked {
             self.runs.insert(key, run);
