@@ -7,11 +7,13 @@
 //! - [`plan`]: the plan file ([`Plan`]) workers execute, and its validation.
 //! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
 //!   the length-delimited [`wire::FrameCodec`].
+//! - [`gguf`]: a bounds-checked GGUF header reader (model shape, tokenizer metadata).
 //! - [`error`]: [`FieldError`], a validation error that names the field at fault.
 //!
 //! Only this crate defines what goes on the wire or into a file another process reads.
 
 pub mod error;
+pub mod gguf;
 pub mod model;
 pub mod op;
 pub mod plan;
