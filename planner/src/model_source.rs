@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use lemur_protocol::gguf::GgufHeader;
 use lemur_protocol::model::PRESETS;
 use lemur_protocol::{FieldError, ModelConfig};
 
@@ -13,9 +14,29 @@ pub enum ModelError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Invalid { path: PathBuf, source: FieldError },
+    #[error("{path}: {message}")]
+    Gguf { path: PathBuf, message: String },
 }
 
-/// Resolves a model given by preset name or path.
+/// The GGUF file a path names: the file itself, or the only `*.gguf` in a directory that
+/// has no `config.json`.
+fn gguf_file_of(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return path.extension().is_some_and(|x| x == "gguf").then(|| path.to_path_buf());
+    }
+    if path.join("config.json").exists() {
+        return None;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    (found.len() == 1).then(|| found.remove(0))
+}
+
+/// Resolves a model given by preset name or path (Hugging Face directory, `config.json`,
+/// or GGUF file).
 pub fn load_model(spec: &str) -> Result<ModelConfig, ModelError> {
     if let Some(cfg) = ModelConfig::preset(spec) {
         return Ok(cfg);
@@ -23,6 +44,13 @@ pub fn load_model(spec: &str) -> Result<ModelConfig, ModelError> {
     let path = Path::new(spec);
     if !path.exists() {
         return Err(ModelError::Unknown { spec: spec.to_string() });
+    }
+    if let Some(file) = gguf_file_of(path) {
+        let mut f = std::fs::File::open(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
+        let header =
+            GgufHeader::read(&mut f).map_err(|e| ModelError::Gguf { path: file.clone(), message: e.to_string() })?;
+        let name = file.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        return header.model_config(&name).map_err(|source| ModelError::Invalid { path: file, source });
     }
     let (file, name) = if path.is_dir() {
         (path.join("config.json"), path.file_name())

@@ -205,17 +205,19 @@ impl GgufHeader {
         }
         let key = |k: &str| format!("{arch}.{k}");
         let int = |k: &str| -> Result<u64, FieldError> {
-            self.get(&key(k)).and_then(GgufValue::as_u64).ok_or_else(|| FieldError::new(key(k), "missing or not an integer"))
+            self.get(&key(k))
+                .and_then(GgufValue::as_u64)
+                .ok_or_else(|| FieldError::new(key(k), "missing or not an integer"))
         };
         let heads = int("attention.head_count")?;
         let hidden = int("embedding_length")?;
         let vocab = match self.get(&key("vocab_size")).and_then(GgufValue::as_u64) {
             Some(v) => v,
-            None => self
-                .get("tokenizer.ggml.tokens")
-                .and_then(GgufValue::as_array)
-                .map(|a| a.len() as u64)
-                .ok_or_else(|| FieldError::new(key("vocab_size"), "missing, and no tokenizer.ggml.tokens to count"))?,
+            None => {
+                self.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map(|a| a.len() as u64).ok_or_else(
+                    || FieldError::new(key("vocab_size"), "missing, and no tokenizer.ggml.tokens to count"),
+                )?
+            }
         };
         let head_dim = match self.get(&key("attention.key_length")).and_then(GgufValue::as_u64) {
             Some(d) => d,
@@ -234,7 +236,10 @@ impl GgufHeader {
             head_dim,
             sliding_window: self.get(&key("attention.sliding_window")).and_then(GgufValue::as_u64),
             rope_theta: self.get(&key("rope.freq_base")).and_then(GgufValue::as_f64).unwrap_or(10_000.0),
-            rms_norm_eps: self.get(&key("attention.layer_norm_rms_epsilon")).and_then(GgufValue::as_f64).unwrap_or(1e-5),
+            rms_norm_eps: self
+                .get(&key("attention.layer_norm_rms_epsilon"))
+                .and_then(GgufValue::as_f64)
+                .unwrap_or(1e-5),
             max_position_embeddings: self.get(&key("context_length")).and_then(GgufValue::as_u64).unwrap_or(4096),
             tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
         };

@@ -169,12 +169,16 @@ pub enum Message {
     Finish {
         request_id: u64,
     },
-    /// A rank's traffic for a finished request, to rank 0.
+    /// A rank's traffic for a finished request, to rank 0: activation bytes sent, and the
+    /// KV cache it received after prefill (bytes, and when the last of it arrived, counted
+    /// from the prefill's start on this rank).
     Stats {
         rank: u32,
         request_id: u64,
         bytes_sent: u64,
         frames_sent: u64,
+        handover_bytes: u64,
+        handover_ms: f64,
     },
     /// Something failed on `rank`.
     Error {

@@ -3,7 +3,7 @@
 /// Everything that can go wrong in a worker, naming the file, op or peer at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("candle: {0}")]
+    #[error("candle: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     #[error("{path}: {message}")]
     File { path: String, message: String },
@@ -25,4 +25,13 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("frame: {0}")]
     Frame(#[from] lemur_protocol::wire::FrameError),
+}
+
+/// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other.to_string(),
+    }
 }

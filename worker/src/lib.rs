@@ -20,7 +20,9 @@ pub mod exec;
 pub mod node;
 pub mod program;
 pub mod random_model;
+pub mod sampling;
 pub mod tensor_wire;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::WorkerError;

@@ -36,6 +36,7 @@ use crate::cluster::Cluster;
 use crate::error::WorkerError;
 use crate::exec::{Executor, KvCache, StepInput};
 use crate::program::{Outbound, Program, Progress, StepRun};
+use crate::sampling::{Sampler, Sampling};
 use crate::tensor_wire::{from_wire, to_wire, wire_dtype};
 use crate::weights::Checkpoint;
 
@@ -68,6 +69,16 @@ impl Default for Timeouts {
     }
 }
 
+/// Called on rank 0 with every generated token as it is chosen (streaming).
+#[derive(Clone)]
+pub struct TokenSink(pub Arc<dyn Fn(u32) + Send + Sync>);
+
+impl std::fmt::Debug for TokenSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSink")
+    }
+}
+
 /// What rank 0 runs.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -77,6 +88,8 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
     pub eos: Option<u32>,
+    pub sampling: Sampling,
+    pub on_token: Option<TokenSink>,
 }
 
 /// Everything a rank needs to start.
@@ -101,6 +114,10 @@ pub struct Outcome {
     pub bytes_sent: Vec<u64>,
     /// Logits of every step (last position), kept for tests.
     pub logits: Vec<Vec<f32>>,
+    /// KV cache handed over after prefill, bytes (all ranks).
+    pub handover_bytes: u64,
+    /// When the last of it arrived, from the prefill's start (the slowest rank), ms.
+    pub handover_ms: f64,
 }
 
 type Net = Framed<TcpStream, FrameCodec>;
@@ -336,12 +353,20 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             node: node2.clone(),
             bytes_sent: HashMap::new(),
             frames_sent: 0,
+            prefill_started: HashMap::new(),
+            handover: HashMap::new(),
         });
         Node { me, n, peers, compute, leader: None, result: result.clone(), shutting_down: false }
     });
     if me == 0 {
         let job = cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
-        node.do_send(Begin { prompt: job.prompt, max_new_tokens: job.max_new_tokens, eos: job.eos });
+        node.do_send(Begin {
+            prompt: job.prompt,
+            max_new_tokens: job.max_new_tokens,
+            eos: job.eos,
+            sampling: job.sampling,
+            on_token: job.on_token,
+        });
     } else {
         node.do_send(ToPeer {
             rank: 0,
@@ -409,7 +434,7 @@ struct ToPeer {
 
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Send(Frame);
+struct Write(Frame);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -417,6 +442,8 @@ struct Begin {
     prompt: Vec<u32>,
     max_new_tokens: usize,
     eos: Option<u32>,
+    sampling: Sampling,
+    on_token: Option<TokenSink>,
 }
 
 /// Compute's view of incoming work.
@@ -433,9 +460,9 @@ enum Work {
 #[derive(Message)]
 #[rtype(result = "()")]
 enum Event {
-    Logits { step: u32, logits: Vec<f32>, argmax: u32 },
+    Logits { step: u32, logits: Vec<f32> },
     Failed { message: String },
-    Stats { request: u64, bytes_sent: u64, frames_sent: u64 },
+    Stats { request: u64, bytes_sent: u64, frames_sent: u64, handover_bytes: u64, handover_ms: f64 },
 }
 
 // ---- Peer ----
@@ -498,9 +525,9 @@ impl WriteHandler<FrameError> for Peer {
     }
 }
 
-impl Handler<Send> for Peer {
+impl Handler<Write> for Peer {
     type Result = ();
-    fn handle(&mut self, msg: Send, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Write, _ctx: &mut Self::Context) {
         let _ = self.sink.write(msg.0);
     }
 }
@@ -519,6 +546,9 @@ struct Compute {
     node: Addr<Node>,
     bytes_sent: HashMap<u64, u64>,
     frames_sent: u64,
+    /// Per request: when its prefill started here, and the KV cache received since.
+    prefill_started: HashMap<u64, Instant>,
+    handover: HashMap<u64, (u64, f64)>,
 }
 
 impl Actor for Compute {
@@ -550,7 +580,7 @@ impl Outbox<'_> {
         *self.bytes += frame.tensors.iter().map(|b| b.len() as u64).sum::<u64>();
         *self.frames += 1;
         let peer = self.peers.get(&rank).ok_or_else(|| WorkerError::Peer { rank, message: "not connected".into() })?;
-        peer.do_send(Send(frame));
+        peer.do_send(Write(frame));
         Ok(())
     }
 
@@ -572,8 +602,7 @@ impl Outbox<'_> {
                 let last = logits.flatten_from(1)?.get(0)?.to_dtype(DType::F32)?;
                 if self.me == 0 {
                     let v = last.to_vec1::<f32>()?;
-                    let argmax = argmax(&v);
-                    self.node.do_send(Event::Logits { step, logits: v, argmax });
+                    self.node.do_send(Event::Logits { step, logits: v });
                     Ok(())
                 } else {
                     let (m, d) = to_wire(&last)?;
@@ -631,6 +660,9 @@ impl Compute {
     fn work(&mut self, w: Work) -> Result<(), WorkerError> {
         match w {
             Work::Start { request, step, phase, position, tokens } => {
+                if phase == Phase::Prefill {
+                    self.prefill_started.insert(request, Instant::now());
+                }
                 let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
                 let tokens = from_wire(&tokens.meta, &tokens.data, &dev)?;
                 let mut run =
@@ -655,6 +687,11 @@ impl Compute {
                 }
             }
             Work::Kv { request, layer, start, k, v } => {
+                let bytes = (k.data.len() + v.data.len()) as u64;
+                let since = self.prefill_started.get(&request).map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                let h = self.handover.entry(request).or_default();
+                h.0 += bytes;
+                h.1 = h.1.max(since);
                 let ts = self.decode(&[k, v])?;
                 let cache = KvCache { k: ts[0].clone(), v: ts[1].clone(), start: start as usize };
                 if let Some(exec) = self.exec.as_mut() {
@@ -674,7 +711,15 @@ impl Compute {
                 self.runs.retain(|(r, _), _| *r != request);
                 self.early.retain(|(r, _), _| *r != request);
                 let bytes_sent = self.bytes_sent.remove(&request).unwrap_or(0);
-                self.node.do_send(Event::Stats { request, bytes_sent, frames_sent: self.frames_sent });
+                let (handover_bytes, handover_ms) = self.handover.remove(&request).unwrap_or_default();
+                self.prefill_started.remove(&request);
+                self.node.do_send(Event::Stats {
+                    request,
+                    bytes_sent,
+                    frames_sent: self.frames_sent,
+                    handover_bytes,
+                    handover_ms,
+                });
                 Ok(())
             }
         }
@@ -690,16 +735,6 @@ impl Handler<Work> for Compute {
     }
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 // ---- Node ----
 
 struct LeaderState {
@@ -713,8 +748,10 @@ struct LeaderState {
     first: Option<Duration>,
     step_started: Instant,
     decode_times: Vec<Duration>,
-    stats: HashMap<u32, u64>,
+    stats: HashMap<u32, (u64, u64, f64)>,
     done: bool,
+    sampler: Sampler,
+    on_token: Option<TokenSink>,
 }
 
 /// Routes frames and, on rank 0, drives the request.
@@ -744,7 +781,7 @@ impl Node {
         };
         *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         for p in self.peers.values() {
-            p.do_send(Send(Frame::control(Message::Shutdown { reason: reason.clone() })));
+            p.do_send(Write(Frame::control(Message::Shutdown { reason: reason.clone() })));
         }
         // Let the shutdown frames go out, then stop.
         ctx.run_later(Duration::from_millis(200), |_, _| System::current().stop());
@@ -756,15 +793,19 @@ impl Node {
         let (meta, data) = u32_tensor(ids);
         for p in self.peers.values() {
             let msg = Message::Start { request_id: request, step, phase, tokens: meta.clone(), position };
-            p.do_send(Send(Frame { message: msg, tensors: vec![data.clone()] }));
+            p.do_send(Write(Frame { message: msg, tensors: vec![data.clone()] }));
         }
         self.compute.do_send(Work::Start { request, step, phase, position, tokens: WireTensor { meta, data } });
     }
 
-    fn on_logits(&mut self, step: u32, logits: Vec<f32>, token: u32, ctx: &mut Context<Self>) {
+    fn on_logits(&mut self, step: u32, logits: Vec<f32>, ctx: &mut Context<Self>) {
         let Some(l) = self.leader.as_mut() else { return };
         if l.done || step as usize != l.tokens.len() {
             return;
+        }
+        let token = l.sampler.sample(&logits);
+        if let Some(sink) = &l.on_token {
+            (sink.0)(token);
         }
         let now = Instant::now();
         if step == 0 {
@@ -779,7 +820,7 @@ impl Node {
             l.done = true;
             let request = l.request;
             for p in self.peers.values() {
-                p.do_send(Send(Frame::control(Message::Finish { request_id: request })));
+                p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
             }
             self.compute.do_send(Work::Finish { request });
             // Stats arrive from every rank; give them a moment, then report what came.
@@ -803,8 +844,10 @@ impl Node {
             tokens: l.tokens.clone(),
             ttft: l.first.unwrap_or_default(),
             tpot,
-            bytes_sent: (0..self.n).map(|r| l.stats.get(&r).copied().unwrap_or(0)).collect(),
+            bytes_sent: (0..self.n).map(|r| l.stats.get(&r).map_or(0, |s| s.0)).collect(),
             logits: l.logits.clone(),
+            handover_bytes: l.stats.values().map(|s| s.1).sum(),
+            handover_ms: l.stats.values().map(|s| s.2).fold(0.0, f64::max),
         };
         self.finish_with(Ok(Some(outcome)), ctx);
     }
@@ -827,6 +870,8 @@ impl Handler<Begin> for Node {
             decode_times: Vec::new(),
             stats: HashMap::new(),
             done: false,
+            sampler: Sampler::new(b.sampling),
+            on_token: b.on_token,
         });
         self.broadcast_start(0, Phase::Prefill, 0, &b.prompt);
     }
@@ -836,7 +881,7 @@ impl Handler<ToPeer> for Node {
     type Result = ();
     fn handle(&mut self, m: ToPeer, _ctx: &mut Self::Context) {
         if let Some(p) = self.peers.get(&m.rank) {
-            p.do_send(Send(m.frame));
+            p.do_send(Write(m.frame));
         }
     }
 }
@@ -845,25 +890,32 @@ impl Handler<Event> for Node {
     type Result = ();
     fn handle(&mut self, e: Event, ctx: &mut Self::Context) {
         match e {
-            Event::Logits { step, logits, argmax } => self.on_logits(step, logits, argmax, ctx),
+            Event::Logits { step, logits } => self.on_logits(step, logits, ctx),
             Event::Failed { message } => {
                 if self.me == 0 {
                     self.finish_with(Err(WorkerError::Peer { rank: 0, message }), ctx);
                 } else if let Some(p) = self.peers.get(&0) {
-                    p.do_send(Send(Frame::control(Message::Error { rank: self.me, message })));
+                    p.do_send(Write(Frame::control(Message::Error { rank: self.me, message })));
                 }
             }
-            Event::Stats { request, bytes_sent, frames_sent } => {
+            Event::Stats { request, bytes_sent, frames_sent, handover_bytes, handover_ms } => {
                 if self.me == 0 {
                     if let Some(l) = self.leader.as_mut() {
-                        l.stats.insert(0, bytes_sent);
+                        l.stats.insert(0, (bytes_sent, handover_bytes, handover_ms));
                         if l.stats.len() as u32 == self.n {
                             self.report(ctx);
                         }
                     }
                 } else if let Some(p) = self.peers.get(&0) {
-                    let msg = Message::Stats { rank: self.me, request_id: request, bytes_sent, frames_sent };
-                    p.do_send(Send(Frame::control(msg)));
+                    let msg = Message::Stats {
+                        rank: self.me,
+                        request_id: request,
+                        bytes_sent,
+                        frames_sent,
+                        handover_bytes,
+                        handover_ms,
+                    };
+                    p.do_send(Write(Frame::control(msg)));
                 }
             }
         }
@@ -895,13 +947,12 @@ impl Handler<Inbound> for Node {
                     .first()
                     .map(|t| t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
                     .unwrap_or_default();
-                let a = argmax(&v);
-                self.on_logits(step, v, a, ctx);
+                self.on_logits(step, v, ctx);
             }
             Message::Finish { request_id } => self.compute.do_send(Work::Finish { request: request_id }),
-            Message::Stats { rank, bytes_sent, .. } if self.me == 0 => {
+            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, .. } if self.me == 0 => {
                 if let Some(l) = self.leader.as_mut() {
-                    l.stats.insert(rank, bytes_sent);
+                    l.stats.insert(rank, (bytes_sent, handover_bytes, handover_ms));
                     if l.done && l.stats.len() as u32 == self.n {
                         self.report(ctx);
                     }
@@ -936,7 +987,7 @@ impl Handler<PeerDown> for Node {
                 Some(Err(WorkerError::Peer { rank: 0, message: format!("leader lost: {}", m.reason) }));
             System::current().stop();
         } else if let Some(p) = self.peers.get(&0) {
-            p.do_send(Send(Frame::control(Message::Error { rank: m.rank, message: format!("lost: {}", m.reason) })));
+            p.do_send(Write(Frame::control(Message::Error { rank: m.rank, message: format!("lost: {}", m.reason) })));
         }
     }
 }

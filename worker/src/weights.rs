@@ -1,27 +1,40 @@
-//! Loading a rank's share of a Hugging Face checkpoint: `config.json` plus memory-mapped
-//! `*.safetensors`, only the tensors of the ops this rank runs, in the run's dtype.
+//! Loading a rank's share of a checkpoint, in either format users have: a Hugging Face
+//! directory (`config.json` plus memory-mapped `*.safetensors`) or a GGUF file (quantized
+//! blocks dequantized on load). Only the tensors of the ops this rank runs are read, in the
+//! run's dtype. GGUF stores Q and K permuted for interleaved RoPE; they are permuted back so
+//! both formats give the same model.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear};
+use lemur_protocol::gguf::GgufHeader;
 use lemur_protocol::{ModelConfig, OpKind};
 
 use crate::error::WorkerError;
 use crate::exec::{Executor, OpWeights};
 
-/// A checkpoint directory, opened.
+enum Tensors {
+    Safetensors(MmapedSafetensors),
+    Gguf { file: PathBuf, content: gguf_file::Content },
+}
+
+/// A checkpoint, opened: its shape, its tensors, and (GGUF) its header.
 pub struct Checkpoint {
-    pub dir: PathBuf,
+    /// The directory or GGUF file.
+    pub path: PathBuf,
     pub config: ModelConfig,
-    tensors: MmapedSafetensors,
+    /// The GGUF header, for GGUF checkpoints (tokenizer and chat template live there).
+    pub gguf: Option<GgufHeader>,
+    tensors: Tensors,
 }
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("dir", &self.dir).field("config", &self.config).finish()
+        f.debug_struct("Checkpoint").field("path", &self.path).field("config", &self.config).finish()
     }
 }
 
@@ -29,48 +42,116 @@ fn file_err(path: &Path, message: impl Into<String>) -> WorkerError {
     WorkerError::File { path: path.display().to_string(), message: message.into() }
 }
 
-/// Hugging Face tensor names of an op's weights.
-pub fn tensor_names(cfg: &ModelConfig, kind: OpKind, layer: Option<u32>) -> Vec<String> {
-    let l = |suffix: &str| vec![format!("model.layers.{}.{suffix}", layer.unwrap_or(0))];
-    match kind {
-        OpKind::Embedding => vec!["model.embed_tokens.weight".into()],
-        OpKind::AttnNorm => l("input_layernorm.weight"),
-        OpKind::MlpNorm => l("post_attention_layernorm.weight"),
-        OpKind::QProj => l("self_attn.q_proj.weight"),
-        OpKind::KProj => l("self_attn.k_proj.weight"),
-        OpKind::VProj => l("self_attn.v_proj.weight"),
-        OpKind::OProj => l("self_attn.o_proj.weight"),
-        OpKind::GateProj => l("mlp.gate_proj.weight"),
-        OpKind::UpProj => l("mlp.up_proj.weight"),
-        OpKind::DownProj => l("mlp.down_proj.weight"),
-        OpKind::FinalNorm => vec!["model.norm.weight".into()],
-        OpKind::LmHead if cfg.tie_word_embeddings => vec!["model.embed_tokens.weight".into()],
-        OpKind::LmHead => vec!["lm_head.weight".into()],
-        OpKind::Rope | OpKind::Attention | OpKind::AttnResidual | OpKind::MlpResidual | OpKind::SiluMul => vec![],
+/// The GGUF file a path names: the file itself, or the only `*.gguf` in a directory that
+/// has no `config.json`.
+pub fn gguf_file_of(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return path.extension().is_some_and(|x| x == "gguf").then(|| path.to_path_buf());
     }
+    if path.join("config.json").exists() {
+        return None;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    (found.len() == 1).then(|| found.remove(0))
+}
+
+/// Tensor names of an op's weights, Hugging Face or GGUF style.
+pub fn tensor_names(cfg: &ModelConfig, gguf: bool, kind: OpKind, layer: Option<u32>) -> Vec<String> {
+    let l = layer.unwrap_or(0);
+    let (hf, gg): (Option<String>, Option<String>) = match kind {
+        OpKind::Embedding => (Some("model.embed_tokens.weight".into()), Some("token_embd.weight".into())),
+        OpKind::AttnNorm => {
+            (Some(format!("model.layers.{l}.input_layernorm.weight")), Some(format!("blk.{l}.attn_norm.weight")))
+        }
+        OpKind::MlpNorm => (
+            Some(format!("model.layers.{l}.post_attention_layernorm.weight")),
+            Some(format!("blk.{l}.ffn_norm.weight")),
+        ),
+        OpKind::QProj => {
+            (Some(format!("model.layers.{l}.self_attn.q_proj.weight")), Some(format!("blk.{l}.attn_q.weight")))
+        }
+        OpKind::KProj => {
+            (Some(format!("model.layers.{l}.self_attn.k_proj.weight")), Some(format!("blk.{l}.attn_k.weight")))
+        }
+        OpKind::VProj => {
+            (Some(format!("model.layers.{l}.self_attn.v_proj.weight")), Some(format!("blk.{l}.attn_v.weight")))
+        }
+        OpKind::OProj => {
+            (Some(format!("model.layers.{l}.self_attn.o_proj.weight")), Some(format!("blk.{l}.attn_output.weight")))
+        }
+        OpKind::GateProj => {
+            (Some(format!("model.layers.{l}.mlp.gate_proj.weight")), Some(format!("blk.{l}.ffn_gate.weight")))
+        }
+        OpKind::UpProj => {
+            (Some(format!("model.layers.{l}.mlp.up_proj.weight")), Some(format!("blk.{l}.ffn_up.weight")))
+        }
+        OpKind::DownProj => {
+            (Some(format!("model.layers.{l}.mlp.down_proj.weight")), Some(format!("blk.{l}.ffn_down.weight")))
+        }
+        OpKind::FinalNorm => (Some("model.norm.weight".into()), Some("output_norm.weight".into())),
+        OpKind::LmHead if cfg.tie_word_embeddings => {
+            (Some("model.embed_tokens.weight".into()), Some("token_embd.weight".into()))
+        }
+        OpKind::LmHead => (Some("lm_head.weight".into()), Some("output.weight".into())),
+        OpKind::Rope | OpKind::Attention | OpKind::AttnResidual | OpKind::MlpResidual | OpKind::SiluMul => (None, None),
+    };
+    if gguf { gg } else { hf }.into_iter().collect()
+}
+
+/// Undoes llama.cpp's permutation of Q and K rows (interleaved RoPE pairs back to halves).
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor, WorkerError> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, half, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
 impl Checkpoint {
-    /// Opens `dir`: parses `config.json` and maps every `*.safetensors` file.
-    pub fn open(dir: &Path) -> Result<Self, WorkerError> {
-        let cfg_path = dir.join("config.json");
+    /// Opens a Hugging Face directory or a GGUF file (or a directory holding one).
+    pub fn open(path: &Path) -> Result<Self, WorkerError> {
+        if let Some(file) = gguf_file_of(path) {
+            return Self::open_gguf(&file);
+        }
+        let cfg_path = path.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let config = ModelConfig::from_hf_json(&name, &text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| file_err(dir, e.to_string()))?
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| file_err(path, e.to_string()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(file_err(dir, "no *.safetensors files"));
+            return Err(file_err(path, "no *.safetensors files"));
         }
         // SAFETY: the files are mapped read-only; like every safetensors loader, this
         // assumes nobody truncates them while the worker runs.
         #[allow(unsafe_code)]
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| file_err(dir, e.to_string()))?;
-        Ok(Self { dir: dir.to_path_buf(), config, tensors })
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| file_err(path, e.to_string()))?;
+        Ok(Self { path: path.to_path_buf(), config, gguf: None, tensors: Tensors::Safetensors(tensors) })
+    }
+
+    fn open_gguf(file: &Path) -> Result<Self, WorkerError> {
+        let mut f = std::fs::File::open(file).map_err(|e| file_err(file, e.to_string()))?;
+        let header = GgufHeader::read(&mut f).map_err(|e| file_err(file, e.to_string()))?;
+        let name = file.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let config = header.model_config(&name).map_err(|e| file_err(file, e.to_string()))?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).map_err(|e| file_err(file, e.to_string()))?;
+        let content = gguf_file::Content::read(&mut f).map_err(|e| file_err(file, crate::error::candle_message(&e)))?;
+        Ok(Self {
+            path: file.to_path_buf(),
+            config,
+            gguf: Some(header),
+            tensors: Tensors::Gguf { file: file.to_path_buf(), content },
+        })
+    }
+
+    fn is_gguf(&self) -> bool {
+        matches!(self.tensors, Tensors::Gguf { .. })
     }
 
     /// Checks that the plan was made for this checkpoint's shape.
@@ -89,7 +170,7 @@ impl Checkpoint {
                 b.name,
                 b.num_layers,
                 b.hidden_size,
-                self.dir.display(),
+                self.path.display(),
                 a.name,
                 a.num_layers,
                 a.hidden_size
@@ -98,20 +179,47 @@ impl Checkpoint {
         Ok(())
     }
 
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.tensors {
+            Tensors::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
+            Tensors::Gguf { content, .. } => content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec()),
+        }
+    }
+
+    /// Reads one tensor, dequantized, as the run's dtype, Q and K in Hugging Face order.
+    fn load(&self, name: &str, kind: OpKind, dev: &Device, dtype: DType) -> Result<Tensor, WorkerError> {
+        let missing =
+            |e: String| WorkerError::Weights(format!("{}: tensor `{name}` for {kind}: {e}", self.path.display()));
+        let t = match &self.tensors {
+            Tensors::Safetensors(st) => st.load(name, dev).map_err(|e| missing(e.to_string()))?,
+            Tensors::Gguf { file, content } => {
+                let mut f = std::fs::File::open(file).map_err(|e| file_err(file, e.to_string()))?;
+                let q = content.tensor(&mut f, name, dev).map_err(|e| missing(e.to_string()))?;
+                let t = q.dequantize(dev)?;
+                match kind {
+                    OpKind::QProj => unpermute_qk(&t, self.config.num_heads as usize)?,
+                    OpKind::KProj => unpermute_qk(&t, self.config.num_kv_heads as usize)?,
+                    _ => t,
+                }
+            }
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
     /// Checks that every tensor `ops` need is present with the right shape, without loading.
     pub fn check_tensors(&self, ops: &HashSet<(OpKind, Option<u32>)>) -> Result<(), WorkerError> {
         let mut ops: Vec<_> = ops.iter().copied().collect();
         ops.sort_by_key(|(k, l)| (l.map_or(-1, i64::from), *k));
         for (kind, layer) in ops {
-            for name in tensor_names(&self.config, kind, layer) {
-                let view = self.tensors.get(&name).map_err(|_| {
+            for name in tensor_names(&self.config, self.is_gguf(), kind, layer) {
+                let shape = self.shape_of(&name).ok_or_else(|| {
                     WorkerError::Weights(format!(
                         "{}: no tensor `{name}`, needed by {kind}{}",
-                        self.dir.display(),
+                        self.path.display(),
                         layer.map_or(String::new(), |l| format!(" of layer {l}"))
                     ))
                 })?;
-                self.check_shape(&name, kind, view.shape())?;
+                self.check_shape(&name, kind, &shape)?;
             }
         }
         Ok(())
@@ -132,17 +240,11 @@ impl Checkpoint {
         let mut bytes = 0u64;
         let dev: Device = exec.device.clone();
         for (kind, layer) in ops {
-            let names = tensor_names(&self.config, kind, layer);
+            let names = tensor_names(&self.config, self.is_gguf(), kind, layer);
             let w = match names.first() {
                 None => OpWeights::None,
                 Some(name) => {
-                    let t = self
-                        .tensors
-                        .load(name, &dev)
-                        .map_err(|e| {
-                            WorkerError::Weights(format!("{}: tensor `{name}` for {kind}: {e}", self.dir.display()))
-                        })?
-                        .to_dtype(exec.dtype)?;
+                    let t = self.load(name, kind, &dev, exec.dtype)?;
                     bytes += (t.elem_count() * exec.dtype.size_in_bytes()) as u64;
                     self.check_shape(name, kind, t.dims())?;
                     match kind {
@@ -177,7 +279,7 @@ impl Checkpoint {
         if got != want {
             return Err(WorkerError::Weights(format!(
                 "{}: tensor `{name}` has shape {got:?}, expected {want:?}",
-                self.dir.display()
+                self.path.display()
             )));
         }
         Ok(())

@@ -1,14 +1,18 @@
 //! `lemur-worker`: one rank of a Lemurian cluster (thin over `lemur_worker`).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lemur_protocol::Plan;
 use lemur_worker::cluster::Cluster;
-use lemur_worker::node::{run_node, Job, NodeConfig, Timeouts};
-use lemur_worker::weights::parse_dtype;
+use lemur_worker::node::{run_node, Job, NodeConfig, Timeouts, TokenSink};
+use lemur_worker::sampling::Sampling;
+use lemur_worker::tokenizer::{Streamer, Tok};
+use lemur_worker::weights::{gguf_file_of, parse_dtype};
 
 /// Run one rank of a Lemurian cluster.
 ///
@@ -30,18 +34,37 @@ struct Args {
     /// Rank 0: the plan (from `lemur-plan --out`).
     #[arg(long)]
     plan: Option<PathBuf>,
-    /// Rank 0: the Hugging Face model directory (config.json and *.safetensors), at the same path on every rank.
+    /// Rank 0: the checkpoint, a Hugging Face directory (config.json, *.safetensors,
+    /// tokenizer.json) or a GGUF file, at the same path on every rank.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Rank 0: the prompt as token ids, comma separated.
+    /// Rank 0: the prompt as text; the generated text streams to stdout.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Rank 0: wrap --prompt in the checkpoint's chat template as a user message.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// Rank 0: the prompt as token ids, comma separated; the generated ids go to stdout.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Vec<u32>,
-    /// Rank 0: how many tokens to generate (greedy).
+    /// Rank 0: how many tokens to generate at most.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
-    /// Rank 0: stop at this token id.
+    /// Rank 0: stop at this token id (default: the tokenizer's end of sequence, with --prompt).
     #[arg(long)]
     eos: Option<u32>,
+    /// Rank 0: sampling temperature; 0 is greedy (the default).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Rank 0: keep the smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Rank 0: keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Rank 0: seed of the sampler (same seed, same output).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
     /// Precision of the run: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -70,30 +93,47 @@ fn run() -> Result<()> {
     cluster.get(args.rank)?;
     let device = lemur_worker::device::open(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    let mut tok: Option<Arc<Tok>> = None;
     let job = if args.rank == 0 {
         let plan_path = args.plan.as_ref().context("rank 0 needs --plan")?;
         let text = std::fs::read_to_string(plan_path).with_context(|| format!("reading {}", plan_path.display()))?;
         let plan = Plan::from_json(&text).with_context(|| format!("{}", plan_path.display()))?;
         let model_dir = args.model.clone().context("rank 0 needs --model")?;
-        if args.prompt_ids.is_empty() {
-            bail!("rank 0 needs --prompt-ids");
-        }
-        Some(Job {
-            plan,
-            model_dir,
-            dtype,
-            prompt: args.prompt_ids.clone(),
-            max_new_tokens: args.max_new_tokens,
-            eos: args.eos,
-        })
+        let (prompt, eos, on_token) = match &args.prompt {
+            Some(text) => {
+                let t = Arc::new(load_tokenizer(&model_dir)?);
+                let text = if args.chat { t.chat(text)? } else { text.clone() };
+                let ids = t.encode(&text)?;
+                let streamer = Arc::new(Mutex::new(Streamer::default()));
+                let (t2, s2) = (t.clone(), streamer.clone());
+                let sink = TokenSink(Arc::new(move |id| {
+                    let piece = s2.lock().map(|mut s| s.push(&t2, id).unwrap_or_default()).unwrap_or_default();
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                }));
+                let eos = args.eos.or(t.eos);
+                tok = Some(t);
+                (ids, eos, Some(sink))
+            }
+            None if !args.prompt_ids.is_empty() => (args.prompt_ids.clone(), args.eos, None),
+            None => bail!("rank 0 needs --prompt or --prompt-ids"),
+        };
+        let sampling =
+            Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+        Some(Job { plan, model_dir, dtype, prompt, max_new_tokens: args.max_new_tokens, eos, sampling, on_token })
     } else {
         None
     };
     let timeouts = Timeouts { wait_for_leader: Duration::from_secs(args.wait), ..Timeouts::default() };
     let outcome = run_node(NodeConfig { rank: args.rank, cluster, device, job, timeouts })?;
     if let Some(o) = outcome {
-        let ids: Vec<String> = o.tokens.iter().map(u32::to_string).collect();
-        println!("{}", ids.join(","));
+        if tok.is_some() {
+            println!();
+        } else {
+            let ids: Vec<String> = o.tokens.iter().map(u32::to_string).collect();
+            println!("{}", ids.join(","));
+        }
         eprintln!("time to first token: {:.2} ms", o.ttft.as_secs_f64() * 1e3);
         if let Some(t) = o.tpot {
             eprintln!("time per token: {:.2} ms ({:.1} tokens/s)", t.as_secs_f64() * 1e3, 1.0 / t.as_secs_f64());
@@ -101,10 +141,23 @@ fn run() -> Result<()> {
         for (r, b) in o.bytes_sent.iter().enumerate() {
             eprintln!("rank {r} sent {b} bytes of activations");
         }
+        if o.handover_bytes > 0 {
+            eprintln!("KV handover: {} bytes, complete {:.2} ms after prefill began", o.handover_bytes, o.handover_ms);
+        }
         if let Some(path) = &args.dump_logits {
             std::fs::write(path, serde_json::to_string(&o.logits)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     Ok(())
+}
+
+/// The tokenizer of a checkpoint: its GGUF metadata, or `tokenizer.json` in its directory.
+fn load_tokenizer(model: &Path) -> Result<Tok> {
+    if let Some(file) = gguf_file_of(model) {
+        let mut f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+        let header = lemur_protocol::gguf::GgufHeader::read(&mut f).with_context(|| format!("{}", file.display()))?;
+        return Ok(Tok::from_gguf(&header, &file)?);
+    }
+    Ok(Tok::from_dir(model)?)
 }
