@@ -46,7 +46,7 @@ fn reference(dir: &Path, prompt: &[u32]) -> Result<(Duration, Duration, Vec<u32>
 
 fn parse_ms(stderr: &str, key: &str) -> Result<Duration> {
     let line = stderr.lines().find(|l| l.starts_with(key)).with_context(|| format!("no `{key}` in: {stderr}"))?;
-    let ms: f64 = line[key.len()..].trim().split_whitespace().next().unwrap_or("").parse()?;
+    let ms: f64 = line[key.len()..].split_whitespace().next().unwrap_or("").parse()?;
     Ok(Duration::from_secs_f64(ms / 1e3))
 }
 
