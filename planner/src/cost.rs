@@ -107,8 +107,21 @@ impl CostModel for Roofline {
                 dispatch + (kernel.flops() as f64 / rate).max(streamed / read_bw)
             }
             Kernel::Elementwise { class, backward, .. } => {
-                let (launches, traffic) = elementwise_factor(class, backward, machine.kernel_style);
-                f64::from(launches) * dispatch + streamed * traffic / copy_bw
+                // A measured rate for the class (forward kernels) wins over the style table.
+                let measured = match (&machine.elementwise, class, backward) {
+                    (Some(e), EwClass::RmsNorm, false) => Some(e.rms_norm_gbps),
+                    (Some(e), EwClass::Rope, false) => Some(e.rope_gbps),
+                    (Some(e), EwClass::SiluMul, false) => Some(e.silu_mul_gbps),
+                    (Some(e), EwClass::Add, false) => Some(e.add_gbps),
+                    _ => None,
+                };
+                match measured {
+                    Some(gbps) => dispatch + streamed / (gbps * 1e9),
+                    None => {
+                        let (launches, traffic) = elementwise_factor(class, backward, machine.kernel_style);
+                        f64::from(launches) * dispatch + streamed * traffic / copy_bw
+                    }
+                }
             }
         })
     }

@@ -29,6 +29,7 @@ pub mod model_source;
 pub mod planning;
 pub mod problem;
 pub mod profiles;
+pub mod refine;
 pub mod report;
 pub mod timeline;
 

@@ -8,6 +8,7 @@
 //! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
 //!   the length-delimited [`wire::FrameCodec`].
 //! - [`gguf`]: a bounds-checked GGUF header reader (model shape, tokenizer metadata).
+//! - [`timings`]: predicted against measured op times, and the validation table.
 //! - [`error`]: [`FieldError`], a validation error that names the field at fault.
 //!
 //! Only this crate defines what goes on the wire or into a file another process reads.
@@ -18,10 +19,11 @@ pub mod model;
 pub mod op;
 pub mod plan;
 pub mod profile;
+pub mod timings;
 pub mod wire;
 
 pub use error::FieldError;
 pub use model::ModelConfig;
 pub use op::{OpKind, Phase};
 pub use plan::{Plan, PlanError, PLAN_FORMAT_VERSION};
-pub use profile::{Bandwidth, Curve, DType, KernelStyle, LinkProfile, MachineProfile, Memory, Peak};
+pub use profile::{Bandwidth, Curve, DType, Elementwise, KernelStyle, LinkProfile, MachineProfile, Memory, Peak};

@@ -31,7 +31,7 @@ pub struct ModelConfig {
 }
 
 /// The names of the built-in presets, for help texts and errors.
-pub const PRESETS: &[&str] = &["mistral-7b", "tiny", "tiny-3layer", "llama-1b-shaped"];
+pub const PRESETS: &[&str] = &["mistral-7b", "tiny", "tiny-3layer", "llama-1b-shaped", "llama-150m-shaped"];
 
 impl ModelConfig {
     /// Mistral-7B v0.1, as published in its `config.json`.
@@ -101,6 +101,17 @@ impl ModelConfig {
             "tiny" => Some(Self::tiny()),
             "tiny-3layer" => Some(Self { name: "tiny-3layer".into(), num_layers: 3, ..Self::tiny() }),
             "llama-1b-shaped" => Some(Self::llama_1b_shaped()),
+            // A few hundred MB in f32: big enough for timings that mean something on a CPU.
+            "llama-150m-shaped" => Some(Self {
+                name: "llama-150m-shaped".into(),
+                hidden_size: 1024,
+                intermediate_size: 2816,
+                num_layers: 8,
+                num_heads: 16,
+                num_kv_heads: 4,
+                head_dim: 64,
+                ..Self::llama_1b_shaped()
+            }),
             _ => None,
         }
     }

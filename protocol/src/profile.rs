@@ -152,6 +152,27 @@ pub struct Bandwidth {
     pub copy_gbps: f64,
 }
 
+/// Measured throughput of element-wise kernels, GB/s of their minimal traffic (what a
+/// fused kernel must read and write). Present in profiles measured by `lemur-profile`;
+/// when absent the cost model derives element-wise time from the copy bandwidth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Elementwise {
+    pub rms_norm_gbps: f64,
+    pub rope_gbps: f64,
+    pub silu_mul_gbps: f64,
+    pub add_gbps: f64,
+}
+
+impl Elementwise {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        positive("elementwise.rms_norm_gbps", self.rms_norm_gbps)?;
+        positive("elementwise.rope_gbps", self.rope_gbps)?;
+        positive("elementwise.silu_mul_gbps", self.silu_mul_gbps)?;
+        positive("elementwise.add_gbps", self.add_gbps)
+    }
+}
+
 /// Everything the planner knows about one kind of machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,8 +186,13 @@ pub struct MachineProfile {
     /// Fixed cost of launching one kernel, microseconds.
     pub dispatch_overhead_us: f64,
     pub memory: Memory,
-    pub peak: Peak,
+    /// Spec-sheet peaks, where the device has them (a CPU's are not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<Peak>,
     pub bandwidth: Bandwidth,
+    /// Measured element-wise throughput (profiles from `lemur-profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elementwise: Option<Elementwise>,
     /// Square GEMM throughput by N, per dtype.
     pub gemm: BTreeMap<DType, Curve>,
     /// Attention throughput by sequence length, per dtype.
@@ -205,9 +231,14 @@ impl MachineProfile {
                 format!("{} exceeds usable_bytes {}", m.max_alloc_bytes, m.usable_bytes),
             ));
         }
-        positive("peak.bandwidth_gbps", self.peak.bandwidth_gbps)?;
-        for (dt, v) in &self.peak.tflops {
-            positive(&format!("peak.tflops.{dt}"), *v)?;
+        if let Some(peak) = &self.peak {
+            positive("peak.bandwidth_gbps", peak.bandwidth_gbps)?;
+            for (dt, v) in &peak.tflops {
+                positive(&format!("peak.tflops.{dt}"), *v)?;
+            }
+        }
+        if let Some(e) = &self.elementwise {
+            e.validate()?;
         }
         positive("bandwidth.read_gbps", self.bandwidth.read_gbps)?;
         positive("bandwidth.copy_gbps", self.bandwidth.copy_gbps)?;

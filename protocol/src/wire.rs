@@ -129,6 +129,8 @@ pub enum Message {
         ranks: Vec<RankInfo>,
         model_dir: String,
         dtype: WireDType,
+        /// Time every op, synchronising the device after each (cost-model validation).
+        timing: bool,
     },
     /// A rank has loaded its weights and connected to its peers.
     Ready {
@@ -179,6 +181,8 @@ pub enum Message {
         frames_sent: u64,
         handover_bytes: u64,
         handover_ms: f64,
+        /// With timing on: each op's mean measured time on this rank, ms.
+        op_ms: Vec<(usize, f64)>,
     },
     /// Something failed on `rank`.
     Error {

@@ -43,6 +43,7 @@ fn every_message() -> Vec<Frame> {
             ranks: vec![RankInfo { rank: 0, addr: "127.0.0.1:1".into(), machine: "a".into() }],
             model_dir: "/models/x".into(),
             dtype: WireDType::F32,
+            timing: true,
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {

@@ -65,10 +65,6 @@ impl Executor {
         self.weights.insert((kind, layer), w);
     }
 
-    pub fn has_weights(&self, kind: OpKind, layer: Option<u32>) -> bool {
-        self.weights.contains_key(&(kind, layer))
-    }
-
     fn weight(&self, kind: OpKind, layer: Option<u32>) -> Result<&OpWeights, WorkerError> {
         self.weights
             .get(&(kind, layer))
@@ -193,18 +189,8 @@ impl Executor {
         };
         let kv_len = k_all.dim(2)?;
         let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
-        let kr = repeat_kv(&k_all, groups)?;
-        let vr = repeat_kv(&v_all, groups)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&kr.t()?)? * scale)?.to_dtype(DType::F32)?;
         let mask = window_mask(s, step.position, kv_len, start, cfg.sliding_window, &self.device)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(&m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let out = probs.matmul(&vr)?; // [b, heads, s, d]
-        let out = out.transpose(1, 2)?.reshape((b, s, cfg.num_heads as usize * d))?;
+        let out = attention_core(q, &k_all, &v_all, mask.as_ref(), groups)?;
         // Keep what later queries can still see: the last `window` positions.
         let (k_keep, v_keep, start_keep) = match cfg.sliding_window.map(|w| w as usize) {
             Some(w) if kv_len > w => {
@@ -221,6 +207,24 @@ impl Executor {
     pub fn finish(&mut self, request: u64) {
         self.kv.retain(|(r, _), _| *r != request);
     }
+}
+
+/// Materialised-score attention: `q [b, h, s, d]` against `k, v [b, h / groups, kv, d]`,
+/// an optional additive mask `[s, kv]`; returns `[b, s, h * d]`. Softmax runs in f32.
+/// (`lemur-profile` times exactly this function for the attention curve.)
+pub fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, groups: usize) -> Result<Tensor, WorkerError> {
+    let (b, h, s, d) = q.dims4()?;
+    let kr = repeat_kv(k, groups)?;
+    let vr = repeat_kv(v, groups)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&kr.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+    let out = probs.matmul(&vr)?; // [b, h, s, d]
+    Ok(out.transpose(1, 2)?.reshape((b, s, h * d))?)
 }
 
 /// Rotary tables `[max_positions, head_dim / 2]`, computed as candle-transformers does.

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use futures::{SinkExt, StreamExt};
 use lemur_protocol::wire::{
-    Frame, FrameCodec, FrameError, Hello, Message, RankInfo, TensorMeta, WireDType, WireTensor,
+    Frame, FrameCodec, FrameError, Hello, Message, TensorMeta, WireDType, WireTensor,
 };
 use lemur_protocol::{Phase, Plan};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -90,6 +90,11 @@ pub struct Job {
     pub eos: Option<u32>,
     pub sampling: Sampling,
     pub on_token: Option<TokenSink>,
+    /// Time every op on every rank (for validating the cost model).
+    pub timing: bool,
+    /// Run the request this many times; times reported are medians over all runs but the
+    /// first (a cold start), when there are several.
+    pub repeat: usize,
 }
 
 /// Everything a rank needs to start.
@@ -118,6 +123,8 @@ pub struct Outcome {
     pub handover_bytes: u64,
     /// When the last of it arrived, from the prefill's start (the slowest rank), ms.
     pub handover_ms: f64,
+    /// With timing on: every op's mean measured time, ms, by op id.
+    pub op_ms: HashMap<usize, f64>,
 }
 
 type Net = Framed<TcpStream, FrameCodec>;
@@ -222,7 +229,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
     let ours = Hello::new(&cfg.cluster.id, me, &info.machine);
     let t = cfg.timeouts;
     let mut conns: HashMap<u32, Net> = HashMap::new();
-    let (plan, model_dir, dtype) = if me == 0 {
+    let (plan, model_dir, dtype, timing) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
         // Check the plan and every rank's weights before dialling anyone (the checkpoint
@@ -240,11 +247,12 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
                 ranks: cfg.cluster.ranks.clone(),
                 model_dir: job.model_dir.display().to_string(),
                 dtype: wire_dtype(job.dtype)?,
+                timing: job.timing,
             }))
             .await?;
             conns.insert(r, net);
         }
-        (job.plan, job.model_dir, job.dtype)
+        (job.plan, job.model_dir, job.dtype, job.timing)
     } else {
         let listener = TcpListener::bind(&info.addr)
             .await
@@ -279,7 +287,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, model_dir, dtype } = frame.message else {
+        let Message::Setup { plan, ranks, model_dir, dtype, timing } = frame.message else {
             return Err(WorkerError::Peer {
                 rank: 0,
                 message: format!("sent `{}` instead of the plan", frame.message.name()),
@@ -290,7 +298,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             let _ = leader.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        (*plan, PathBuf::from(model_dir), crate::tensor_wire::candle_dtype(dtype))
+        (*plan, PathBuf::from(model_dir), crate::tensor_wire::candle_dtype(dtype), timing)
     };
 
     // Validate and load before any compute; report failures to rank 0 by name.
@@ -355,12 +363,15 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             frames_sent: 0,
             prefill_started: HashMap::new(),
             handover: HashMap::new(),
+            timing,
+            op_time: HashMap::new(),
         });
         Node { me, n, peers, compute, leader: None, result: result.clone(), shutting_down: false }
     });
     if me == 0 {
         let job = cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
         node.do_send(Begin {
+            repeat: job.repeat.max(1),
             prompt: job.prompt,
             max_new_tokens: job.max_new_tokens,
             eos: job.eos,
@@ -439,6 +450,7 @@ struct Write(Frame);
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Begin {
+    repeat: usize,
     prompt: Vec<u32>,
     max_new_tokens: usize,
     eos: Option<u32>,
@@ -462,7 +474,7 @@ enum Work {
 enum Event {
     Logits { step: u32, logits: Vec<f32> },
     Failed { message: String },
-    Stats { request: u64, bytes_sent: u64, frames_sent: u64, handover_bytes: u64, handover_ms: f64 },
+    Stats { request: u64, bytes_sent: u64, frames_sent: u64, handover_bytes: u64, handover_ms: f64, op_ms: Vec<(usize, f64)> },
 }
 
 // ---- Peer ----
@@ -549,6 +561,9 @@ struct Compute {
     /// Per request: when its prefill started here, and the KV cache received since.
     prefill_started: HashMap<u64, Instant>,
     handover: HashMap<u64, (u64, f64)>,
+    timing: bool,
+    /// Per op: total seconds and runs (timing on).
+    op_time: HashMap<usize, (f64, u32)>,
 }
 
 impl Actor for Compute {
@@ -564,6 +579,7 @@ struct Outbox<'a> {
     node: &'a Addr<Node>,
     bytes: &'a mut u64,
     frames: &'a mut u64,
+    op_time: &'a mut HashMap<usize, (f64, u32)>,
     error: Option<WorkerError>,
 }
 
@@ -612,6 +628,12 @@ impl Outbox<'_> {
                     )
                 }
             }
+            Outbound::Timing { op, seconds } => {
+                let e = self.op_time.entry(op).or_default();
+                e.0 += seconds;
+                e.1 += 1;
+                Ok(())
+            }
             Outbound::Kv { to, layer, cache } => {
                 let (mk, dk) = to_wire(&cache.k)?;
                 let (mv, dv) = to_wire(&cache.v)?;
@@ -644,6 +666,7 @@ impl Compute {
             node: &self.node,
             bytes: self.bytes_sent.entry(key.0).or_default(),
             frames: &mut self.frames_sent,
+            op_time: &mut self.op_time,
             error: None,
         };
         // Each output leaves as soon as its op has run.
@@ -667,6 +690,7 @@ impl Compute {
                 let tokens = from_wire(&tokens.meta, &tokens.data, &dev)?;
                 let mut run =
                     StepRun::new(request, step, phase, StepInput { request, tokens, position: position as usize });
+                run.timing = self.timing;
                 for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
                     run.deliver(from_op, ts);
                 }
@@ -713,12 +737,16 @@ impl Compute {
                 let bytes_sent = self.bytes_sent.remove(&request).unwrap_or(0);
                 let (handover_bytes, handover_ms) = self.handover.remove(&request).unwrap_or_default();
                 self.prefill_started.remove(&request);
+                let mut op_ms: Vec<(usize, f64)> =
+                    self.op_time.drain().map(|(op, (s, n))| (op, s * 1e3 / f64::from(n.max(1)))).collect();
+                op_ms.sort_by_key(|x| x.0);
                 self.node.do_send(Event::Stats {
                     request,
                     bytes_sent,
                     frames_sent: self.frames_sent,
                     handover_bytes,
                     handover_ms,
+                    op_ms,
                 });
                 Ok(())
             }
@@ -749,9 +777,15 @@ struct LeaderState {
     step_started: Instant,
     decode_times: Vec<Duration>,
     stats: HashMap<u32, (u64, u64, f64)>,
+    op_ms: HashMap<usize, f64>,
     done: bool,
     sampler: Sampler,
+    sampling: Sampling,
     on_token: Option<TokenSink>,
+    prompt: Vec<u32>,
+    repeats_left: usize,
+    /// Finished requests: (ttft, mean time per token, per-op ms).
+    history: Vec<(Duration, Option<Duration>, HashMap<usize, f64>)>,
 }
 
 /// Routes frames and, on rank 0, drives the request.
@@ -823,8 +857,12 @@ impl Node {
                 p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
             }
             self.compute.do_send(Work::Finish { request });
-            // Stats arrive from every rank; give them a moment, then report what came.
-            ctx.run_later(Duration::from_secs(5), |act, ctx| act.report(ctx));
+            // Stats arrive from every rank; give them a moment, then go on with what came.
+            ctx.run_later(Duration::from_secs(5), move |act, ctx| {
+                if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
+                    act.complete_request(ctx);
+                }
+            });
             return;
         }
         l.step_started = now;
@@ -833,21 +871,64 @@ impl Node {
         self.broadcast_start(next, Phase::Decode, position, &[token]);
     }
 
-    fn report(&mut self, ctx: &mut Context<Self>) {
-        let Some(l) = self.leader.as_ref() else { return };
+    /// A request is over (logits and stats are in): run it again, or report.
+    fn complete_request(&mut self, ctx: &mut Context<Self>) {
+        let Some(l) = self.leader.as_mut() else { return };
+        if !l.done {
+            return;
+        }
         let tpot = if l.decode_times.is_empty() {
             None
         } else {
             Some(l.decode_times.iter().sum::<Duration>() / l.decode_times.len() as u32)
         };
+        l.history.push((l.first.unwrap_or_default(), tpot, std::mem::take(&mut l.op_ms)));
+        if l.repeats_left == 0 {
+            self.report(ctx);
+            return;
+        }
+        l.repeats_left -= 1;
+        l.request += 1;
+        l.tokens.clear();
+        l.logits.clear();
+        l.first = None;
+        l.decode_times.clear();
+        l.stats.clear();
+        l.done = false;
+        l.sampler = Sampler::new(l.sampling);
+        let now = Instant::now();
+        l.started = now;
+        l.step_started = now;
+        let prompt = l.prompt.clone();
+        self.broadcast_start(0, Phase::Prefill, 0, &prompt);
+    }
+
+    fn report(&mut self, ctx: &mut Context<Self>) {
+        let Some(l) = self.leader.as_ref() else { return };
+        // Medians over warm runs: all but the first when there are several.
+        let warm = if l.history.len() > 1 { &l.history[1..] } else { &l.history[..] };
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v.get(v.len() / 2).copied()
+        };
+        let ttft = median(warm.iter().map(|h| h.0).collect()).unwrap_or_default();
+        let tpot = median(warm.iter().filter_map(|h| h.1).collect());
+        let mut op_ms: HashMap<usize, f64> = HashMap::new();
+        let ops: std::collections::BTreeSet<usize> = warm.iter().flat_map(|h| h.2.keys().copied()).collect();
+        for op in ops {
+            let mut v: Vec<f64> = warm.iter().filter_map(|h| h.2.get(&op).copied()).collect();
+            v.sort_by(f64::total_cmp);
+            op_ms.insert(op, v[v.len() / 2]);
+        }
         let outcome = Outcome {
             tokens: l.tokens.clone(),
-            ttft: l.first.unwrap_or_default(),
+            ttft,
             tpot,
             bytes_sent: (0..self.n).map(|r| l.stats.get(&r).map_or(0, |s| s.0)).collect(),
             logits: l.logits.clone(),
             handover_bytes: l.stats.values().map(|s| s.1).sum(),
             handover_ms: l.stats.values().map(|s| s.2).fold(0.0, f64::max),
+            op_ms,
         };
         self.finish_with(Ok(Some(outcome)), ctx);
     }
@@ -869,9 +950,14 @@ impl Handler<Begin> for Node {
             step_started: now,
             decode_times: Vec::new(),
             stats: HashMap::new(),
+            op_ms: HashMap::new(),
             done: false,
             sampler: Sampler::new(b.sampling),
+            sampling: b.sampling,
             on_token: b.on_token,
+            prompt: b.prompt.clone(),
+            repeats_left: b.repeat - 1,
+            history: Vec::new(),
         });
         self.broadcast_start(0, Phase::Prefill, 0, &b.prompt);
     }
@@ -898,12 +984,13 @@ impl Handler<Event> for Node {
                     p.do_send(Write(Frame::control(Message::Error { rank: self.me, message })));
                 }
             }
-            Event::Stats { request, bytes_sent, frames_sent, handover_bytes, handover_ms } => {
+            Event::Stats { request, bytes_sent, frames_sent, handover_bytes, handover_ms, op_ms } => {
                 if self.me == 0 {
                     if let Some(l) = self.leader.as_mut() {
+                        l.op_ms.extend(op_ms);
                         l.stats.insert(0, (bytes_sent, handover_bytes, handover_ms));
                         if l.stats.len() as u32 == self.n {
-                            self.report(ctx);
+                            self.complete_request(ctx);
                         }
                     }
                 } else if let Some(p) = self.peers.get(&0) {
@@ -914,6 +1001,7 @@ impl Handler<Event> for Node {
                         frames_sent,
                         handover_bytes,
                         handover_ms,
+                        op_ms,
                     };
                     p.do_send(Write(Frame::control(msg)));
                 }
@@ -950,11 +1038,12 @@ impl Handler<Inbound> for Node {
                 self.on_logits(step, v, ctx);
             }
             Message::Finish { request_id } => self.compute.do_send(Work::Finish { request: request_id }),
-            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, .. } if self.me == 0 => {
+            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, .. } if self.me == 0 => {
                 if let Some(l) = self.leader.as_mut() {
+                    l.op_ms.extend(op_ms);
                     l.stats.insert(rank, (bytes_sent, handover_bytes, handover_ms));
                     if l.done && l.stats.len() as u32 == self.n {
-                        self.report(ctx);
+                        self.complete_request(ctx);
                     }
                 }
             }
@@ -990,9 +1079,4 @@ impl Handler<PeerDown> for Node {
             p.do_send(Write(Frame::control(Message::Error { rank: m.rank, message: format!("lost: {}", m.reason) })));
         }
     }
-}
-
-/// The ranks of a cluster by machine, for messages.
-pub fn describe(ranks: &[RankInfo]) -> String {
-    ranks.iter().map(|r| format!("{}={}@{}", r.rank, r.machine, r.addr)).collect::<Vec<_>>().join(", ")
 }

@@ -167,6 +167,8 @@ pub enum Outbound {
     Logits { logits: Tensor },
     /// A layer's KV cache after prefill, to the rank that decodes it.
     Kv { to: u32, layer: u32, cache: crate::exec::KvCache },
+    /// How long op `op` took (with timing on).
+    Timing { op: usize, seconds: f64 },
 }
 
 /// One step (prefill or one decode token) of one request on one rank.
@@ -180,6 +182,8 @@ pub struct StepRun {
     next: usize,
     /// Bytes of activations sent by this rank in this step.
     pub bytes_sent: u64,
+    /// Time every op, synchronising the device after each.
+    pub timing: bool,
 }
 
 /// Whether a step has finished on this rank.
@@ -192,7 +196,7 @@ pub enum Progress {
 
 impl StepRun {
     pub fn new(request: u64, step: u32, phase: Phase, input: StepInput) -> Self {
-        Self { request, step, phase, input, values: HashMap::new(), next: 0, bytes_sent: 0 }
+        Self { request, step, phase, input, values: HashMap::new(), next: 0, bytes_sent: 0, timing: false }
     }
 
     /// An input that arrived from another rank.
@@ -227,11 +231,16 @@ impl StepRun {
             }
             let ins: Vec<(OpKind, &[Tensor])> =
                 op.inputs.iter().map(|i| (phase.ops[phase.index[i]].kind, self.values[i].as_slice())).collect();
+            let started = std::time::Instant::now();
             let result = exec.run(op.kind, op.layer, &ins, &self.input).map_err(|e| WorkerError::Op {
                 op: op.id,
                 label: format!("{}{}", op.layer.map_or(String::new(), |l| format!("L{l}.")), op.kind),
                 message: e.to_string(),
             })?;
+            if self.timing {
+                exec.device.synchronize()?;
+                out(Outbound::Timing { op: op.id, seconds: started.elapsed().as_secs_f64() });
+            }
             let result = Arc::new(result);
             for &to in &op.send_to {
                 out(Outbound::Activation { to, from_op: op.id, tensors: result.clone() });

@@ -1,5 +1,10 @@
 //! `lemur-worker`: one rank of a Lemurian cluster (thin over `lemur_worker`).
 
+/// candle allocates every op's output; mimalloc reuses freed memory instead of returning it
+/// to the OS and faulting it back in, which made element-wise ops several times slower.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +17,7 @@ use lemur_worker::cluster::Cluster;
 use lemur_worker::node::{run_node, Job, NodeConfig, Timeouts, TokenSink};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
+use lemur_protocol::timings::Timings;
 use lemur_worker::weights::{gguf_file_of, parse_dtype};
 
 /// Run one rank of a Lemurian cluster.
@@ -71,6 +77,14 @@ struct Args {
     /// Rank 0: also write every step's logits (JSON) here.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
+    /// Rank 0: time every op on every rank and write predicted against measured times
+    /// (JSON) here; the validation table goes to stderr.
+    #[arg(long)]
+    timings: Option<PathBuf>,
+    /// Rank 0: run the request this many times; the times reported are medians over the
+    /// warm runs (all but the first).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600)]
     wait: u64,
@@ -121,11 +135,23 @@ fn run() -> Result<()> {
         };
         let sampling =
             Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
-        Some(Job { plan, model_dir, dtype, prompt, max_new_tokens: args.max_new_tokens, eos, sampling, on_token })
+        Some(Job {
+            plan,
+            model_dir,
+            dtype,
+            prompt,
+            max_new_tokens: args.max_new_tokens,
+            eos,
+            sampling,
+            on_token,
+            timing: args.timings.is_some(),
+            repeat: args.repeat,
+        })
     } else {
         None
     };
     let timeouts = Timeouts { wait_for_leader: Duration::from_secs(args.wait), ..Timeouts::default() };
+    let plan = job.as_ref().map(|j| j.plan.clone());
     let outcome = run_node(NodeConfig { rank: args.rank, cluster, device, job, timeouts })?;
     if let Some(o) = outcome {
         if tok.is_some() {
@@ -143,6 +169,11 @@ fn run() -> Result<()> {
         }
         if o.handover_bytes > 0 {
             eprintln!("KV handover: {} bytes, complete {:.2} ms after prefill began", o.handover_bytes, o.handover_ms);
+        }
+        if let (Some(path), Some(plan)) = (&args.timings, &plan) {
+            let t = Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3));
+            eprint!("{}", t.table());
+            std::fs::write(path, serde_json::to_string_pretty(&t)?).with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(path) = &args.dump_logits {
             std::fs::write(path, serde_json::to_string(&o.logits)?)

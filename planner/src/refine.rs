@@ -1,0 +1,191 @@
+//! Online refinement: measured per-op times from a real run folded back into a machine's
+//! profile, so the planner learns what the machine actually does.
+//!
+//! Each measured op of the profile's machine is priced kernel by kernel as the cost model
+//! does; what the measurement says about the one quantity that decided the op's time is
+//! recorded: the GEMM rate at the op's equivalent size (compute-bound GEMMs), the read
+//! bandwidth (memory-bound GEMMs: decode), the attention rate at its key length, or the
+//! element-wise rate of its kernel class. Medians of those observations replace or extend
+//! the profile's curves and rates. Re-priced with the refined profile, an op whose time is
+//! set by one such quantity predicts what was measured.
+
+use std::collections::BTreeMap;
+
+use lemur_protocol::timings::Timings;
+use lemur_protocol::{Curve, Elementwise, MachineProfile, Plan};
+
+use crate::cost::{CostModel, Roofline};
+use crate::graph::{EwClass, Kernel};
+use crate::problem::{Instance, InstanceError, Mode, Objective};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefineError {
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Cost(#[from] crate::cost::CostError),
+    #[error("the plan is for `{0}`; refinement reads inference plans")]
+    Mode(String),
+    #[error("no measured op ran on a machine with profile `{0}`")]
+    Nothing(String),
+    #[error("the refined profile is invalid: {0}")]
+    Invalid(String),
+}
+
+/// What the refinement changed, for the user.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RefineReport {
+    /// Observations used per target (`gemm f32 @ 812`, `read bandwidth`, ...).
+    pub observations: BTreeMap<String, usize>,
+    pub lines: Vec<String>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Puts the observed points into a curve: a point within 3% of an existing size replaces it.
+fn merge(curve: &mut Curve, observed: &BTreeMap<u64, Vec<f64>>) {
+    for (&size, rates) in observed {
+        let (x, y) = (size as f64, median(rates.clone()));
+        match curve.size.iter().position(|&s| (s - x).abs() <= 0.03 * x) {
+            Some(i) => {
+                curve.size[i] = x;
+                curve.tflops[i] = y;
+            }
+            None => {
+                let i = curve.size.partition_point(|&s| s < x);
+                curve.size.insert(i, x);
+                curve.tflops.insert(i, y);
+            }
+        }
+    }
+}
+
+/// Refines `profile` with the measured times of `timings`, taken under `plan`.
+pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Result<(MachineProfile, RefineReport), RefineError> {
+    let mode = match plan.workload.mode.as_str() {
+        "infer" => Mode::Infer { prompt: plan.workload.seq, gen_tokens: plan.workload.gen_tokens, batch: plan.workload.batch },
+        other => return Err(RefineError::Mode(other.to_string())),
+    };
+    let machines: Vec<MachineProfile> = plan.machines.iter().map(|m| m.profile.clone()).collect();
+    let inst = Instance::new(&Roofline, &plan.model, plan.dtype, mode, Objective::Latency, &machines, &plan.links)?;
+    // Plan op id -> (phase index, graph op id).
+    let mut where_op = BTreeMap::new();
+    let mut offset = 0;
+    for (p, ph) in inst.phases.iter().enumerate() {
+        for (id, _) in ph.graph.ops() {
+            where_op.insert(offset + id, (p, id));
+        }
+        offset += ph.graph.len();
+    }
+    let on_profile: Vec<&str> =
+        plan.machines.iter().filter(|m| m.profile.name == profile.name).map(|m| m.name.as_str()).collect();
+    let dispatch = profile.dispatch_s();
+    let read_bw = profile.bandwidth.read_gbps * 1e9;
+    let mut gemm: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+    let mut attention: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+    let mut read: Vec<f64> = Vec::new();
+    let mut ew: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut used = 0usize;
+    for t in &timings.ops {
+        if !on_profile.contains(&t.machine.as_str()) || t.measured_ms <= 0.0 {
+            continue;
+        }
+        let Some(&(p, id)) = where_op.get(&t.id) else { continue };
+        let op = inst.phases[p].graph.op(id);
+        let measured = t.measured_ms * 1e-3;
+        let ks = &op.kernels;
+        match ks.as_slice() {
+            [k @ Kernel::Gemm { m, n, k: kk, dtype, .. }] => {
+                let (w, a) = k.bytes_read();
+                let bytes = (w + a + k.bytes_written()) as f64;
+                let size = ((m * n * kk) as f64).cbrt();
+                let rate = profile.gemm.get(dtype).map_or(0.0, |c| c.at(size)) * 1e12;
+                let compute = k.flops() as f64 / rate.max(1.0);
+                let busy = (measured - dispatch).max(measured * 0.05);
+                if bytes / read_bw > compute {
+                    read.push(bytes / busy);
+                } else {
+                    gemm.entry(*dtype).or_default().entry(size.round() as u64).or_default().push(k.flops() as f64 / busy / 1e12);
+                }
+                used += 1;
+            }
+            [rest @ .., att @ Kernel::Attention { kv_len, q_len, dtype, .. }] if *q_len > 1 => {
+                let others: f64 = rest.iter().map(|k| Roofline.kernel_seconds(k, profile)).sum::<Result<f64, _>>()?;
+                let busy = (measured - others - dispatch).max(measured * 0.05);
+                attention.entry(*dtype).or_default().entry(*kv_len).or_default().push(att.flops() as f64 / busy / 1e12);
+                used += 1;
+            }
+            [k @ Kernel::Elementwise { class, backward: false, .. }] => {
+                let name = match class {
+                    EwClass::RmsNorm => "rms_norm",
+                    EwClass::Rope => "rope",
+                    EwClass::SiluMul => "silu_mul",
+                    EwClass::Add => "add",
+                    _ => continue,
+                };
+                let (w, a) = k.bytes_read();
+                let bytes = (w + a + k.bytes_written()) as f64;
+                let busy = (measured - dispatch).max(measured * 0.05);
+                ew.entry(name).or_default().push(bytes / busy / 1e9);
+                used += 1;
+            }
+            _ => {}
+        }
+    }
+    if used == 0 {
+        return Err(RefineError::Nothing(profile.name.clone()));
+    }
+    let mut out = profile.clone();
+    let mut report = RefineReport::default();
+    for (dt, obs) in &gemm {
+        let curve = out.gemm.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
+        for (size, v) in obs {
+            report.observations.insert(format!("gemm {dt} @ {size}"), v.len());
+            report.lines.push(format!("gemm {dt} at N={size}: {:.3} -> {:.3} TFLOP/s", curve.at(*size as f64), median(v.clone())));
+        }
+        merge(curve, obs);
+    }
+    for (dt, obs) in &attention {
+        let curve = out.attention.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
+        for (size, v) in obs {
+            report.observations.insert(format!("attention {dt} @ {size}"), v.len());
+            report.lines.push(format!("attention {dt} at {size}: {:.3} -> {:.3} TFLOP/s", curve.at(*size as f64), median(v.clone())));
+        }
+        merge(curve, obs);
+    }
+    if !read.is_empty() {
+        let new = median(read.clone()) / 1e9;
+        report.observations.insert("read bandwidth".into(), read.len());
+        report.lines.push(format!("read bandwidth: {:.1} -> {new:.1} GB/s", out.bandwidth.read_gbps));
+        out.bandwidth.read_gbps = new;
+    }
+    let get = |name: &str| ew.get(name).map(|v| median(v.clone()));
+    let current = out.elementwise.clone();
+    let merged = match current {
+        Some(e) => Some(Elementwise {
+            rms_norm_gbps: get("rms_norm").unwrap_or(e.rms_norm_gbps),
+            rope_gbps: get("rope").unwrap_or(e.rope_gbps),
+            silu_mul_gbps: get("silu_mul").unwrap_or(e.silu_mul_gbps),
+            add_gbps: get("add").unwrap_or(e.add_gbps),
+        }),
+        None => match (get("rms_norm"), get("rope"), get("silu_mul"), get("add")) {
+            (Some(a), Some(b), Some(c), Some(d)) => Some(Elementwise { rms_norm_gbps: a, rope_gbps: b, silu_mul_gbps: c, add_gbps: d }),
+            _ => None,
+        },
+    };
+    for (name, v) in &ew {
+        report.observations.insert(format!("elementwise {name}"), v.len());
+        report.lines.push(format!("elementwise {name}: {:.2} GB/s", median(v.clone())));
+    }
+    out.elementwise = merged;
+    out.validate().map_err(|e| RefineError::Invalid(e.to_string()))?;
+    Ok((out, report))
+}

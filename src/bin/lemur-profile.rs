@@ -1,0 +1,212 @@
+//! `lemur-profile`: measure a machine (or a link) with the workers' own kernels and
+//! transport, and fold measured run times back into a profile (thin over the libraries).
+
+/// candle allocates every op's output; mimalloc reuses freed memory instead of returning it
+/// to the OS and faulting it back in, which made element-wise ops several times slower.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use lemurian::planner::profiles::parse_machine;
+use lemurian::planner::refine::refine;
+use lemurian::protocol::timings::Timings;
+use lemurian::protocol::{MachineProfile, Plan};
+use lemurian::worker::profiler::{measure, tasks, ProfileOptions};
+
+/// Measure what a machine can do, with the kernels the workers run, into a profile.
+///
+/// Without a subcommand: measures the device (GEMM and attention curves per dtype, read and
+/// copy bandwidth, element-wise throughput, dispatch overhead, memory) and writes a
+/// profile in the schema of `profiles/`. `link` measures a link; `refine` folds a timed
+/// run's measurements back into a profile.
+#[derive(Debug, Parser)]
+#[command(name = "lemur-profile", version, about, long_about)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// cpu, cuda (cuda:N) or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The profile's machine name.
+    #[arg(long, default_value = "my-machine")]
+    name: String,
+    /// Where to write the profile (TOML); stdout if absent.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Fewer sizes, shorter timing: under a minute on a small CPU.
+    #[arg(long)]
+    quick: bool,
+    /// Dtypes of the GEMM and attention curves (default: f32 on CPU, f16,bf16,f32 on GPUs).
+    #[arg(long, value_delimiter = ',')]
+    dtype: Vec<String>,
+    /// Memory in GB, for devices that do not report theirs.
+    #[arg(long)]
+    memory_gb: Option<f64>,
+    /// The device's theoretical peak TFLOP/s (spec sheet), to report achieved against it.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// The device's theoretical memory bandwidth GB/s (spec sheet).
+    #[arg(long)]
+    peak_gbps: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Measure bandwidth and latency to another process running `link --listen`.
+    Link {
+        /// Listen here and serve one probe.
+        #[arg(long, conflicts_with = "peer")]
+        listen: Option<String>,
+        /// Probe the process listening here.
+        #[arg(long)]
+        peer: Option<String>,
+        /// This machine's name (the link joins it to the peer's).
+        #[arg(long, default_value = "my-machine")]
+        name: String,
+        /// Where to write the link (TOML, `links.toml` format); stdout if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Fold measured op times (`lemur-worker --timings`) into a profile.
+    Refine {
+        /// The profile to refine.
+        #[arg(long)]
+        profile: PathBuf,
+        /// The plan the timed run executed.
+        #[arg(long)]
+        plan: PathBuf,
+        /// The timings file.
+        #[arg(long = "from")]
+        from: PathBuf,
+        /// Where to write the refined profile; stdout if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn write_out(out: &Option<PathBuf>, text: &str) -> Result<()> {
+    match out {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn profile_toml(p: &MachineProfile, header: &str) -> Result<String> {
+    Ok(format!("{header}{}", toml::to_string_pretty(p)?))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match args.cmd {
+        Some(Cmd::Link { listen, peer, name, out }) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match (listen, peer) {
+                (Some(addr), None) => {
+                    eprintln!("listening on {addr} for one probe");
+                    rt.block_on(lemurian::worker::link::serve(&addr, &name))?;
+                }
+                (None, Some(addr)) => {
+                    let link = rt.block_on(lemurian::worker::link::probe(&addr, &name, 500, 64))?;
+                    eprintln!(
+                        "{} <-> {}: {:.2} GB/s, {:.1} us one way",
+                        link.between[0], link.between[1], link.bandwidth_gbps, link.latency_us
+                    );
+                    #[derive(serde::Serialize)]
+                    struct LinksFile<'a> {
+                        link: [&'a lemurian::protocol::LinkProfile; 1],
+                    }
+                    let text = format!(
+                        "# Measured by lemur-profile link: 500 round trips of a small frame (latency is half the\n# median), then 64 frames of 4 MiB (bandwidth).\n{}",
+                        toml::to_string_pretty(&LinksFile { link: [&link] })?
+                    );
+                    write_out(&out, &text)?;
+                }
+                _ => bail!("link needs --listen ADDR or --peer ADDR"),
+            }
+        }
+        Some(Cmd::Refine { profile, plan, from, out }) => {
+            let text = std::fs::read_to_string(&profile).with_context(|| format!("reading {}", profile.display()))?;
+            let prof = parse_machine(&profile, &text)?;
+            let plan = Plan::from_json(&std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?)?;
+            let timings: Timings = serde_json::from_str(&std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?)
+                .with_context(|| format!("{}: not a timings file", from.display()))?;
+            let (refined, report) = refine(&prof, &plan, &timings)?;
+            for line in &report.lines {
+                eprintln!("{line}");
+            }
+            let header = format!(
+                "# {}: refined by lemur-profile refine from {} ({} observations).\n",
+                refined.name,
+                from.display(),
+                report.observations.values().sum::<usize>()
+            );
+            write_out(&out, &profile_toml(&refined, &header)?)?;
+        }
+        None => {
+            let device = lemurian::worker::device::open(&args.device)?;
+            let dtypes = if args.dtype.is_empty() {
+                if device.is_cpu() { vec!["f32".to_string()] } else { vec!["f16".into(), "bf16".into(), "f32".into()] }
+            } else {
+                args.dtype.clone()
+            };
+            let dtypes = dtypes.iter().map(|d| lemurian::worker::weights::parse_dtype(d)).collect::<Result<Vec<_>, _>>()?;
+            let opts = ProfileOptions {
+                name: args.name.clone(),
+                quick: args.quick,
+                dtypes,
+                memory_bytes: args.memory_gb.map(|g| (g * 1e9) as u64),
+            };
+            let list = tasks(&device, &opts);
+            let estimate: f64 = list.iter().map(|t| t.estimate_s(opts.quick, device.is_cpu())).sum();
+            eprintln!("measuring {} on {}: {} measurements, about {:.0} s", args.name, args.device, list.len(), estimate);
+            let bar = indicatif::ProgressBar::new(list.len() as u64);
+            bar.set_style(indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")?);
+            let t0 = Instant::now();
+            let mut profile = measure(&device, &opts, |done, _, what| {
+                bar.set_position(done as u64);
+                bar.set_message(what.to_string());
+            })?;
+            bar.finish_and_clear();
+            if let (Some(t), Some(g)) = (args.peak_tflops, args.peak_gbps) {
+                let peak_dtype = profile.gemm.keys().next().copied().unwrap_or(lemurian::protocol::DType::F32);
+                profile.peak = Some(lemurian::protocol::Peak { tflops: [(peak_dtype, t)].into_iter().collect(), bandwidth_gbps: g });
+            }
+            let best: f64 = profile.gemm.values().map(|c| c.peak()).fold(0.0, f64::max);
+            eprintln!(
+                "measured in {:.1} s: GEMM up to {best:.3} TFLOP/s, read {:.1} GB/s, copy {:.1} GB/s, dispatch {:.1} us",
+                t0.elapsed().as_secs_f64(),
+                profile.bandwidth.read_gbps,
+                profile.bandwidth.copy_gbps,
+                profile.dispatch_overhead_us
+            );
+            if let Some(peak) = &profile.peak {
+                let t = peak.tflops.values().next().copied().unwrap_or(1.0);
+                eprintln!(
+                    "against the spec sheet: GEMM {:.1}% of {t} TFLOP/s, read bandwidth {:.1}% of {} GB/s",
+                    best / t * 100.0,
+                    profile.bandwidth.read_gbps / peak.bandwidth_gbps * 100.0,
+                    peak.bandwidth_gbps
+                );
+            }
+            let header = format!(
+                "# {}: measured by lemur-profile{} on {} with candle's kernels (the workers' own).\n# GEMM: square N x N times a transposed N x N weight; attention: the workers' attention, 8 heads\n# of 64 over 4 KV heads, causal; element-wise rates are GB/s of minimal traffic.\n",
+                args.name,
+                if args.quick { " --quick" } else { "" },
+                args.device
+            );
+            write_out(&args.out, &profile_toml(&profile, &header)?)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! `lemur-profile`'s measurements: the same candle kernels the workers run, timed on a
+//! device, written as a [`MachineProfile`] in the shipped schema; a link between two
+//! processes; and the refinement that folds measured op times from real runs back in.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use lemur_protocol::{
+    Bandwidth, Curve, DType as PDType, Elementwise, KernelStyle, MachineProfile, Memory,
+};
+
+use crate::error::WorkerError;
+use crate::exec::attention_core;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    pub name: String,
+    /// Fewer sizes and shorter timing loops: under a minute on a 2-core CPU.
+    pub quick: bool,
+    /// Dtypes for the GEMM and attention curves.
+    pub dtypes: Vec<DType>,
+    /// Overrides for memory (bytes) when the device cannot report it.
+    pub memory_bytes: Option<u64>,
+}
+
+/// One measurement of the run, for progress and the time estimate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    Dispatch,
+    Bandwidth,
+    Gemm { dtype: DType, n: usize },
+    Attention { dtype: DType, seq: usize },
+    Elementwise,
+}
+
+impl Task {
+    /// Rough seconds this task takes on a small CPU (for the up-front estimate).
+    pub fn estimate_s(&self, quick: bool, cpu: bool) -> f64 {
+        let scale = if quick { 0.3 } else { 1.0 };
+        scale
+            * match self {
+                Task::Dispatch => 0.3,
+                Task::Bandwidth => 1.5,
+                Task::Gemm { n, .. } if cpu => 0.3 + (*n as f64 / 1024.0).powi(3) * 0.4,
+                Task::Gemm { .. } => 0.5,
+                Task::Attention { seq, .. } if cpu => 0.3 + (*seq as f64 / 512.0).powi(2) * 0.3,
+                Task::Attention { .. } => 0.5,
+                Task::Elementwise => 1.5,
+            }
+    }
+}
+
+/// Sizes to measure on this device.
+pub fn tasks(device: &Device, opts: &ProfileOptions) -> Vec<Task> {
+    let cpu = device.is_cpu();
+    let gemm: Vec<usize> = match (cpu, opts.quick) {
+        (true, true) => vec![64, 128, 256, 512, 1024],
+        (true, false) => vec![64, 128, 256, 512, 1024, 1536, 2048],
+        (false, true) => vec![256, 1024, 2048, 4096],
+        (false, false) => vec![256, 512, 1024, 2048, 4096, 8192],
+    };
+    let att: Vec<usize> = match (cpu, opts.quick) {
+        (true, true) => vec![64, 128, 256, 512],
+        (true, false) => vec![64, 128, 256, 512, 1024, 2048],
+        (false, true) => vec![512, 1024, 2048],
+        (false, false) => vec![512, 1024, 2048, 4096],
+    };
+    let mut t = vec![Task::Dispatch, Task::Bandwidth];
+    for &dt in &opts.dtypes {
+        t.extend(gemm.iter().map(|&n| Task::Gemm { dtype: dt, n }));
+        t.extend(att.iter().map(|&seq| Task::Attention { dtype: dt, seq }));
+    }
+    t.push(Task::Elementwise);
+    t
+}
+
+/// Median seconds of `f` over at least `min_runs` runs and `min_time`, after one warm-up.
+pub fn time_it(
+    device: &Device,
+    min_runs: usize,
+    min_time: Duration,
+    mut f: impl FnMut() -> Result<(), WorkerError>,
+) -> Result<f64, WorkerError> {
+    f()?;
+    device.synchronize()?;
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while samples.len() < min_runs || (start.elapsed() < min_time && samples.len() < 10_000) {
+        let t0 = Instant::now();
+        f()?;
+        device.synchronize()?;
+        samples.push(t0.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn rand(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, WorkerError> {
+    Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+}
+
+fn pdtype(d: DType) -> Result<PDType, WorkerError> {
+    match d {
+        DType::F32 => Ok(PDType::F32),
+        DType::F16 => Ok(PDType::F16),
+        DType::BF16 => Ok(PDType::Bf16),
+        other => Err(WorkerError::Device(format!("cannot profile {other:?}"))),
+    }
+}
+
+/// Physical and available memory of this host (Linux), bytes.
+pub fn host_memory() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("MemTotal:")? * 1024, field("MemAvailable:")? * 1024))
+}
+
+/// Runs every task on `device`; `progress(done, total, what)` reports as it goes.
+pub fn measure(
+    device: &Device,
+    opts: &ProfileOptions,
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<MachineProfile, WorkerError> {
+    let (runs, min_time) = if opts.quick { (3, Duration::from_millis(80)) } else { (5, Duration::from_millis(400)) };
+    let list = tasks(device, opts);
+    let mut dispatch_s = 0.0;
+    let mut read_gbps = 0.0;
+    let mut copy_gbps = 0.0;
+    let mut gemm: BTreeMap<PDType, Curve> = BTreeMap::new();
+    let mut attention: BTreeMap<PDType, Curve> = BTreeMap::new();
+    let mut elementwise = None;
+    for (i, task) in list.iter().enumerate() {
+        progress(i, list.len(), &format!("{task:?}"));
+        match *task {
+            Task::Dispatch => {
+                let a = Tensor::ones(1, DType::F32, device)?;
+                let b = Tensor::ones(1, DType::F32, device)?;
+                dispatch_s = time_it(device, 200, min_time, || {
+                    let _ = (&a + &b)?;
+                    Ok(())
+                })?;
+            }
+            Task::Bandwidth => {
+                let elems = if opts.quick { 16 << 20 } else { 64 << 20 };
+                let t = rand(&[elems], DType::F32, device)?;
+                let bytes = (elems * 4) as f64;
+                let read = time_it(device, runs, min_time, || {
+                    let _ = t.sum_all()?;
+                    Ok(())
+                })?;
+                let copy = time_it(device, runs, min_time, || {
+                    let _ = t.copy()?;
+                    Ok(())
+                })?;
+                read_gbps = bytes / read / 1e9;
+                copy_gbps = 2.0 * bytes / copy / 1e9;
+            }
+            Task::Gemm { dtype, n } => {
+                // As the workers run a projection: a [1, n, n] activation through a linear
+                // layer with an [out, in] weight.
+                let x = rand(&[1, n, n], dtype, device)?;
+                let lin = candle_nn::Linear::new(rand(&[n, n], dtype, device)?, None);
+                let s = time_it(device, runs, min_time, || {
+                    let _ = candle_core::Module::forward(&lin, &x)?;
+                    Ok(())
+                })?;
+                let c = gemm.entry(pdtype(dtype)?).or_insert(Curve { size: vec![], tflops: vec![] });
+                c.size.push(n as f64);
+                c.tflops.push(2.0 * (n as f64).powi(3) / s / 1e12);
+            }
+            Task::Attention { dtype, seq } => {
+                // The workers' own attention: 8 heads of 64, grouped 2:1, causal mask.
+                let (h, kvh, d) = (8, 4, 64);
+                let q = rand(&[1, h, seq, d], dtype, device)?;
+                let k = rand(&[1, kvh, seq, d], dtype, device)?;
+                let v = rand(&[1, kvh, seq, d], dtype, device)?;
+                let mask = crate::exec::window_mask(seq, 0, seq, 0, None, device)?;
+                let s = time_it(device, runs, min_time, || {
+                    let _ = attention_core(&q, &k, &v, mask.as_ref(), h / kvh)?;
+                    Ok(())
+                })?;
+                let c = attention.entry(pdtype(dtype)?).or_insert(Curve { size: vec![], tflops: vec![] });
+                c.size.push(seq as f64);
+                c.tflops.push(4.0 * (h * seq * seq * d) as f64 / s / 1e12);
+            }
+            Task::Elementwise => {
+                elementwise = Some(measure_elementwise(device, runs, min_time, dispatch_s)?);
+            }
+        }
+    }
+    progress(list.len(), list.len(), "done");
+    let (total, available) = match (opts.memory_bytes, device.is_cpu()) {
+        (Some(b), _) => (b, b),
+        (None, true) => host_memory().ok_or_else(|| WorkerError::Device("cannot read /proc/meminfo; pass --memory-gb".into()))?,
+        (None, false) => return Err(WorkerError::Device("this device does not report its memory; pass --memory-gb".into())),
+    };
+    // Leave a tenth of what is free for the runtime and the system.
+    let usable = (available as f64 * 0.9) as u64;
+    let kind = if device.is_cpu() {
+        "CPU"
+    } else if device.is_cuda() {
+        "CUDA"
+    } else {
+        "Metal"
+    };
+    let profile = MachineProfile {
+        name: opts.name.clone(),
+        description: format!(
+            "{kind} device measured by lemur-profile{} with candle's kernels",
+            if opts.quick { " --quick" } else { "" }
+        ),
+        kernel_style: KernelStyle::Fused,
+        dispatch_overhead_us: dispatch_s * 1e6,
+        memory: Memory { total_bytes: total, usable_bytes: usable, max_alloc_bytes: usable },
+        peak: None,
+        bandwidth: Bandwidth { read_gbps, copy_gbps },
+        elementwise,
+        gemm,
+        attention,
+    };
+    profile.validate().map_err(|e| WorkerError::Device(format!("measured profile is invalid: {e}")))?;
+    Ok(profile)
+}
+
+/// Element-wise throughput (GB/s of minimal traffic, dispatch subtracted) of the kernels the
+/// workers run for RMSNorm, RoPE, SiLU-multiply and residual adds.
+fn measure_elementwise(device: &Device, runs: usize, min_time: Duration, dispatch_s: f64) -> Result<Elementwise, WorkerError> {
+    let (s, h) = (512, 2048);
+    let x = rand(&[1, s, h], DType::F32, device)?;
+    let y = rand(&[1, s, h], DType::F32, device)?;
+    let w = rand(&[h], DType::F32, device)?;
+    let bytes = (s * h * 4) as f64;
+    let rate = |secs: f64, traffic: f64| traffic / (secs - dispatch_s).max(secs * 0.05) / 1e9;
+    let norm = time_it(device, runs, min_time, || {
+        let _ = candle_nn::ops::rms_norm(&x, &w, 1e-5)?;
+        Ok(())
+    })?;
+    let silu = time_it(device, runs, min_time, || {
+        let _ = (x.silu()? * &y)?;
+        Ok(())
+    })?;
+    let add = time_it(device, runs, min_time, || {
+        let _ = (&x + &y)?;
+        Ok(())
+    })?;
+    let (heads, d) = (16, h / 16);
+    let q = rand(&[1, heads, s, d], DType::F32, device)?;
+    let cos = rand(&[s, d / 2], DType::F32, device)?;
+    let sin = rand(&[s, d / 2], DType::F32, device)?;
+    let rope = time_it(device, runs, min_time, || {
+        let _ = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+        Ok(())
+    })?;
+    Ok(Elementwise {
+        rms_norm_gbps: rate(norm, 2.0 * bytes),
+        rope_gbps: rate(rope, 2.0 * bytes),
+        silu_mul_gbps: rate(silu, 3.0 * bytes),
+        add_gbps: rate(add, 3.0 * bytes),
+    })
+}
