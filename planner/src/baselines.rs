@@ -362,8 +362,17 @@ pub fn baselines(inst: &Instance) -> Vec<Baseline> {
     if inst.num_machines() > 1 {
         let mem: Vec<f64> = inst.machines.iter().map(|m| m.profile.memory.usable_bytes as f64).collect();
         out.push(baseline(inst, "layers by memory (exo, llama.cpp RPC)".into(), proportional(inst, &mem)));
-        let flops: Vec<f64> =
-            inst.machines.iter().map(|m| m.profile.peak.as_ref().and_then(|p| p.tflops.get(&inst.dtype).copied()).unwrap_or_else(|| m.profile.gemm.values().map(|c| c.peak()).fold(0.0, f64::max))).collect();
+        let flops: Vec<f64> = inst
+            .machines
+            .iter()
+            .map(|m| {
+                m.profile
+                    .peak
+                    .as_ref()
+                    .and_then(|p| p.tflops.get(&inst.dtype).copied())
+                    .unwrap_or_else(|| m.profile.gemm.values().map(|c| c.peak()).fold(0.0, f64::max))
+            })
+            .collect();
         out.push(baseline(inst, "layers by peak FLOPS (cake)".into(), proportional(inst, &flops)));
         let orders = machine_orders(inst, 5040);
         if let Some(a) = contiguous_dp(inst, &chain(inst, true), &orders) {

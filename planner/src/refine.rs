@@ -5,7 +5,8 @@
 //! does; what the measurement says about the one quantity that decided the op's time is
 //! recorded: the GEMM rate at the op's equivalent size (compute-bound GEMMs), the read
 //! bandwidth (memory-bound GEMMs: decode), the attention rate at its key length, or the
-//! element-wise rate of its kernel class. Medians of those observations replace or extend
+//! element-wise rate of its kernel class. Ops whose time is mostly dispatch overhead say
+//! nothing about a rate and are skipped. Medians of those observations replace or extend
 //! the profile's curves and rates. Re-priced with the refined profile, an op whose time is
 //! set by one such quantity predicts what was measured.
 
@@ -68,10 +69,34 @@ fn merge(curve: &mut Curve, observed: &BTreeMap<u64, Vec<f64>>) {
     }
 }
 
-/// Refines `profile` with the measured times of `timings`, taken under `plan`.
-pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Result<(MachineProfile, RefineReport), RefineError> {
+/// Observations gathered from timed runs, by target.
+#[derive(Debug, Default)]
+struct Observed {
+    gemm: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>>,
+    attention: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>>,
+    read: Vec<f64>,
+    ew: BTreeMap<&'static str, Vec<f64>>,
+    used: usize,
+}
+
+/// Refines `profile` with the measured times of one or more timed runs (each carries the
+/// plan it executed).
+pub fn refine(profile: &MachineProfile, runs: &[Timings]) -> Result<(MachineProfile, RefineReport), RefineError> {
+    let mut obs = Observed::default();
+    for t in runs {
+        observe(profile, &t.plan, t, &mut obs)?;
+    }
+    if obs.used == 0 {
+        return Err(RefineError::Nothing(profile.name.clone()));
+    }
+    apply(profile, obs)
+}
+
+fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut Observed) -> Result<(), RefineError> {
     let mode = match plan.workload.mode.as_str() {
-        "infer" => Mode::Infer { prompt: plan.workload.seq, gen_tokens: plan.workload.gen_tokens, batch: plan.workload.batch },
+        "infer" => {
+            Mode::Infer { prompt: plan.workload.seq, gen_tokens: plan.workload.gen_tokens, batch: plan.workload.batch }
+        }
         other => return Err(RefineError::Mode(other.to_string())),
     };
     let machines: Vec<MachineProfile> = plan.machines.iter().map(|m| m.profile.clone()).collect();
@@ -89,11 +114,7 @@ pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Resul
         plan.machines.iter().filter(|m| m.profile.name == profile.name).map(|m| m.name.as_str()).collect();
     let dispatch = profile.dispatch_s();
     let read_bw = profile.bandwidth.read_gbps * 1e9;
-    let mut gemm: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
-    let mut attention: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
-    let mut read: Vec<f64> = Vec::new();
-    let mut ew: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
-    let mut used = 0usize;
+    let Observed { gemm, attention, read, ew, used } = obs;
     for t in &timings.ops {
         if !on_profile.contains(&t.machine.as_str()) || t.measured_ms <= 0.0 {
             continue;
@@ -109,19 +130,29 @@ pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Resul
                 let size = ((m * n * kk) as f64).cbrt();
                 let rate = profile.gemm.get(dtype).map_or(0.0, |c| c.at(size)) * 1e12;
                 let compute = k.flops() as f64 / rate.max(1.0);
-                let busy = (measured - dispatch).max(measured * 0.05);
+                let busy = measured - dispatch;
+                if busy < 0.2 * measured {
+                    continue; // dispatch-dominated: says nothing about the rate
+                }
                 if bytes / read_bw > compute {
                     read.push(bytes / busy);
                 } else {
-                    gemm.entry(*dtype).or_default().entry(size.round() as u64).or_default().push(k.flops() as f64 / busy / 1e12);
+                    gemm.entry(*dtype)
+                        .or_default()
+                        .entry(size.round() as u64)
+                        .or_default()
+                        .push(k.flops() as f64 / busy / 1e12);
                 }
-                used += 1;
+                *used += 1;
             }
             [rest @ .., att @ Kernel::Attention { kv_len, q_len, dtype, .. }] if *q_len > 1 => {
                 let others: f64 = rest.iter().map(|k| Roofline.kernel_seconds(k, profile)).sum::<Result<f64, _>>()?;
-                let busy = (measured - others - dispatch).max(measured * 0.05);
+                let busy = measured - others - dispatch;
+                if busy < 0.2 * measured {
+                    continue;
+                }
                 attention.entry(*dtype).or_default().entry(*kv_len).or_default().push(att.flops() as f64 / busy / 1e12);
-                used += 1;
+                *used += 1;
             }
             [k @ Kernel::Elementwise { class, backward: false, .. }] => {
                 let name = match class {
@@ -133,23 +164,32 @@ pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Resul
                 };
                 let (w, a) = k.bytes_read();
                 let bytes = (w + a + k.bytes_written()) as f64;
-                let busy = (measured - dispatch).max(measured * 0.05);
+                let busy = measured - dispatch;
+                if busy < 0.2 * measured {
+                    continue;
+                }
                 ew.entry(name).or_default().push(bytes / busy / 1e9);
-                used += 1;
+                *used += 1;
             }
             _ => {}
         }
     }
-    if used == 0 {
-        return Err(RefineError::Nothing(profile.name.clone()));
-    }
+    Ok(())
+}
+
+fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, RefineReport), RefineError> {
+    let Observed { gemm, attention, read, ew, .. } = obs;
     let mut out = profile.clone();
     let mut report = RefineReport::default();
     for (dt, obs) in &gemm {
         let curve = out.gemm.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
         for (size, v) in obs {
             report.observations.insert(format!("gemm {dt} @ {size}"), v.len());
-            report.lines.push(format!("gemm {dt} at N={size}: {:.3} -> {:.3} TFLOP/s", curve.at(*size as f64), median(v.clone())));
+            report.lines.push(format!(
+                "gemm {dt} at N={size}: {:.3} -> {:.3} TFLOP/s",
+                curve.at(*size as f64),
+                median(v.clone())
+            ));
         }
         merge(curve, obs);
     }
@@ -157,7 +197,11 @@ pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Resul
         let curve = out.attention.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
         for (size, v) in obs {
             report.observations.insert(format!("attention {dt} @ {size}"), v.len());
-            report.lines.push(format!("attention {dt} at {size}: {:.3} -> {:.3} TFLOP/s", curve.at(*size as f64), median(v.clone())));
+            report.lines.push(format!(
+                "attention {dt} at {size}: {:.3} -> {:.3} TFLOP/s",
+                curve.at(*size as f64),
+                median(v.clone())
+            ));
         }
         merge(curve, obs);
     }
@@ -177,7 +221,9 @@ pub fn refine(profile: &MachineProfile, plan: &Plan, timings: &Timings) -> Resul
             add_gbps: get("add").unwrap_or(e.add_gbps),
         }),
         None => match (get("rms_norm"), get("rope"), get("silu_mul"), get("add")) {
-            (Some(a), Some(b), Some(c), Some(d)) => Some(Elementwise { rms_norm_gbps: a, rope_gbps: b, silu_mul_gbps: c, add_gbps: d }),
+            (Some(a), Some(b), Some(c), Some(d)) => {
+                Some(Elementwise { rms_norm_gbps: a, rope_gbps: b, silu_mul_gbps: c, add_gbps: d })
+            }
             _ => None,
         },
     };

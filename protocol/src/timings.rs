@@ -23,6 +23,8 @@ pub struct OpTiming {
 /// What `lemur-worker --timings FILE` writes, and `lemur-profile refine` reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
+    /// The plan the timed run executed (the op ids below are its).
+    pub plan: Plan,
     /// Predicted and measured time to first token and per output token, ms.
     pub ttft_ms: (f64, f64),
     pub tpot_ms: Option<(f64, f64)>,
@@ -49,6 +51,7 @@ impl Timings {
             })
             .collect();
         Self {
+            plan: plan.clone(),
             ttft_ms: (plan.predicted.ttft_ms.unwrap_or(0.0), ttft_ms),
             tpot_ms: plan.predicted.tpot_ms.zip(tpot_ms),
             ops,
@@ -96,9 +99,11 @@ impl Timings {
             let _ = writeln!(s, "  sum of ops: predicted {tp:.2} ms, measured {tm:.2} ms ({:+.1}%)", err(tp, tm));
         }
         let (p, m) = self.ttft_ms;
-        let _ = writeln!(s, "end to end: time to first token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)", err(p, m));
+        let _ =
+            writeln!(s, "end to end: time to first token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)", err(p, m));
         if let Some((p, m)) = self.tpot_ms {
-            let _ = writeln!(s, "end to end: time per token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)", err(p, m));
+            let _ =
+                writeln!(s, "end to end: time per token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)", err(p, m));
         }
         s
     }

@@ -67,6 +67,7 @@ fn every_message() -> Vec<Frame> {
             frames_sent: 3,
             handover_bytes: 9,
             handover_ms: 1.5,
+            op_ms: vec![(3, 0.25), (4, 1.5)],
         }),
         Frame::control(Message::Error { rank: 1, message: "boom".into() }),
         Frame::control(Message::Heartbeat { rank: 1, seq: 99 }),

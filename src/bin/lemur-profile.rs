@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use lemurian::planner::profiles::parse_machine;
 use lemurian::planner::refine::refine;
 use lemurian::protocol::timings::Timings;
-use lemurian::protocol::{MachineProfile, Plan};
+use lemurian::protocol::MachineProfile;
 use lemurian::worker::profiler::{measure, tasks, ProfileOptions};
 
 /// Measure what a machine can do, with the kernels the workers run, into a profile.
@@ -76,12 +76,9 @@ enum Cmd {
         /// The profile to refine.
         #[arg(long)]
         profile: PathBuf,
-        /// The plan the timed run executed.
-        #[arg(long)]
-        plan: PathBuf,
-        /// The timings file.
-        #[arg(long = "from")]
-        from: PathBuf,
+        /// Timings files (repeat for several runs; several prompt lengths generalise better).
+        #[arg(long = "from", required = true)]
+        from: Vec<PathBuf>,
         /// Where to write the refined profile; stdout if absent.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -135,20 +132,25 @@ fn main() -> Result<()> {
                 _ => bail!("link needs --listen ADDR or --peer ADDR"),
             }
         }
-        Some(Cmd::Refine { profile, plan, from, out }) => {
+        Some(Cmd::Refine { profile, from, out }) => {
             let text = std::fs::read_to_string(&profile).with_context(|| format!("reading {}", profile.display()))?;
             let prof = parse_machine(&profile, &text)?;
-            let plan = Plan::from_json(&std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?)?;
-            let timings: Timings = serde_json::from_str(&std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?)
-                .with_context(|| format!("{}: not a timings file", from.display()))?;
-            let (refined, report) = refine(&prof, &plan, &timings)?;
+            let mut runs = Vec::new();
+            for f in &from {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                let t: Timings =
+                    serde_json::from_str(&text).with_context(|| format!("{}: not a timings file", f.display()))?;
+                t.plan.validate().with_context(|| format!("{}: its plan", f.display()))?;
+                runs.push(t);
+            }
+            let (refined, report) = refine(&prof, &runs)?;
             for line in &report.lines {
                 eprintln!("{line}");
             }
             let header = format!(
                 "# {}: refined by lemur-profile refine from {} ({} observations).\n",
                 refined.name,
-                from.display(),
+                from.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
                 report.observations.values().sum::<usize>()
             );
             write_out(&out, &profile_toml(&refined, &header)?)?;
@@ -156,11 +158,16 @@ fn main() -> Result<()> {
         None => {
             let device = lemurian::worker::device::open(&args.device)?;
             let dtypes = if args.dtype.is_empty() {
-                if device.is_cpu() { vec!["f32".to_string()] } else { vec!["f16".into(), "bf16".into(), "f32".into()] }
+                if device.is_cpu() {
+                    vec!["f32".to_string()]
+                } else {
+                    vec!["f16".into(), "bf16".into(), "f32".into()]
+                }
             } else {
                 args.dtype.clone()
             };
-            let dtypes = dtypes.iter().map(|d| lemurian::worker::weights::parse_dtype(d)).collect::<Result<Vec<_>, _>>()?;
+            let dtypes =
+                dtypes.iter().map(|d| lemurian::worker::weights::parse_dtype(d)).collect::<Result<Vec<_>, _>>()?;
             let opts = ProfileOptions {
                 name: args.name.clone(),
                 quick: args.quick,
@@ -169,7 +176,13 @@ fn main() -> Result<()> {
             };
             let list = tasks(&device, &opts);
             let estimate: f64 = list.iter().map(|t| t.estimate_s(opts.quick, device.is_cpu())).sum();
-            eprintln!("measuring {} on {}: {} measurements, about {:.0} s", args.name, args.device, list.len(), estimate);
+            eprintln!(
+                "measuring {} on {}: {} measurements, about {:.0} s",
+                args.name,
+                args.device,
+                list.len(),
+                estimate
+            );
             let bar = indicatif::ProgressBar::new(list.len() as u64);
             bar.set_style(indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")?);
             let t0 = Instant::now();
@@ -180,7 +193,10 @@ fn main() -> Result<()> {
             bar.finish_and_clear();
             if let (Some(t), Some(g)) = (args.peak_tflops, args.peak_gbps) {
                 let peak_dtype = profile.gemm.keys().next().copied().unwrap_or(lemurian::protocol::DType::F32);
-                profile.peak = Some(lemurian::protocol::Peak { tflops: [(peak_dtype, t)].into_iter().collect(), bandwidth_gbps: g });
+                profile.peak = Some(lemurian::protocol::Peak {
+                    tflops: [(peak_dtype, t)].into_iter().collect(),
+                    bandwidth_gbps: g,
+                });
             }
             let best: f64 = profile.gemm.values().map(|c| c.peak()).fold(0.0, f64::max);
             eprintln!(

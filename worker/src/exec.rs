@@ -212,7 +212,13 @@ impl Executor {
 /// Materialised-score attention: `q [b, h, s, d]` against `k, v [b, h / groups, kv, d]`,
 /// an optional additive mask `[s, kv]`; returns `[b, s, h * d]`. Softmax runs in f32.
 /// (`lemur-profile` times exactly this function for the attention curve.)
-pub fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, groups: usize) -> Result<Tensor, WorkerError> {
+pub fn attention_core(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+) -> Result<Tensor, WorkerError> {
     let (b, h, s, d) = q.dims4()?;
     let kr = repeat_kv(k, groups)?;
     let vr = repeat_kv(v, groups)?;

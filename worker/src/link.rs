@@ -26,7 +26,8 @@ async fn next(net: &mut Framed<TcpStream, FrameCodec>, what: &str) -> Result<Fra
 
 /// Serves one probe: echoes heartbeats, swallows activations, answers the end marker.
 pub async fn serve(addr: &str, machine: &str) -> Result<(), WorkerError> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| WorkerError::Wire(format!("cannot listen on {addr}: {e}")))?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|e| WorkerError::Wire(format!("cannot listen on {addr}: {e}")))?;
     let (stream, _) = listener.accept().await?;
     stream.set_nodelay(true)?;
     let mut net = Framed::new(stream, FrameCodec::default());

@@ -24,9 +24,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use futures::{SinkExt, StreamExt};
-use lemur_protocol::wire::{
-    Frame, FrameCodec, FrameError, Hello, Message, TensorMeta, WireDType, WireTensor,
-};
+use lemur_protocol::wire::{Frame, FrameCodec, FrameError, Hello, Message, TensorMeta, WireDType, WireTensor};
 use lemur_protocol::{Phase, Plan};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -472,9 +470,21 @@ enum Work {
 #[derive(Message)]
 #[rtype(result = "()")]
 enum Event {
-    Logits { step: u32, logits: Vec<f32> },
-    Failed { message: String },
-    Stats { request: u64, bytes_sent: u64, frames_sent: u64, handover_bytes: u64, handover_ms: f64, op_ms: Vec<(usize, f64)> },
+    Logits {
+        step: u32,
+        logits: Vec<f32>,
+    },
+    Failed {
+        message: String,
+    },
+    Stats {
+        request: u64,
+        bytes_sent: u64,
+        frames_sent: u64,
+        handover_bytes: u64,
+        handover_ms: f64,
+        op_ms: Vec<(usize, f64)>,
+    },
 }
 
 // ---- Peer ----

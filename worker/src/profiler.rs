@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use lemur_protocol::{
-    Bandwidth, Curve, DType as PDType, Elementwise, KernelStyle, MachineProfile, Memory,
-};
+use lemur_protocol::{Bandwidth, Curve, DType as PDType, Elementwise, KernelStyle, MachineProfile, Memory};
 
 use crate::error::WorkerError;
 use crate::exec::attention_core;
@@ -114,7 +112,10 @@ fn pdtype(d: DType) -> Result<PDType, WorkerError> {
 pub fn host_memory() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| {
-        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok())
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
     };
     Some((field("MemTotal:")? * 1024, field("MemAvailable:")? * 1024))
 }
@@ -195,8 +196,12 @@ pub fn measure(
     progress(list.len(), list.len(), "done");
     let (total, available) = match (opts.memory_bytes, device.is_cpu()) {
         (Some(b), _) => (b, b),
-        (None, true) => host_memory().ok_or_else(|| WorkerError::Device("cannot read /proc/meminfo; pass --memory-gb".into()))?,
-        (None, false) => return Err(WorkerError::Device("this device does not report its memory; pass --memory-gb".into())),
+        (None, true) => {
+            host_memory().ok_or_else(|| WorkerError::Device("cannot read /proc/meminfo; pass --memory-gb".into()))?
+        }
+        (None, false) => {
+            return Err(WorkerError::Device("this device does not report its memory; pass --memory-gb".into()))
+        }
     };
     // Leave a tenth of what is free for the runtime and the system.
     let usable = (available as f64 * 0.9) as u64;
@@ -228,7 +233,12 @@ pub fn measure(
 
 /// Element-wise throughput (GB/s of minimal traffic, dispatch subtracted) of the kernels the
 /// workers run for RMSNorm, RoPE, SiLU-multiply and residual adds.
-fn measure_elementwise(device: &Device, runs: usize, min_time: Duration, dispatch_s: f64) -> Result<Elementwise, WorkerError> {
+fn measure_elementwise(
+    device: &Device,
+    runs: usize,
+    min_time: Duration,
+    dispatch_s: f64,
+) -> Result<Elementwise, WorkerError> {
     let (s, h) = (512, 2048);
     let x = rand(&[1, s, h], DType::F32, device)?;
     let y = rand(&[1, s, h], DType::F32, device)?;

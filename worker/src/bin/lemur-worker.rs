@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use lemur_protocol::timings::Timings;
 use lemur_protocol::Plan;
 use lemur_worker::cluster::Cluster;
 use lemur_worker::node::{run_node, Job, NodeConfig, Timeouts, TokenSink};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
-use lemur_protocol::timings::Timings;
 use lemur_worker::weights::{gguf_file_of, parse_dtype};
 
 /// Run one rank of a Lemurian cluster.
@@ -173,7 +173,8 @@ fn run() -> Result<()> {
         if let (Some(path), Some(plan)) = (&args.timings, &plan) {
             let t = Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3));
             eprint!("{}", t.table());
-            std::fs::write(path, serde_json::to_string_pretty(&t)?).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, serde_json::to_string_pretty(&t)?)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(path) = &args.dump_logits {
             std::fs::write(path, serde_json::to_string(&o.logits)?)

@@ -1,0 +1,139 @@
+//! Refinement arithmetic: timings synthesised from a known slowdown of each kernel's busy
+//! time must be reproduced by the refined profile's predictions.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use lemur_planner::cost::{CostModel, Roofline};
+use lemur_planner::graph::Kernel;
+use lemur_planner::refine::refine;
+use lemur_planner::{Mode, Objective, PlanRequest, ProfileSet};
+use lemur_protocol::timings::Timings;
+use lemur_protocol::{KernelStyle, MachineProfile, ModelConfig, Phase};
+
+fn profile() -> MachineProfile {
+    let set = ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
+    let mut p = set.machine("m5-pro").unwrap().clone();
+    p.name = "box".into();
+    p.kernel_style = KernelStyle::Fused;
+    p
+}
+
+/// The slowdown applied to a kernel's busy time (time beyond dispatch).
+fn slowdown(k: &Kernel) -> f64 {
+    match k {
+        Kernel::Gemm { m, .. } if *m > 1 => 1.6,
+        Kernel::Gemm { .. } => 1.2, // decode: memory-bound
+        Kernel::Attention { .. } => 1.4,
+        Kernel::Elementwise { .. } => 3.0,
+    }
+}
+
+/// The element-wise rates the synthetic machine really has, GB/s.
+fn truth_gbps(class: lemur_planner::graph::EwClass) -> Option<f64> {
+    use lemur_planner::graph::EwClass::*;
+    match class {
+        RmsNorm => Some(30.0),
+        Rope => Some(7.0),
+        SiluMul => Some(12.0),
+        Add => Some(50.0),
+        _ => None,
+    }
+}
+
+#[test]
+fn refined_profile_predicts_what_was_measured() {
+    let prof = profile();
+    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
+    let mut req = PlanRequest::new(
+        model,
+        vec![prof.clone()],
+        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
+    );
+    req.mode = Mode::Infer { prompt: 256, gen_tokens: 8, batch: 1 };
+    req.objective = Objective::Latency;
+    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let inst = &planned.instance;
+    // Synthesise measured times kernel by kernel.
+    let d = prof.dispatch_s();
+    let mut op_ms = HashMap::new();
+    let mut offset = 0;
+    for ph in &inst.phases {
+        for (id, op) in ph.graph.ops() {
+            let t: f64 = op
+                .kernels
+                .iter()
+                .map(|k| match k {
+                    // Element-wise truth: one launch plus the bytes at a per-class rate.
+                    Kernel::Elementwise { class, backward: false, .. } if truth_gbps(*class).is_some() => {
+                        let (w, a) = k.bytes_read();
+                        d + (w + a + k.bytes_written()) as f64 / (truth_gbps(*class).unwrap() * 1e9)
+                    }
+                    _ => {
+                        let base = Roofline.kernel_seconds(k, &prof).unwrap();
+                        d + slowdown(k) * (base - d)
+                    }
+                })
+                .sum();
+            op_ms.insert(offset + id, t * 1e3);
+        }
+        offset += ph.graph.len();
+    }
+    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
+    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
+    assert!(report.observations.keys().any(|k| k.starts_with("gemm")));
+    assert!(report.observations.contains_key("read bandwidth"));
+    // The element-wise rates are recovered exactly.
+    let e = refined.elementwise.clone().unwrap();
+    for (got, want) in [(e.rms_norm_gbps, 30.0), (e.rope_gbps, 7.0), (e.silu_mul_gbps, 12.0), (e.add_gbps, 50.0)] {
+        assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
+    }
+    // Every single-quantity op now predicts its measured time.
+    let mut checked = 0;
+    let mut offset = 0;
+    for ph in &inst.phases {
+        for (id, op) in ph.graph.ops() {
+            let measured = op_ms[&(offset + id)] * 1e-3;
+            let single = match op.kernels.as_slice() {
+                [Kernel::Gemm { .. }] | [Kernel::Elementwise { .. }] => true,
+                [.., Kernel::Attention { q_len, .. }] => *q_len > 1,
+                _ => false,
+            };
+            let is_gather = matches!(
+                op.kernels.as_slice(),
+                [Kernel::Elementwise { class: lemur_planner::graph::EwClass::Gather, .. }]
+            );
+            if single && !is_gather {
+                let predicted = Roofline.op_seconds(op, &refined).unwrap();
+                let err = (predicted - measured).abs() / measured;
+                assert!(err < 0.01, "{} ({}): predicted {predicted}, measured {measured}", op.label(), ph.phase_name);
+                checked += 1;
+            }
+        }
+        offset += ph.graph.len();
+    }
+    assert!(checked > 40, "checked {checked} ops");
+    // And the refined profile is a valid profile that round-trips through TOML.
+    let text = toml::to_string(&refined).unwrap();
+    let back = lemur_planner::profiles::parse_machine(Path::new("refined.toml"), &text).unwrap();
+    assert_eq!(back, refined);
+    let _ = Phase::Prefill;
+}
+
+#[test]
+fn refinement_without_matching_ops_is_an_error() {
+    let prof = profile();
+    let mut other = prof.clone();
+    other.name = "elsewhere".into();
+    let mut req = PlanRequest::new(
+        ModelConfig::tiny(),
+        vec![other],
+        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
+    );
+    req.mode = Mode::Infer { prompt: 8, gen_tokens: 2, batch: 1 };
+    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let op_ms: HashMap<usize, f64> = planned.plan.ops.iter().map(|o| (o.id, 1.0)).collect();
+    let t = Timings::new(&planned.plan, &op_ms, 1.0, Some(1.0));
+    let err = refine(&prof, &[t]).unwrap_err().to_string();
+    assert!(err.contains("box"), "{err}");
+}

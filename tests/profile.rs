@@ -1,0 +1,104 @@
+//! `lemur-profile` as a user runs it: a quick profile of this machine loads, plans and runs
+//! (with every op timed), the timings refine it, and a link between two processes measures.
+
+mod common;
+
+use std::process::Command;
+
+use anyhow::Result;
+use common::*;
+use lemurian::planner::profiles::ProfileSet;
+use lemurian::protocol::timings::Timings;
+
+fn bin(name: &str) -> std::path::PathBuf {
+    worker_bin().with_file_name(name)
+}
+
+#[test]
+fn a_measured_profile_loads_plans_runs_and_refines() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir(&profiles)?;
+    let out = Command::new(env!("CARGO_BIN_EXE_lemur-profile"))
+        .args(["--device", "cpu", "--name", "this-cpu", "--quick", "--out"])
+        .arg(profiles.join("this-cpu.toml"))
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("measurements, about") && err.contains("TFLOP/s"), "{err}");
+    std::fs::write(
+        profiles.join("links.toml"),
+        "[[link]]\nname = \"loopback\"\nbetween = [\"*\", \"*\"]\nbandwidth_gbps = 3.0\nlatency_us = 10.0\n",
+    )?;
+    let set = ProfileSet::load(&profiles)?;
+    let p = set.machine("this-cpu")?;
+    assert!(p.gemm.contains_key(&lemurian::protocol::DType::F32) && p.elementwise.is_some());
+
+    // Plan a tiny random model on it and run it with every op timed.
+    let model = dir.path().join("model");
+    write_model(&model, &tiny(2, Some(4096)), 9)?;
+    let plan_path = dir.path().join("plan.json");
+    let out = Command::new(bin("lemur-plan"))
+        .arg("--profiles")
+        .arg(&profiles)
+        .arg("--model")
+        .arg(&model)
+        .args(["--seq", "16", "--gen-tokens", "4", "--dtype", "f32", "--out"])
+        .arg(&plan_path)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: lemurian::protocol::Plan = serde_json::from_str(&std::fs::read_to_string(&plan_path)?)?;
+    let cluster = cluster_file(dir.path(), &plan)?;
+    let timings = dir.path().join("timings.json");
+    let out = run_leader(
+        &cluster,
+        &plan_path,
+        &model,
+        &(1..=16).collect::<Vec<u32>>(),
+        4,
+        &["--repeat", "2", "--timings", timings.to_str().unwrap()],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("per op kind") && err.contains("per layer") && err.contains("end to end"), "{err}");
+    let t: Timings = serde_json::from_str(&std::fs::read_to_string(&timings)?)?;
+    assert_eq!(t.ops.len(), plan.ops.len(), "every op is timed");
+    assert!(t.ops.iter().all(|o| o.measured_ms > 0.0 && o.predicted_ms > 0.0));
+
+    // Fold the timings back in.
+    let refined = dir.path().join("refined.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_lemur-profile"))
+        .args(["refine", "--profile"])
+        .arg(profiles.join("this-cpu.toml"))
+        .arg("--from")
+        .arg(&timings)
+        .arg("--out")
+        .arg(&refined)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    lemurian::planner::profiles::parse_machine(&refined, &std::fs::read_to_string(&refined)?)?;
+    Ok(())
+}
+
+#[test]
+fn a_link_between_two_processes_is_measured() -> Result<()> {
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_lemur-profile"))
+        .args(["link", "--listen", &addr, "--name", "box-b"])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = Command::new(env!("CARGO_BIN_EXE_lemur-profile"))
+        .args(["link", "--peer", &addr, "--name", "box-a"])
+        .output()?;
+    let _ = server.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let set_dir = tempfile::tempdir()?;
+    std::fs::write(set_dir.path().join("links.toml"), &text)?;
+    let links = lemurian::planner::profiles::parse_links(&set_dir.path().join("links.toml"), &text)?;
+    assert_eq!(links[0].between, ["box-a".to_string(), "box-b".to_string()]);
+    assert!(links[0].bandwidth_gbps > 0.1 && links[0].latency_us > 0.0 && links[0].latency_us < 10_000.0, "{links:?}");
+    Ok(())
+}
