@@ -178,6 +178,26 @@ fn smollm2_tokenizer_round_trips_and_renders_its_chat_template() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn hugging_face_tokenizer_json_gives_the_same_tokens() -> Result<()> {
+    // Save SmolLM2's tokenizer as a Hugging Face directory and read it back that way.
+    let gguf = smollm2()?;
+    let tok = tokenizer(&gguf)?;
+    let dir = tempfile::tempdir()?;
+    tok.save(&dir.path().join("tokenizer.json"))?;
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+            "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}"#,
+    )?;
+    let hf = Tok::from_dir(dir.path())?;
+    let text = "Two machines, one model: the M4 Pro decodes, the M5 Pro prefills.";
+    assert_eq!(hf.encode(text)?, tok.encode(text)?);
+    assert_eq!(hf.eos, tok.encode("<|im_end|>")?.first().copied());
+    assert_eq!(hf.chat("hi")?, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    Ok(())
+}
+
 /// llama.cpp's permutation of Q and K rows for interleaved RoPE (what convert_hf_to_gguf does).
 fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;

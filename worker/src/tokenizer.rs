@@ -101,6 +101,11 @@ impl Tok {
         })
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<(), WorkerError> {
+        self.inner.save(path, false).map_err(|e| tok_err(path, e))
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, WorkerError> {
         let enc =
             self.inner.encode(text, false).map_err(|e| WorkerError::Plan(format!("tokenizing the prompt: {e}")))?;
