@@ -113,6 +113,16 @@ pub struct RankInfo {
     pub machine: String,
 }
 
+/// How every rank initialises its LoRA adapters (rank and targets come from the plan).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSetup {
+    pub alpha: f64,
+    pub seed: u64,
+    /// PEFT's initialisation (B = 0, so training starts from the base model); off gives a
+    /// random B, which gradient checks need.
+    pub zero_b: bool,
+}
+
 /// Every message workers exchange. Messages with tensors list their metadata here; the
 /// bytes travel after the header (see the module docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +141,9 @@ pub enum Message {
         dtype: WireDType,
         /// Time every op, synchronising the device after each (cost-model validation).
         timing: bool,
+        /// Training: how to initialise the LoRA adapters.
+        #[serde(default)]
+        train: Option<TrainSetup>,
     },
     /// A rank has loaded its weights and connected to its peers.
     Ready {
@@ -147,10 +160,14 @@ pub enum Message {
         position: u64,
     },
     /// The output of op `from_op` for step `step`, sent to a rank that consumes it.
+    /// In training, a gradient travels from a backward op to the backward op of one of
+    /// its producers: `to_op` names which (an activation goes to every local consumer).
     Activation {
         request_id: u64,
         step: u32,
         from_op: usize,
+        #[serde(default)]
+        to_op: Option<usize>,
         tensors: Vec<TensorMeta>,
     },
     /// After prefill: the K and V cache of `layer` (first entry at absolute position
@@ -166,6 +183,19 @@ pub enum Message {
         request_id: u64,
         step: u32,
         logits: TensorMeta,
+    },
+    /// Training: the loss of one micro-batch, from the rank with the lm head to rank 0.
+    Loss {
+        request_id: u64,
+        step: u32,
+        loss: f64,
+    },
+    /// Training: a rank's LoRA tensors (gradients or parameters) by PEFT name, to rank 0.
+    Adapters {
+        rank: u32,
+        request_id: u64,
+        names: Vec<String>,
+        tensors: Vec<TensorMeta>,
     },
     /// A request is over: drop its KV cache.
     Finish {
@@ -204,7 +234,9 @@ impl Message {
     pub fn tensor_metas(&self) -> Vec<&TensorMeta> {
         match self {
             Message::Start { tokens, .. } => vec![tokens],
-            Message::Activation { tensors, .. } | Message::KvHandover { tensors, .. } => tensors.iter().collect(),
+            Message::Activation { tensors, .. }
+            | Message::KvHandover { tensors, .. }
+            | Message::Adapters { tensors, .. } => tensors.iter().collect(),
             Message::Logits { logits, .. } => vec![logits],
             _ => Vec::new(),
         }
@@ -221,6 +253,8 @@ impl Message {
             Message::Activation { .. } => "activation",
             Message::KvHandover { .. } => "kv_handover",
             Message::Logits { .. } => "logits",
+            Message::Loss { .. } => "loss",
+            Message::Adapters { .. } => "adapters",
             Message::Finish { .. } => "finish",
             Message::Stats { .. } => "stats",
             Message::Error { .. } => "error",

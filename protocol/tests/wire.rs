@@ -44,6 +44,7 @@ fn every_message() -> Vec<Frame> {
             model_dir: "/models/x".into(),
             dtype: WireDType::F32,
             timing: true,
+            train: Some(lemur_protocol::wire::TrainSetup { alpha: 32.0, seed: 3, zero_b: true }),
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {
@@ -51,7 +52,7 @@ fn every_message() -> Vec<Frame> {
             tensors: vec![tok_b],
         },
         Frame {
-            message: Message::Activation { request_id: 7, step: 3, from_op: 42, tensors: vec![a, b] },
+            message: Message::Activation { request_id: 7, step: 3, from_op: 42, to_op: Some(9), tensors: vec![a, b] },
             tensors: vec![a_b, b_b],
         },
         Frame {
@@ -60,6 +61,14 @@ fn every_message() -> Vec<Frame> {
         },
         Frame { message: Message::Logits { request_id: 7, step: 1, logits: l }, tensors: vec![l_b] },
         Frame::control(Message::Finish { request_id: 7 }),
+        Frame::control(Message::Loss { request_id: 7, step: 2, loss: 3.25 }),
+        {
+            let (g, g_b) = tensor(WireDType::F32, &[16, 64], 8);
+            Frame {
+                message: Message::Adapters { rank: 1, request_id: 7, names: vec!["lora_A".into()], tensors: vec![g] },
+                tensors: vec![g_b],
+            }
+        },
         Frame::control(Message::Stats {
             rank: 1,
             request_id: 7,

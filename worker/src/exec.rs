@@ -13,6 +13,7 @@ use candle_nn::{Embedding, Linear};
 use lemur_protocol::{ModelConfig, OpKind};
 
 use crate::error::WorkerError;
+use crate::lora::Adapter;
 
 /// The weights one op needs.
 #[derive(Debug, Clone)]
@@ -43,6 +44,11 @@ pub struct Executor {
     sin: Tensor,
     /// KV caches by (request, layer).
     pub kv: HashMap<(u64, u32), KvCache>,
+    /// Training: use differentiable forms of the fused kernels (candle's fused RMSNorm,
+    /// RoPE and softmax have no backward).
+    pub differentiable: bool,
+    /// LoRA adapters by (kind, layer).
+    pub adapters: HashMap<(OpKind, Option<u32>), Adapter>,
 }
 
 /// Where in the sequence a step runs.
@@ -53,12 +59,25 @@ pub struct StepInput {
     pub tokens: Tensor,
     /// Absolute position of the first token of this step.
     pub position: usize,
+    /// Training: the next token at every position `[batch, seq]`; the lm head then returns
+    /// the mean cross-entropy instead of the last position's logits.
+    pub targets: Option<Tensor>,
 }
 
 impl Executor {
     pub fn new(cfg: ModelConfig, device: Device, dtype: DType) -> Result<Self, WorkerError> {
         let (cos, sin) = rope_tables(&cfg, &device, dtype)?;
-        Ok(Self { cfg, device, dtype, weights: HashMap::new(), cos, sin, kv: HashMap::new() })
+        Ok(Self {
+            cfg,
+            device,
+            dtype,
+            weights: HashMap::new(),
+            cos,
+            sin,
+            kv: HashMap::new(),
+            differentiable: false,
+            adapters: HashMap::new(),
+        })
     }
 
     pub fn set_weights(&mut self, kind: OpKind, layer: Option<u32>, w: OpWeights) {
@@ -72,15 +91,27 @@ impl Executor {
     }
 
     fn linear(&self, kind: OpKind, layer: Option<u32>, x: &Tensor) -> Result<Tensor, WorkerError> {
-        match self.weight(kind, layer)? {
-            OpWeights::Linear(l) => Ok(l.forward(x)?),
-            _ => Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
-        }
+        let y = match self.weight(kind, layer)? {
+            OpWeights::Linear(l) => l.forward(x)?,
+            _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
+        };
+        Ok(match self.adapters.get(&(kind, layer)) {
+            Some(ad) => {
+                let low = x.broadcast_matmul(&ad.a.as_tensor().t()?)?.broadcast_matmul(&ad.b.as_tensor().t()?)?;
+                (y + (low * ad.scale)?)?
+            }
+            None => y,
+        })
     }
 
     fn norm(&self, kind: OpKind, layer: Option<u32>, x: &Tensor) -> Result<Tensor, WorkerError> {
+        let eps = self.cfg.rms_norm_eps;
         match self.weight(kind, layer)? {
-            OpWeights::Norm(w) => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, self.cfg.rms_norm_eps as f32)?),
+            OpWeights::Norm(w) if self.differentiable => {
+                let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+                Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+            }
+            OpWeights::Norm(w) => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?),
             _ => Err(WorkerError::Weights(format!("{kind} needs a norm weight"))),
         }
     }
@@ -107,6 +138,7 @@ impl Executor {
                 _ => return Err(WorkerError::Weights("embedding needs its table".into())),
             },
             OpKind::AttnNorm | OpKind::MlpNorm => vec![self.norm(kind, layer, one(&stream_kinds)?)?],
+            OpKind::FinalNorm if step.targets.is_some() => vec![self.norm(kind, layer, one(&stream_kinds)?)?],
             OpKind::FinalNorm => {
                 // Generation needs the last position only (norms are per position).
                 let x = one(&stream_kinds)?;
@@ -119,7 +151,18 @@ impl Executor {
             OpKind::GateProj | OpKind::UpProj => vec![self.linear(kind, layer, one(&[OpKind::MlpNorm])?)?],
             OpKind::OProj => vec![self.linear(kind, layer, one(&[OpKind::Attention])?)?],
             OpKind::DownProj => vec![self.linear(kind, layer, one(&[OpKind::SiluMul])?)?],
-            OpKind::LmHead => vec![self.linear(kind, layer, one(&[OpKind::FinalNorm])?)?],
+            OpKind::LmHead => {
+                let logits = self.linear(kind, layer, one(&[OpKind::FinalNorm])?)?;
+                match &step.targets {
+                    // Training: the mean cross-entropy of every position's next token.
+                    Some(t) => {
+                        let v = logits.dim(candle_core::D::Minus1)?;
+                        let flat = logits.reshape(((), v))?.to_dtype(DType::F32)?;
+                        vec![candle_nn::loss::cross_entropy(&flat, &t.flatten_all()?)?]
+                    }
+                    None => vec![logits],
+                }
+            }
             OpKind::Rope => {
                 let (q, k) = (one(&[OpKind::QProj])?, one(&[OpKind::KProj])?);
                 vec![
@@ -166,6 +209,9 @@ impl Executor {
         }
         let cos = self.cos.narrow(0, position, s)?;
         let sin = self.sin.narrow(0, position, s)?;
+        if self.differentiable {
+            return Ok(candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)?);
+        }
         Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
     }
 
@@ -183,6 +229,12 @@ impl Executor {
         let d = cfg.head_dim as usize;
         let v = v.reshape((b, s, cfg.num_kv_heads as usize, d))?.transpose(1, 2)?.contiguous()?;
         let key = (step.request, layer);
+        if step.targets.is_some() {
+            // Training attends within the sequence; nothing is cached.
+            let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
+            let mask = window_mask(s, step.position, s, step.position, cfg.sliding_window, &self.device)?;
+            return attention_core(q, k, &v, mask.as_ref(), groups, self.differentiable);
+        }
         let (k_all, v_all, start) = match self.kv.get(&key) {
             Some(c) => (Tensor::cat(&[&c.k, k], 2)?, Tensor::cat(&[&c.v, &v], 2)?, c.start),
             None => (k.clone(), v.clone(), step.position),
@@ -190,7 +242,7 @@ impl Executor {
         let kv_len = k_all.dim(2)?;
         let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
         let mask = window_mask(s, step.position, kv_len, start, cfg.sliding_window, &self.device)?;
-        let out = attention_core(q, &k_all, &v_all, mask.as_ref(), groups)?;
+        let out = attention_core(q, &k_all, &v_all, mask.as_ref(), groups, false)?;
         // Keep what later queries can still see: the last `window` positions.
         let (k_keep, v_keep, start_keep) = match cfg.sliding_window.map(|w| w as usize) {
             Some(w) if kv_len > w => {
@@ -218,6 +270,7 @@ pub fn attention_core(
     v: &Tensor,
     mask: Option<&Tensor>,
     groups: usize,
+    differentiable: bool,
 ) -> Result<Tensor, WorkerError> {
     let (b, h, s, d) = q.dims4()?;
     let kr = repeat_kv(k, groups)?;
@@ -228,7 +281,12 @@ pub fn attention_core(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+    let probs = if differentiable {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.to_dtype(q.dtype())?;
     let out = probs.matmul(&vr)?; // [b, h, s, d]
     Ok(out.transpose(1, 2)?.reshape((b, s, h * d))?)
 }

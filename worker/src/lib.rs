@@ -18,6 +18,7 @@ pub mod device;
 pub mod error;
 pub mod exec;
 pub mod link;
+pub mod lora;
 pub mod node;
 pub mod profiler;
 pub mod program;
@@ -25,6 +26,7 @@ pub mod random_model;
 pub mod sampling;
 pub mod tensor_wire;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::WorkerError;

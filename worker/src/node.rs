@@ -24,7 +24,9 @@ use actix::prelude::*;
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use futures::{SinkExt, StreamExt};
-use lemur_protocol::wire::{Frame, FrameCodec, FrameError, Hello, Message, TensorMeta, WireDType, WireTensor};
+use lemur_protocol::wire::{
+    Frame, FrameCodec, FrameError, Hello, Message, TensorMeta, TrainSetup, WireDType, WireTensor,
+};
 use lemur_protocol::{Phase, Plan};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -36,6 +38,7 @@ use crate::exec::{Executor, KvCache, StepInput};
 use crate::program::{Outbound, Program, Progress, StepRun};
 use crate::sampling::{Sampler, Sampling};
 use crate::tensor_wire::{from_wire, to_wire, wire_dtype};
+use crate::train::{TrainOut, TrainProgram, TrainRun};
 use crate::weights::Checkpoint;
 
 /// How long each wait may last.
@@ -93,6 +96,9 @@ pub struct Job {
     /// Run the request this many times; times reported are medians over all runs but the
     /// first (a cold start), when there are several.
     pub repeat: usize,
+    /// Training plans: how to initialise the adapters. The prompt is then one training
+    /// sequence (inputs and next-token targets), run forward and backward once.
+    pub train: Option<TrainSetup>,
 }
 
 /// Everything a rank needs to start.
@@ -123,15 +129,49 @@ pub struct Outcome {
     pub handover_ms: f64,
     /// With timing on: every op's mean measured time, ms, by op id.
     pub op_ms: HashMap<usize, f64>,
+    /// Training: the loss of the sequence, and every rank's LoRA gradients by PEFT name
+    /// (`...lora_A.weight`): shape and values.
+    pub loss: Option<f64>,
+    pub lora_grads: AdapterGrads,
 }
 
 type Net = Framed<TcpStream, FrameCodec>;
+
+/// A rank's view of the plan: inference or training.
+enum Prog {
+    Infer(Program),
+    Train(TrainProgram),
+}
+
+impl Prog {
+    fn new(plan: &Plan, rank: u32, cluster: &Cluster) -> Result<Self, WorkerError> {
+        let map = cluster.rank_of_machine();
+        Ok(if plan.workload.mode == "train" {
+            Prog::Train(TrainProgram::new(plan, rank, &map)?)
+        } else {
+            Prog::Infer(Program::new(plan, rank, &map)?)
+        })
+    }
+
+    fn local_weights(&self) -> std::collections::HashSet<(lemur_protocol::OpKind, Option<u32>)> {
+        match self {
+            Prog::Infer(p) => p.local_weights(),
+            Prog::Train(p) => p.local_weights(),
+        }
+    }
+}
 
 /// Where the runtime leaves rank 0's outcome (or any rank's error) for `run_node`.
 type Shared = Arc<Mutex<Option<Result<Option<Outcome>, WorkerError>>>>;
 
 /// Activations that arrived before their step started, by (request, step).
 type Early = HashMap<(u64, u32), Vec<(usize, Vec<Tensor>)>>;
+
+/// Gradients that arrived before their step started: (from op, to op, tensors).
+type EarlyGrads = HashMap<(u64, u32), Vec<(usize, usize, Vec<Tensor>)>>;
+
+/// LoRA gradients by PEFT name: shape and values.
+pub type AdapterGrads = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 async fn read_frame(net: &mut Net, limit: Duration, what: &str, peer: &str) -> Result<Frame, WorkerError> {
     match tokio::time::timeout(limit, net.next()).await {
@@ -227,7 +267,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
     let ours = Hello::new(&cfg.cluster.id, me, &info.machine);
     let t = cfg.timeouts;
     let mut conns: HashMap<u32, Net> = HashMap::new();
-    let (plan, model_dir, dtype, timing) = if me == 0 {
+    let (plan, model_dir, dtype, timing, train) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
         // Check the plan and every rank's weights before dialling anyone (the checkpoint
@@ -235,7 +275,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
         let ck = Checkpoint::open(&job.model_dir)?;
         ck.check_plan_model(&job.plan.model)?;
         for r in 0..n {
-            ck.check_tensors(&Program::new(&job.plan, r, &cfg.cluster.rank_of_machine())?.local_weights())?;
+            ck.check_tensors(&Prog::new(&job.plan, r, &cfg.cluster)?.local_weights())?;
         }
         for r in 1..n {
             let addr = cfg.cluster.get(r)?.addr.clone();
@@ -246,11 +286,12 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
                 model_dir: job.model_dir.display().to_string(),
                 dtype: wire_dtype(job.dtype)?,
                 timing: job.timing,
+                train: job.train.clone(),
             }))
             .await?;
             conns.insert(r, net);
         }
-        (job.plan, job.model_dir, job.dtype, job.timing)
+        (job.plan, job.model_dir, job.dtype, job.timing, job.train)
     } else {
         let listener = TcpListener::bind(&info.addr)
             .await
@@ -285,7 +326,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, model_dir, dtype, timing } = frame.message else {
+        let Message::Setup { plan, ranks, model_dir, dtype, timing, train } = frame.message else {
             return Err(WorkerError::Peer {
                 rank: 0,
                 message: format!("sent `{}` instead of the plan", frame.message.name()),
@@ -296,11 +337,11 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             let _ = leader.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        (*plan, PathBuf::from(model_dir), crate::tensor_wire::candle_dtype(dtype), timing)
+        (*plan, PathBuf::from(model_dir), crate::tensor_wire::candle_dtype(dtype), timing, train)
     };
 
     // Validate and load before any compute; report failures to rank 0 by name.
-    let prepared = prepare(&plan, me, &cfg, &model_dir, dtype).await;
+    let prepared = prepare(&plan, me, &cfg, &model_dir, dtype, train.as_ref()).await;
     let (prog, exec, weight_bytes, load_s) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -352,6 +393,8 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
         let compute = SyncArbiter::start(1, move || Compute {
             me,
             prog: prog2.clone(),
+            trains: HashMap::new(),
+            early_grads: HashMap::new(),
             exec: cell.lock().unwrap_or_else(|p| p.into_inner()).take(),
             runs: HashMap::new(),
             early: HashMap::new(),
@@ -369,6 +412,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
     if me == 0 {
         let job = cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
         node.do_send(Begin {
+            train: job.train.is_some(),
             repeat: job.repeat.max(1),
             prompt: job.prompt,
             max_new_tokens: job.max_new_tokens,
@@ -391,8 +435,14 @@ async fn prepare(
     cfg: &NodeConfig,
     model_dir: &std::path::Path,
     dtype: DType,
-) -> Result<(Program, Executor, u64, f64), WorkerError> {
-    let prog = Program::new(plan, me, &cfg.cluster.rank_of_machine())?;
+    train: Option<&TrainSetup>,
+) -> Result<(Prog, Executor, u64, f64), WorkerError> {
+    let prog = Prog::new(plan, me, &cfg.cluster)?;
+    let adapters = match (&prog, train) {
+        (Prog::Train(t), Some(setup)) => Some((t.local_adapters(), t.lora_rank, setup.clone())),
+        (Prog::Train(_), None) => return Err(WorkerError::Plan("a training plan needs the adapters' set-up".into())),
+        _ => None,
+    };
     let dir = model_dir.to_path_buf();
     let device = cfg.device.clone();
     let model = plan.model.clone();
@@ -411,6 +461,19 @@ async fn prepare(
         bar.set_message(format!("rank {me}: loading weights"));
         let bytes = ck.load_into(&mut exec, &wanted, Some(&bar))?;
         bar.finish_and_clear();
+        if let Some((list, rank, setup)) = adapters {
+            exec.differentiable = true;
+            for (kind, layer) in list {
+                let (a, b) = crate::lora::init(&ck.config, kind, layer, rank, setup.seed, setup.zero_b, &exec.device)?;
+                let scale = setup.alpha / rank as f64;
+                let ad = crate::lora::Adapter {
+                    a: candle_core::Var::from_tensor(&a)?,
+                    b: candle_core::Var::from_tensor(&b)?,
+                    scale,
+                };
+                exec.adapters.insert((kind, Some(layer)), ad);
+            }
+        }
         Ok::<_, WorkerError>((exec, bytes))
     })
     .await
@@ -448,6 +511,7 @@ struct Write(Frame);
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Begin {
+    train: bool,
     repeat: usize,
     prompt: Vec<u32>,
     max_new_tokens: usize,
@@ -461,7 +525,7 @@ struct Begin {
 #[rtype(result = "()")]
 enum Work {
     Start { request: u64, step: u32, phase: Phase, position: u64, tokens: WireTensor },
-    Activation { request: u64, step: u32, from_op: usize, tensors: Vec<WireTensor> },
+    Activation { request: u64, step: u32, from_op: usize, to_op: Option<usize>, tensors: Vec<WireTensor> },
     Kv { request: u64, layer: u32, start: u64, k: WireTensor, v: WireTensor },
     Finish { request: u64 },
 }
@@ -473,6 +537,13 @@ enum Event {
     Logits {
         step: u32,
         logits: Vec<f32>,
+    },
+    Loss {
+        loss: f64,
+    },
+    Adapters {
+        rank: u32,
+        grads: AdapterGrads,
     },
     Failed {
         message: String,
@@ -559,7 +630,9 @@ impl Handler<Write> for Peer {
 /// The candle state of a rank, on its own thread.
 struct Compute {
     me: u32,
-    prog: Arc<Program>,
+    prog: Arc<Prog>,
+    trains: HashMap<(u64, u32), TrainRun>,
+    early_grads: EarlyGrads,
     exec: Option<Executor>,
     runs: HashMap<(u64, u32), StepRun>,
     /// Activations that arrived before their step's start.
@@ -594,6 +667,48 @@ struct Outbox<'a> {
 }
 
 impl Outbox<'_> {
+    fn send_train(&mut self, o: TrainOut) {
+        if self.error.is_some() {
+            return;
+        }
+        let r = match o {
+            TrainOut::Activation { to, from_op, tensors } => {
+                self.try_send(Outbound::Activation { to, from_op, tensors })
+            }
+            TrainOut::Gradient { to, from_op, to_op, tensors } => self.gradient(to, from_op, to_op, &tensors),
+            TrainOut::Loss { loss } => {
+                if self.me == 0 {
+                    self.node.do_send(Event::Loss { loss });
+                    Ok(())
+                } else {
+                    let msg = Message::Loss { request_id: self.request, step: self.step, loss };
+                    self.to(0, Frame::control(msg))
+                }
+            }
+        };
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+    }
+
+    fn gradient(&mut self, to: u32, from_op: usize, to_op: usize, tensors: &[Tensor]) -> Result<(), WorkerError> {
+        let mut metas = Vec::new();
+        let mut datas = Vec::new();
+        for t in tensors {
+            let (m, d) = to_wire(t)?;
+            metas.push(m);
+            datas.push(d);
+        }
+        let msg = Message::Activation {
+            request_id: self.request,
+            step: self.step,
+            from_op,
+            to_op: Some(to_op),
+            tensors: metas,
+        };
+        self.to(to, Frame { message: msg, tensors: datas })
+    }
+
     fn send(&mut self, o: Outbound) {
         if self.error.is_none() {
             if let Err(e) = self.try_send(o) {
@@ -621,7 +736,7 @@ impl Outbox<'_> {
                     metas.push(m);
                     datas.push(d);
                 }
-                let msg = Message::Activation { request_id: request, step, from_op, tensors: metas };
+                let msg = Message::Activation { request_id: request, step, from_op, to_op: None, tensors: metas };
                 self.to(to, Frame { message: msg, tensors: datas })
             }
             Outbound::Logits { logits } => {
@@ -679,8 +794,11 @@ impl Compute {
             op_time: &mut self.op_time,
             error: None,
         };
+        let Prog::Infer(prog) = self.prog.as_ref() else {
+            return Err(WorkerError::Plan("an inference step under a training plan".into()));
+        };
         // Each output leaves as soon as its op has run.
-        let progress = run.advance(&self.prog, exec, &mut |o| out.send(o))?;
+        let progress = run.advance(prog, exec, &mut |o| out.send(o))?;
         if let Some(e) = out.error {
             return Err(e);
         }
@@ -690,16 +808,101 @@ impl Compute {
         Ok(())
     }
 
+    fn step_train(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
+        let Some(mut run) = self.trains.remove(&key) else { return Ok(()) };
+        let Prog::Train(prog) = self.prog.as_ref() else {
+            return Err(WorkerError::Plan("a training step under an inference plan".into()));
+        };
+        let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        let mut out = Outbox {
+            me: self.me,
+            request: key.0,
+            step: key.1,
+            peers: &self.peers,
+            node: &self.node,
+            bytes: self.bytes_sent.entry(key.0).or_default(),
+            frames: &mut self.frames_sent,
+            op_time: &mut self.op_time,
+            error: None,
+        };
+        let progress = run.advance(prog, exec, &mut |o| out.send_train(o))?;
+        if let Some(e) = out.error {
+            return Err(e);
+        }
+        if progress == Progress::Blocked {
+            self.trains.insert(key, run);
+            return Ok(());
+        }
+        // This rank's part of the step is done: its adapters' gradients go to rank 0.
+        let mut grads: Vec<_> = run.lora_grads.into_iter().collect();
+        grads.sort_by_key(|((k, l), _)| (*l, *k));
+        let mut names = Vec::new();
+        let mut tensors = Vec::new();
+        for ((kind, layer), (ga, gb)) in grads {
+            names.push(crate::lora::peft_name(kind, layer, "lora_A"));
+            tensors.push(ga.to_dtype(DType::F32)?);
+            names.push(crate::lora::peft_name(kind, layer, "lora_B"));
+            tensors.push(gb.to_dtype(DType::F32)?);
+        }
+        if self.me == 0 {
+            let mut flat = std::collections::BTreeMap::new();
+            for (n, t) in names.into_iter().zip(tensors) {
+                flat.insert(n, (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
+            }
+            self.node.do_send(Event::Adapters { rank: 0, grads: flat });
+        } else {
+            let mut metas = Vec::new();
+            let mut datas = Vec::new();
+            for t in &tensors {
+                let (m, d) = to_wire(t)?;
+                metas.push(m);
+                datas.push(d);
+            }
+            let msg = Message::Adapters { rank: self.me, request_id: key.0, names, tensors: metas };
+            if let Some(p) = self.peers.get(&0) {
+                p.do_send(Write(Frame { message: msg, tensors: datas }));
+            }
+        }
+        Ok(())
+    }
+
     fn work(&mut self, w: Work) -> Result<(), WorkerError> {
         match w {
+            Work::Start { request, step, phase: Phase::Forward, tokens, .. } => {
+                let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
+                let all = from_wire(&tokens.meta, &tokens.data, &dev)?;
+                let s = all.dim(1)?;
+                if s < 2 {
+                    return Err(WorkerError::Plan("a training sequence needs at least two tokens".into()));
+                }
+                let input = StepInput {
+                    request,
+                    tokens: all.narrow(1, 0, s - 1)?,
+                    position: 0,
+                    targets: Some(all.narrow(1, 1, s - 1)?),
+                };
+                let mut run = TrainRun::new(request, step, input);
+                for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
+                    run.deliver_activation(from_op, ts);
+                }
+                for (from_op, to_op, ts) in self.early_grads.remove(&(request, step)).unwrap_or_default() {
+                    run.deliver_gradient(from_op, to_op, ts);
+                }
+                self.trains.insert((request, step), run);
+                self.step_train((request, step))
+            }
             Work::Start { request, step, phase, position, tokens } => {
                 if phase == Phase::Prefill {
                     self.prefill_started.insert(request, Instant::now());
                 }
                 let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
                 let tokens = from_wire(&tokens.meta, &tokens.data, &dev)?;
-                let mut run =
-                    StepRun::new(request, step, phase, StepInput { request, tokens, position: position as usize });
+                let mut run = StepRun::new(
+                    request,
+                    step,
+                    phase,
+                    StepInput { request, tokens, position: position as usize, targets: None },
+                );
                 run.timing = self.timing;
                 for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
                     run.deliver(from_op, ts);
@@ -707,7 +910,35 @@ impl Compute {
                 self.runs.insert((request, step), run);
                 self.step((request, step))
             }
-            Work::Activation { request, step, from_op, tensors } => {
+            Work::Activation { request, step, from_op, to_op: Some(to_op), tensors } => {
+                let ts = self.decode(&tensors)?;
+                match self.trains.get_mut(&(request, step)) {
+                    Some(run) => {
+                        run.deliver_gradient(from_op, to_op, ts);
+                        self.step_train((request, step))
+                    }
+                    None => {
+                        self.early_grads.entry((request, step)).or_default().push((from_op, to_op, ts));
+                        Ok(())
+                    }
+                }
+            }
+            Work::Activation { request, step, from_op, tensors, .. }
+                if matches!(self.prog.as_ref(), Prog::Train(_)) =>
+            {
+                let ts = self.decode(&tensors)?;
+                match self.trains.get_mut(&(request, step)) {
+                    Some(run) => {
+                        run.deliver_activation(from_op, ts);
+                        self.step_train((request, step))
+                    }
+                    None => {
+                        self.early.entry((request, step)).or_default().push((from_op, ts));
+                        Ok(())
+                    }
+                }
+            }
+            Work::Activation { request, step, from_op, tensors, .. } => {
                 let ts = self.decode(&tensors)?;
                 match self.runs.get_mut(&(request, step)) {
                     Some(run) => {
@@ -794,6 +1025,10 @@ struct LeaderState {
     on_token: Option<TokenSink>,
     prompt: Vec<u32>,
     repeats_left: usize,
+    /// Training: the loss, the gathered adapter gradients, the ranks that sent theirs.
+    loss: Option<f64>,
+    lora_grads: AdapterGrads,
+    adapter_ranks: std::collections::HashSet<u32>,
     /// Finished requests: (ttft, mean time per token, per-op ms).
     history: Vec<(Duration, Option<Duration>, HashMap<usize, f64>)>,
 }
@@ -881,6 +1116,34 @@ impl Node {
         self.broadcast_start(next, Phase::Decode, position, &[token]);
     }
 
+    /// Training: a rank's adapter gradients; when every rank's are in, the step is over.
+    fn on_adapters(
+        &mut self,
+        rank: u32,
+        grads: AdapterGrads,
+        ctx: &mut Context<Self>,
+    ) {
+        let n = self.n;
+        let Some(l) = self.leader.as_mut() else { return };
+        l.lora_grads.extend(grads);
+        l.adapter_ranks.insert(rank);
+        if l.adapter_ranks.len() as u32 != n || l.done {
+            return;
+        }
+        l.done = true;
+        l.first = Some(l.started.elapsed());
+        let request = l.request;
+        for p in self.peers.values() {
+            p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
+        }
+        self.compute.do_send(Work::Finish { request });
+        ctx.run_later(Duration::from_secs(5), move |act, ctx| {
+            if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
+                act.complete_request(ctx);
+            }
+        });
+    }
+
     /// A request is over (logits and stats are in): run it again, or report.
     fn complete_request(&mut self, ctx: &mut Context<Self>) {
         let Some(l) = self.leader.as_mut() else { return };
@@ -939,6 +1202,8 @@ impl Node {
             handover_bytes: l.stats.values().map(|s| s.1).sum(),
             handover_ms: l.stats.values().map(|s| s.2).fold(0.0, f64::max),
             op_ms,
+            loss: l.loss,
+            lora_grads: l.lora_grads.clone(),
         };
         self.finish_with(Ok(Some(outcome)), ctx);
     }
@@ -968,7 +1233,14 @@ impl Handler<Begin> for Node {
             prompt: b.prompt.clone(),
             repeats_left: b.repeat - 1,
             history: Vec::new(),
+            loss: None,
+            lora_grads: std::collections::BTreeMap::new(),
+            adapter_ranks: std::collections::HashSet::new(),
         });
+        if b.train {
+            self.broadcast_start(0, Phase::Forward, 0, &b.prompt);
+            return;
+        }
         self.broadcast_start(0, Phase::Prefill, 0, &b.prompt);
     }
 }
@@ -987,6 +1259,12 @@ impl Handler<Event> for Node {
     fn handle(&mut self, e: Event, ctx: &mut Self::Context) {
         match e {
             Event::Logits { step, logits } => self.on_logits(step, logits, ctx),
+            Event::Loss { loss } => {
+                if let Some(l) = self.leader.as_mut() {
+                    l.loss = Some(loss);
+                }
+            }
+            Event::Adapters { rank, grads } => self.on_adapters(rank, grads, ctx),
             Event::Failed { message } => {
                 if self.me == 0 {
                     self.finish_with(Err(WorkerError::Peer { rank: 0, message }), ctx);
@@ -1031,8 +1309,8 @@ impl Handler<Inbound> for Node {
                     self.compute.do_send(Work::Start { request: request_id, step, phase, position, tokens });
                 }
             }
-            Message::Activation { request_id, step, from_op, .. } => {
-                self.compute.do_send(Work::Activation { request: request_id, step, from_op, tensors });
+            Message::Activation { request_id, step, from_op, to_op, .. } => {
+                self.compute.do_send(Work::Activation { request: request_id, step, from_op, to_op, tensors });
             }
             Message::KvHandover { request_id, layer, start, .. } => {
                 let mut it = tensors.into_iter();
@@ -1048,6 +1326,23 @@ impl Handler<Inbound> for Node {
                 self.on_logits(step, v, ctx);
             }
             Message::Finish { request_id } => self.compute.do_send(Work::Finish { request: request_id }),
+            Message::Loss { loss, .. } if self.me == 0 => {
+                if let Some(l) = self.leader.as_mut() {
+                    l.loss = Some(loss);
+                }
+            }
+            Message::Adapters { rank, names, .. } if self.me == 0 => {
+                let grads = names
+                    .into_iter()
+                    .zip(tensors)
+                    .map(|(n, t)| {
+                        let v: Vec<f32> =
+                            t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                        (n, (t.meta.shape.clone(), v))
+                    })
+                    .collect();
+                self.on_adapters(rank, grads, ctx);
+            }
             Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, .. } if self.me == 0 => {
                 if let Some(l) = self.leader.as_mut() {
                     l.op_ms.extend(op_ms);

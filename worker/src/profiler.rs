@@ -181,7 +181,7 @@ pub fn measure(
                 let v = rand(&[1, kvh, seq, d], dtype, device)?;
                 let mask = crate::exec::window_mask(seq, 0, seq, 0, None, device)?;
                 let s = time_it(device, runs, min_time, || {
-                    let _ = attention_core(&q, &k, &v, mask.as_ref(), h / kvh)?;
+                    let _ = attention_core(&q, &k, &v, mask.as_ref(), h / kvh, false)?;
                     Ok(())
                 })?;
                 let c = attention.entry(pdtype(dtype)?).or_insert(Curve { size: vec![], tflops: vec![] });

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lemur_protocol::timings::Timings;
+use lemur_protocol::wire::TrainSetup;
 use lemur_protocol::Plan;
 use lemur_worker::cluster::Cluster;
 use lemur_worker::node::{run_node, Job, NodeConfig, Timeouts, TokenSink};
@@ -85,6 +86,19 @@ struct Args {
     /// warm runs (all but the first).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Rank 0, training plans: run --prompt-ids as one training sequence (forward and
+    /// backward) and write the loss and every rank's LoRA gradients (JSON) here.
+    #[arg(long)]
+    grad_check: Option<PathBuf>,
+    /// LoRA alpha (the adapters' scale is alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// Seed of the adapters' initialisation.
+    #[arg(long, default_value_t = 0)]
+    lora_seed: u64,
+    /// Initialise B randomly instead of PEFT's zeros (for gradient checks).
+    #[arg(long)]
+    lora_random_b: bool,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600)]
     wait: u64,
@@ -112,6 +126,10 @@ fn run() -> Result<()> {
         let plan_path = args.plan.as_ref().context("rank 0 needs --plan")?;
         let text = std::fs::read_to_string(plan_path).with_context(|| format!("reading {}", plan_path.display()))?;
         let plan = Plan::from_json(&text).with_context(|| format!("{}", plan_path.display()))?;
+        let plan_is_train = plan.workload.mode == "train";
+        if plan_is_train && args.grad_check.is_none() {
+            bail!("a training plan runs with --grad-check FILE (the training loop is not built yet)");
+        }
         let model_dir = args.model.clone().context("rank 0 needs --model")?;
         let (prompt, eos, on_token) = match &args.prompt {
             Some(text) => {
@@ -146,6 +164,11 @@ fn run() -> Result<()> {
             on_token,
             timing: args.timings.is_some(),
             repeat: args.repeat,
+            train: (plan_is_train).then(|| TrainSetup {
+                alpha: args.lora_alpha,
+                seed: args.lora_seed,
+                zero_b: !args.lora_random_b,
+            }),
         })
     } else {
         None
@@ -174,6 +197,19 @@ fn run() -> Result<()> {
             let t = Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3));
             eprint!("{}", t.table());
             std::fs::write(path, serde_json::to_string_pretty(&t)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &args.grad_check {
+            if let Some(loss) = o.loss {
+                eprintln!("loss: {loss:.6}");
+            }
+            let grads: serde_json::Map<String, serde_json::Value> = o
+                .lora_grads
+                .iter()
+                .map(|(k, (shape, v))| (k.clone(), serde_json::json!({ "shape": shape, "values": v })))
+                .collect();
+            let doc = serde_json::json!({ "loss": o.loss, "grads": grads });
+            std::fs::write(path, serde_json::to_string(&doc)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(path) = &args.dump_logits {

@@ -1,0 +1,214 @@
+//! LoRA training across ranks: the adapters' gradients from a plan split over 2 and 3
+//! worker processes equal single-process candle autograd on the same batch.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+use common::*;
+use lemurian::protocol::{ModelConfig, OpKind, Plan};
+use lemurian::{Finetune, LoraSpec};
+
+const TARGETS: [OpKind; 4] = [OpKind::QProj, OpKind::VProj, OpKind::OProj, OpKind::DownProj];
+const RANK: usize = 4;
+const ALPHA: f64 = 8.0;
+const SEED: u64 = 5;
+
+fn rms(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+fn rope(x: &Tensor, theta: f64, d: usize) -> candle_core::Result<Tensor> {
+    let (s, _, _) = x.dims3()?;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..s {
+        for i in 0..d {
+            let f = 1.0 / theta.powf((2 * (i % (d / 2))) as f64 / d as f64);
+            cos.push((p as f64 * f).cos() as f32);
+            sin.push((p as f64 * f).sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (s, 1, d), x.device())?;
+    let sin = Tensor::from_vec(sin, (s, 1, d), x.device())?;
+    let rot = Tensor::cat(&[&x.narrow(2, d / 2, d / 2)?.neg()?, &x.narrow(2, 0, d / 2)?], 2)?;
+    x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
+}
+
+/// Mean next-token cross-entropy of `ids` under the model plus LoRA adapters, written
+/// plainly (no fused kernels), differentiated by candle's autograd.
+fn reference_grads(dir: &Path, cfg: &ModelConfig, ids: &[u32]) -> Result<(f64, HashMap<String, Vec<f32>>)> {
+    let w = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let g = |n: &str| w[n].clone();
+    let s = ids.len() - 1;
+    let (nh, nkv, d) = (cfg.num_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim as usize);
+    let mut adapters: HashMap<(OpKind, u32), (Var, Var)> = HashMap::new();
+    for l in 0..cfg.num_layers as u32 {
+        for k in TARGETS {
+            let (a, b) = lemurian::worker::lora::init(cfg, k, l, RANK, SEED, false, &Device::Cpu)?;
+            adapters.insert((k, l), (Var::from_tensor(&a)?, Var::from_tensor(&b)?));
+        }
+    }
+    let scale = ALPHA / RANK as f64;
+    let lin = |x: &Tensor, name: &str, k: OpKind, l: u32| -> candle_core::Result<Tensor> {
+        let y = x.matmul(&g(name).t()?)?;
+        match adapters.get(&(k, l)) {
+            Some((a, b)) => y + (x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * scale)?,
+            None => Ok(y),
+        }
+    };
+    let inp = Tensor::new(&ids[..s], &Device::Cpu)?;
+    let tgt = Tensor::new(&ids[1..], &Device::Cpu)?;
+    let mut x = g("model.embed_tokens.weight").index_select(&inp, 0)?;
+    let mut mask = vec![f32::NEG_INFINITY; s * s];
+    for i in 0..s {
+        for j in 0..=i {
+            mask[i * s + j] = 0.0;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (s, s), &Device::Cpu)?;
+    for l in 0..cfg.num_layers as u32 {
+        let p = format!("model.layers.{l}");
+        let xn = rms(&x, &g(&format!("{p}.input_layernorm.weight")), cfg.rms_norm_eps)?;
+        let q = lin(&xn, &format!("{p}.self_attn.q_proj.weight"), OpKind::QProj, l)?.reshape((s, nh, d))?;
+        let k = lin(&xn, &format!("{p}.self_attn.k_proj.weight"), OpKind::KProj, l)?.reshape((s, nkv, d))?;
+        let v = lin(&xn, &format!("{p}.self_attn.v_proj.weight"), OpKind::VProj, l)?.reshape((s, nkv, d))?;
+        let (q, k) = (rope(&q, cfg.rope_theta, d)?, rope(&k, cfg.rope_theta, d)?);
+        let mut heads = Vec::new();
+        for h in 0..nh {
+            let kv = h / (nh / nkv);
+            let qh = q.narrow(1, h, 1)?.squeeze(1)?;
+            let kh = k.narrow(1, kv, 1)?.squeeze(1)?;
+            let vh = v.narrow(1, kv, 1)?.squeeze(1)?;
+            let sc = (qh.matmul(&kh.t()?)? / (d as f64).sqrt())?.add(&mask)?;
+            heads.push(candle_nn::ops::softmax(&sc, D::Minus1)?.matmul(&vh)?);
+        }
+        let att = Tensor::cat(&heads, 1)?;
+        x = (x + lin(&att, &format!("{p}.self_attn.o_proj.weight"), OpKind::OProj, l)?)?;
+        let xn = rms(&x, &g(&format!("{p}.post_attention_layernorm.weight")), cfg.rms_norm_eps)?;
+        let gate = lin(&xn, &format!("{p}.mlp.gate_proj.weight"), OpKind::GateProj, l)?;
+        let up = lin(&xn, &format!("{p}.mlp.up_proj.weight"), OpKind::UpProj, l)?;
+        let act = (candle_nn::ops::sigmoid(&gate)? * &gate)?.mul(&up)?;
+        x = (x + lin(&act, &format!("{p}.mlp.down_proj.weight"), OpKind::DownProj, l)?)?;
+    }
+    let x = rms(&x, &g("model.norm.weight"), cfg.rms_norm_eps)?;
+    let logits = x.matmul(&g("lm_head.weight").t()?)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &tgt)?;
+    let grads = loss.backward()?;
+    let mut out = HashMap::new();
+    for ((k, l), (a, b)) in &adapters {
+        for (which, var) in [("lora_A", a), ("lora_B", b)] {
+            let gr = grads.get(var.as_tensor()).expect("a gradient").flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            out.insert(lemurian::worker::lora::peft_name(*k, *l, which), gr);
+        }
+    }
+    Ok((f64::from(loss.to_scalar::<f32>()?), out))
+}
+
+fn training_plan(
+    cfg: &ModelConfig,
+    machines: &[&str],
+    seq: u64,
+    rule: impl Fn(usize, &lemurian::protocol::plan::PlanOp) -> usize,
+) -> Result<Plan> {
+    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
+    let planned = lemurian::Planner::from_profiles(profiles)?
+        .machines(machines)?
+        .model(cfg.clone())
+        .train(seq, 1, Finetune::Lora(LoraSpec { rank: RANK as u64, targets: TARGETS.to_vec() }), 1)
+        .solver(std::time::Duration::from_secs(10), 1e-3)
+        .plan()?;
+    let mut plan = planned.plan;
+    // Backward ops stay with their forward ops: place by the forward op's id.
+    let ops = plan.ops.clone();
+    plan.reassign(|op| {
+        let f = op.forward_of.unwrap_or(op.id);
+        rule(f, &ops[f])
+    });
+    plan.validate()?;
+    Ok(plan)
+}
+
+fn run_grad_check(dir: &Path, plan: &Plan, model: &Path, ids: &[u32]) -> Result<(f64, HashMap<String, Vec<f32>>)> {
+    let plan_path = dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(plan)?)?;
+    let cluster = cluster_file(dir, plan)?;
+    let mut workers = spawn_workers(&cluster, plan.machines.len(), &[])?;
+    let dump = dir.join("grads.json");
+    let seed = SEED.to_string();
+    let alpha = ALPHA.to_string();
+    let out = run_leader(
+        &cluster,
+        &plan_path,
+        model,
+        ids,
+        1,
+        &["--grad-check", dump.to_str().unwrap(), "--lora-seed", &seed, "--lora-alpha", &alpha, "--lora-random-b"],
+    )?;
+    assert!(out.status.success(), "rank 0 failed: {}", String::from_utf8_lossy(&out.stderr));
+    for w in workers.0.drain(..) {
+        wait_exit(w, std::time::Duration::from_secs(10))?;
+    }
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dump)?)?;
+    let loss = doc["loss"].as_f64().unwrap_or(f64::NAN);
+    let grads = doc["grads"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()))
+        .collect();
+    Ok((loss, grads))
+}
+
+fn check(plan: &Plan, layers: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(layers, Some(4096));
+    let model = dir.path().join("model");
+    write_model(&model, &cfg, 21)?;
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 3, 250, 8, 64, 11, 200, 5, 77];
+    let (want_loss, want) = reference_grads(&model, &cfg, &ids)?;
+    let (loss, got) = run_grad_check(dir.path(), plan, &model, &ids)?;
+    assert!((loss - want_loss).abs() < 1e-4, "loss {loss} vs {want_loss}");
+    assert_eq!(got.len(), want.len(), "adapters: got {:?}", got.keys().collect::<Vec<_>>());
+    let mut worst = 0.0f32;
+    for (name, w) in &want {
+        let g = got.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.len(), w.len(), "{name}");
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((a - b).abs());
+        }
+        assert!(w.iter().any(|x| x.abs() > 1e-6), "{name}: the reference gradient is zero");
+    }
+    assert!(worst < 1e-4, "LoRA gradients differ by up to {worst}");
+    Ok(())
+}
+
+fn is_attention(k: OpKind) -> bool {
+    matches!(k, OpKind::QProj | OpKind::KProj | OpKind::VProj | OpKind::Rope | OpKind::Attention | OpKind::OProj)
+}
+
+#[test]
+fn lora_gradients_from_two_ranks_match_single_process_autograd() -> Result<()> {
+    let cfg = tiny(2, Some(4096));
+    let plan = training_plan(&cfg, &["m4-pro", "m5-pro"], 11, |_, op| usize::from(is_attention(op.kind)))?;
+    check(&plan, 2)
+}
+
+#[test]
+fn lora_gradients_from_three_ranks_alternating_ops_match() -> Result<()> {
+    let cfg = tiny(2, Some(4096));
+    let plan = training_plan(&cfg, &["m4-pro", "m5-pro", "m5-pro"], 11, |f, _| f % 3)?;
+    check(&plan, 2)
+}
+
+#[test]
+fn lora_gradients_in_one_process_match() -> Result<()> {
+    let cfg = tiny(2, Some(4096));
+    let mut plan = training_plan(&cfg, &["m4-pro", "m5-pro"], 11, |_, _| 0)?;
+    plan.machines.truncate(1);
+    plan.validate()?;
+    check(&plan, 2)
+}
