@@ -1117,12 +1117,7 @@ impl Node {
     }
 
     /// Training: a rank's adapter gradients; when every rank's are in, the step is over.
-    fn on_adapters(
-        &mut self,
-        rank: u32,
-        grads: AdapterGrads,
-        ctx: &mut Context<Self>,
-    ) {
+    fn on_adapters(&mut self, rank: u32, grads: AdapterGrads, ctx: &mut Context<Self>) {
         let n = self.n;
         let Some(l) = self.leader.as_mut() else { return };
         l.lora_grads.extend(grads);

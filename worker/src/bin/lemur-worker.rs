@@ -164,7 +164,7 @@ fn run() -> Result<()> {
             on_token,
             timing: args.timings.is_some(),
             repeat: args.repeat,
-            train: (plan_is_train).then(|| TrainSetup {
+            train: plan_is_train.then_some(TrainSetup {
                 alpha: args.lora_alpha,
                 seed: args.lora_seed,
                 zero_b: !args.lora_random_b,
