@@ -87,6 +87,7 @@ fn every_message() -> Vec<Frame> {
                 request_id: 1,
                 step: 0,
                 from_op: 0,
+                to_op: None,
                 tensors: vec![TensorMeta { dtype: WireDType::F32, shape: vec![0, 4] }],
             },
             tensors: vec![Bytes::new()],
