@@ -197,6 +197,17 @@ pub enum Message {
         names: Vec<String>,
         tensors: Vec<TensorMeta>,
     },
+    /// Training: a rank has run one micro-batch's backward; `sumsq` is the squared norm of
+    /// its accumulated adapter gradients so far (complete once every micro-batch is in).
+    TrainDone { rank: u32, request_id: u64, step: u32, sumsq: f64 },
+    /// Training: apply AdamW step `t` to the accumulated gradients times `clip`, then clear them.
+    Update { request_id: u64, t: u64, lr: f64, clip: f64, weight_decay: f64 },
+    /// Training: send rank 0 the adapters (`what` = `grads`, or `state`: parameters with
+    /// their AdamW moments) as an `Adapters` message.
+    Gather { request_id: u64, what: String },
+    /// Training or inference with adapters: set these adapter tensors (PEFT names; moments
+    /// carry `.exp_avg` / `.exp_avg_sq` suffixes).
+    LoadAdapters { names: Vec<String>, tensors: Vec<TensorMeta> },
     /// A request is over: drop its KV cache.
     Finish {
         request_id: u64,
@@ -236,7 +247,8 @@ impl Message {
             Message::Start { tokens, .. } => vec![tokens],
             Message::Activation { tensors, .. }
             | Message::KvHandover { tensors, .. }
-            | Message::Adapters { tensors, .. } => tensors.iter().collect(),
+            | Message::Adapters { tensors, .. }
+            | Message::LoadAdapters { tensors, .. } => tensors.iter().collect(),
             Message::Logits { logits, .. } => vec![logits],
             _ => Vec::new(),
         }
@@ -255,6 +267,10 @@ impl Message {
             Message::Logits { .. } => "logits",
             Message::Loss { .. } => "loss",
             Message::Adapters { .. } => "adapters",
+            Message::TrainDone { .. } => "train_done",
+            Message::Update { .. } => "update",
+            Message::Gather { .. } => "gather",
+            Message::LoadAdapters { .. } => "load_adapters",
             Message::Finish { .. } => "finish",
             Message::Stats { .. } => "stats",
             Message::Error { .. } => "error",

@@ -62,6 +62,13 @@ fn every_message() -> Vec<Frame> {
         Frame { message: Message::Logits { request_id: 7, step: 1, logits: l }, tensors: vec![l_b] },
         Frame::control(Message::Finish { request_id: 7 }),
         Frame::control(Message::Loss { request_id: 7, step: 2, loss: 3.25 }),
+        Frame::control(Message::TrainDone { rank: 1, request_id: 7, step: 1, sumsq: 0.5 }),
+        Frame::control(Message::Update { request_id: 7, t: 3, lr: 2e-4, clip: 0.9, weight_decay: 0.01 }),
+        Frame::control(Message::Gather { request_id: 7, what: "state".into() }),
+        {
+            let (g, g_b) = tensor(WireDType::F32, &[4, 8], 9);
+            Frame { message: Message::LoadAdapters { names: vec!["x.lora_B.weight".into()], tensors: vec![g] }, tensors: vec![g_b] }
+        },
         {
             let (g, g_b) = tensor(WireDType::F32, &[16, 64], 8);
             Frame {

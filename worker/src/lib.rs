@@ -13,6 +13,7 @@
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
+pub mod checkpoint;
 pub mod cluster;
 pub mod device;
 pub mod error;

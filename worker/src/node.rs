@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use actix::io::{SinkWrite, WriteHandler};
 use actix::prelude::*;
 use bytes::Bytes;
+use serde::Serialize;
 use candle_core::{DType, Device, Tensor};
 use futures::{SinkExt, StreamExt};
 use lemur_protocol::wire::{
@@ -80,6 +81,69 @@ impl std::fmt::Debug for TokenSink {
     }
 }
 
+/// One optimizer step's figures, for progress bars and loss logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Called on rank 0 after every optimizer step.
+#[derive(Clone)]
+pub struct StepSink(pub Arc<dyn Fn(&StepLog) + Send + Sync>);
+
+impl std::fmt::Debug for StepSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepSink")
+    }
+}
+
+/// The training loop rank 0 drives.
+#[derive(Debug, Clone)]
+pub struct TrainLoop {
+    /// Training sequences of seq + 1 tokens (inputs and next-token targets).
+    pub sequences: Vec<Vec<u32>>,
+    /// Sequences per micro-batch, and micro-batches per optimizer step.
+    pub batch: usize,
+    pub micro_batches: usize,
+    /// Optimizer steps in all, and the first one to run (resuming).
+    pub steps: u64,
+    pub start_step: u64,
+    /// Peak learning rate, linear warm-up steps, cosine decay to `min_lr_ratio` of it.
+    pub lr: f64,
+    pub warmup: u64,
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient norm (over every rank's adapters) to this.
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    /// Save a checkpoint every this many steps and at the end, here.
+    pub save_every: u64,
+    pub output: Option<PathBuf>,
+    pub adapter_config: crate::checkpoint::AdapterConfig,
+    /// One forward and backward, then gather the gradients instead of stepping.
+    pub grad_check: bool,
+    /// Adapter tensors (and moments) to load before the first step.
+    pub resume: Option<AdapterGrads>,
+    pub prior_losses: Vec<f64>,
+    pub on_step: Option<StepSink>,
+}
+
+impl TrainLoop {
+    /// The learning rate of step `s` (0-based): linear warm-up, then cosine decay.
+    pub fn lr_at(&self, s: u64) -> f64 {
+        if s < self.warmup {
+            return self.lr * (s + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((s - self.warmup) as f64 / span).min(1.0);
+        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    }
+}
+
 /// What rank 0 runs.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -96,9 +160,9 @@ pub struct Job {
     /// Run the request this many times; times reported are medians over all runs but the
     /// first (a cold start), when there are several.
     pub repeat: usize,
-    /// Training plans: how to initialise the adapters. The prompt is then one training
-    /// sequence (inputs and next-token targets), run forward and backward once.
+    /// Training plans: how to initialise the adapters, and the loop to run.
     pub train: Option<TrainSetup>,
+    pub train_loop: Option<TrainLoop>,
 }
 
 /// Everything a rank needs to start.
@@ -133,6 +197,9 @@ pub struct Outcome {
     /// (`...lora_A.weight`): shape and values.
     pub loss: Option<f64>,
     pub lora_grads: AdapterGrads,
+    /// Training: every step's mean loss (resumed runs include the earlier steps').
+    pub train_losses: Vec<f64>,
+    pub checkpoints: Vec<PathBuf>,
 }
 
 type Net = Framed<TcpStream, FrameCodec>;
@@ -395,6 +462,8 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             prog: prog2.clone(),
             trains: HashMap::new(),
             early_grads: HashMap::new(),
+            acc: HashMap::new(),
+            adam: HashMap::new(),
             exec: cell.lock().unwrap_or_else(|p| p.into_inner()).take(),
             runs: HashMap::new(),
             early: HashMap::new(),
@@ -412,7 +481,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
     if me == 0 {
         let job = cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
         node.do_send(Begin {
-            train: job.train.is_some(),
+            train_loop: job.train_loop.clone(),
             repeat: job.repeat.max(1),
             prompt: job.prompt,
             max_new_tokens: job.max_new_tokens,
@@ -511,7 +580,7 @@ struct Write(Frame);
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Begin {
-    train: bool,
+    train_loop: Option<TrainLoop>,
     repeat: usize,
     prompt: Vec<u32>,
     max_new_tokens: usize,
@@ -528,6 +597,9 @@ enum Work {
     Activation { request: u64, step: u32, from_op: usize, to_op: Option<usize>, tensors: Vec<WireTensor> },
     Kv { request: u64, layer: u32, start: u64, k: WireTensor, v: WireTensor },
     Finish { request: u64 },
+    Update { t: u64, lr: f64, clip: f64, weight_decay: f64 },
+    Gather { request: u64, what: String },
+    LoadAdapters { tensors: Vec<(String, WireTensor)> },
 }
 
 /// Compute to node.
@@ -540,6 +612,11 @@ enum Event {
     },
     Loss {
         loss: f64,
+    },
+    TrainDone {
+        rank: u32,
+        step: u32,
+        sumsq: f64,
     },
     Adapters {
         rank: u32,
@@ -633,6 +710,10 @@ struct Compute {
     prog: Arc<Prog>,
     trains: HashMap<(u64, u32), TrainRun>,
     early_grads: EarlyGrads,
+    /// Adapter gradients accumulated over a step's micro-batches, and AdamW moments
+    /// (m_A, v_A, m_B, v_B), by (kind, layer).
+    acc: HashMap<(lemur_protocol::OpKind, u32), (Tensor, Tensor)>,
+    adam: HashMap<(lemur_protocol::OpKind, u32), [Tensor; 4]>,
     exec: Option<Executor>,
     runs: HashMap<(u64, u32), StepRun>,
     /// Activations that arrived before their step's start.
@@ -833,35 +914,139 @@ impl Compute {
             self.trains.insert(key, run);
             return Ok(());
         }
-        // This rank's part of the step is done: its adapters' gradients go to rank 0.
-        let mut grads: Vec<_> = run.lora_grads.into_iter().collect();
-        grads.sort_by_key(|((k, l), _)| (*l, *k));
-        let mut names = Vec::new();
-        let mut tensors = Vec::new();
-        for ((kind, layer), (ga, gb)) in grads {
-            names.push(crate::lora::peft_name(kind, layer, "lora_A"));
-            tensors.push(ga.to_dtype(DType::F32)?);
-            names.push(crate::lora::peft_name(kind, layer, "lora_B"));
-            tensors.push(gb.to_dtype(DType::F32)?);
+        // This micro-batch is done here: fold its gradients into the step's, report the norm.
+        for (key, (ga, gb)) in run.lora_grads {
+            let merged = match self.acc.remove(&key) {
+                Some((a, b)) => ((a + ga)?, (b + gb)?),
+                None => (ga, gb),
+            };
+            self.acc.insert(key, merged);
         }
+        let mut sumsq = 0.0;
+        for (a, b) in self.acc.values() {
+            sumsq += f64::from(a.sqr()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            sumsq += f64::from(b.sqr()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        }
+        let (request, step) = key;
         if self.me == 0 {
-            let mut flat = std::collections::BTreeMap::new();
-            for (n, t) in names.into_iter().zip(tensors) {
+            self.node.do_send(Event::TrainDone { rank: 0, step, sumsq });
+        } else if let Some(p) = self.peers.get(&0) {
+            p.do_send(Write(Frame::control(Message::TrainDone { rank: self.me, request_id: request, step, sumsq })));
+        }
+        Ok(())
+    }
+
+    /// AdamW on every local adapter with the accumulated gradients times `clip`.
+    fn update(&mut self, t: u64, lr: f64, clip: f64, weight_decay: f64) -> Result<(), WorkerError> {
+        let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let (c1, c2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+        for ((kind, layer), ad) in exec.adapters.iter() {
+            let Some(layer) = *layer else { continue };
+            let Some((ga, gb)) = self.acc.remove(&(*kind, layer)) else { continue };
+            let st = match self.adam.remove(&(*kind, layer)) {
+                Some(st) => st,
+                None => [ga.zeros_like()?, ga.zeros_like()?, gb.zeros_like()?, gb.zeros_like()?],
+            };
+            let [ma, va, mb, vb] = st;
+            let mut next = Vec::new();
+            for (var, g, m, v) in [(&ad.a, ga, ma, va), (&ad.b, gb, mb, vb)] {
+                let g = (g * clip)?;
+                let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+                let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                let step = ((&m / c1)? / ((&v / c2)?.sqrt()? + eps)?)?;
+                let p = var.as_tensor();
+                let new = (p - ((step + (p * weight_decay)?)? * lr)?)?;
+                var.set(&new)?;
+                next.push((m, v));
+            }
+            let [(ma, va), (mb, vb)]: [(Tensor, Tensor); 2] =
+                next.try_into().map_err(|_| WorkerError::Plan("adapter update".into()))?;
+            self.adam.insert((*kind, layer), [ma, va, mb, vb]);
+        }
+        self.acc.clear();
+        // Fault injection for tests (like tikv's fail points): die right after an update.
+        if std::env::var("LEMUR_FAILPOINT").is_ok_and(|v| v == format!("exit-after-update:{t}")) {
+            tracing::error!(rank = self.me, t, "fail point: exiting");
+            std::process::exit(3);
+        }
+        Ok(())
+    }
+
+    /// The local adapters by PEFT name: accumulated gradients, or parameters with moments.
+    fn gather(&self, what: &str) -> Result<Vec<(String, Tensor)>, WorkerError> {
+        let exec = self.exec.as_ref().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        let mut out = Vec::new();
+        let mut keys: Vec<_> = exec.adapters.keys().filter_map(|(k, l)| l.map(|l| (*k, l))).collect();
+        keys.sort_by_key(|(k, l)| (*l, *k));
+        for (kind, layer) in keys {
+            let (na, nb) = (crate::lora::peft_name(kind, layer, "lora_A"), crate::lora::peft_name(kind, layer, "lora_B"));
+            if what == "grads" {
+                if let Some((ga, gb)) = self.acc.get(&(kind, layer)) {
+                    out.push((na, ga.clone()));
+                    out.push((nb, gb.clone()));
+                }
+                continue;
+            }
+            let ad = &exec.adapters[&(kind, Some(layer))];
+            out.push((na.clone(), ad.a.as_tensor().clone()));
+            out.push((nb.clone(), ad.b.as_tensor().clone()));
+            if let Some([ma, va, mb, vb]) = self.adam.get(&(kind, layer)) {
+                let ch = crate::checkpoint::EXP_AVG;
+                let cq = crate::checkpoint::EXP_AVG_SQ;
+                out.push((format!("{na}{ch}"), ma.clone()));
+                out.push((format!("{na}{cq}"), va.clone()));
+                out.push((format!("{nb}{ch}"), mb.clone()));
+                out.push((format!("{nb}{cq}"), vb.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets local adapters (and moments) from named tensors; others are ignored.
+    fn load_adapters(&mut self, named: HashMap<String, Tensor>) -> Result<(), WorkerError> {
+        let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        for ((kind, layer), ad) in exec.adapters.iter() {
+            let Some(layer) = *layer else { continue };
+            let (na, nb) = (crate::lora::peft_name(*kind, layer, "lora_A"), crate::lora::peft_name(*kind, layer, "lora_B"));
+            for (n, var) in [(&na, &ad.a), (&nb, &ad.b)] {
+                if let Some(t) = named.get(n) {
+                    if t.dims() != var.as_tensor().dims() {
+                        return Err(WorkerError::Weights(format!("adapter `{n}` has shape {:?}, expected {:?}", t.dims(), var.as_tensor().dims())));
+                    }
+                    var.set(&t.to_dtype(var.as_tensor().dtype())?)?;
+                }
+            }
+            let moment = |n: &str, suffix: &str| named.get(&format!("{n}{suffix}")).cloned();
+            let (ch, cq) = (crate::checkpoint::EXP_AVG, crate::checkpoint::EXP_AVG_SQ);
+            if let (Some(ma), Some(va), Some(mb), Some(vb)) = (moment(&na, ch), moment(&na, cq), moment(&nb, ch), moment(&nb, cq)) {
+                self.adam.insert((*kind, layer), [ma, va, mb, vb]);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_adapters(&self, request: u64, tensors: Vec<(String, Tensor)>) -> Result<(), WorkerError> {
+        if self.me == 0 {
+            let mut flat = AdapterGrads::new();
+            for (n, t) in tensors {
+                let t = t.to_dtype(DType::F32)?;
                 flat.insert(n, (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
             }
             self.node.do_send(Event::Adapters { rank: 0, grads: flat });
-        } else {
-            let mut metas = Vec::new();
-            let mut datas = Vec::new();
-            for t in &tensors {
-                let (m, d) = to_wire(t)?;
-                metas.push(m);
-                datas.push(d);
-            }
-            let msg = Message::Adapters { rank: self.me, request_id: key.0, names, tensors: metas };
-            if let Some(p) = self.peers.get(&0) {
-                p.do_send(Write(Frame { message: msg, tensors: datas }));
-            }
+            return Ok(());
+        }
+        let mut names = Vec::new();
+        let mut metas = Vec::new();
+        let mut datas = Vec::new();
+        for (n, t) in tensors {
+            let (m, d) = to_wire(&t.to_dtype(DType::F32)?)?;
+            names.push(n);
+            metas.push(m);
+            datas.push(d);
+        }
+        if let Some(p) = self.peers.get(&0) {
+            p.do_send(Write(Frame { message: Message::Adapters { rank: self.me, request_id: request, names, tensors: metas }, tensors: datas }));
         }
         Ok(())
     }
@@ -969,6 +1154,19 @@ impl Compute {
                 }
                 Ok(())
             }
+            Work::Update { t, lr, clip, weight_decay } => self.update(t, lr, clip, weight_decay),
+            Work::Gather { request, what } => {
+                let tensors = self.gather(&what)?;
+                self.send_adapters(request, tensors)
+            }
+            Work::LoadAdapters { tensors } => {
+                let dev = self.exec.as_ref().map(|e| e.device.clone()).unwrap_or(Device::Cpu);
+                let mut named = HashMap::new();
+                for (n, t) in tensors {
+                    named.insert(n, from_wire(&t.meta, &t.data, &dev)?);
+                }
+                self.load_adapters(named)
+            }
             Work::Finish { request } => {
                 if let Some(exec) = self.exec.as_mut() {
                     exec.finish(request);
@@ -1006,6 +1204,31 @@ impl Handler<Work> for Compute {
 
 // ---- Node ----
 
+/// Where rank 0's training loop stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TrainPhase {
+    Running,
+    GatheringGrads,
+    GatheringState { finish: bool },
+}
+
+struct Trainer {
+    cfg: TrainLoop,
+    /// Optimizer steps taken.
+    step: u64,
+    /// This step's micro-batch losses.
+    losses: Vec<f64>,
+    /// Micro-batches finished per rank, and each rank's gradient norm once all are in.
+    done: HashMap<u32, u32>,
+    sumsq: HashMap<u32, f64>,
+    started: Instant,
+    phase: TrainPhase,
+    gathered: AdapterGrads,
+    gathered_ranks: std::collections::HashSet<u32>,
+    all_losses: Vec<f64>,
+    checkpoints: Vec<PathBuf>,
+}
+
 struct LeaderState {
     request: u64,
     prompt_len: usize,
@@ -1029,6 +1252,7 @@ struct LeaderState {
     loss: Option<f64>,
     lora_grads: AdapterGrads,
     adapter_ranks: std::collections::HashSet<u32>,
+    trainer: Option<Trainer>,
     /// Finished requests: (ttft, mean time per token, per-op ms).
     history: Vec<(Duration, Option<Duration>, HashMap<usize, f64>)>,
 }
@@ -1116,10 +1340,176 @@ impl Node {
         self.broadcast_start(next, Phase::Decode, position, &[token]);
     }
 
+    fn on_loss(&mut self, loss: f64) {
+        if let Some(l) = self.leader.as_mut() {
+            l.loss = Some(loss);
+            if let Some(t) = l.trainer.as_mut() {
+                t.losses.push(loss);
+            }
+        }
+    }
+
+    /// Sends adapter tensors to every rank (each keeps its own).
+    fn load_everywhere(&mut self, tensors: &AdapterGrads) {
+        let mut names = Vec::new();
+        let mut metas = Vec::new();
+        let mut datas = Vec::new();
+        for (n, (shape, v)) in tensors {
+            names.push(n.clone());
+            metas.push(TensorMeta { dtype: WireDType::F32, shape: shape.clone() });
+            datas.push(Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+        }
+        for p in self.peers.values() {
+            let msg = Message::LoadAdapters { names: names.clone(), tensors: metas.clone() };
+            p.do_send(Write(Frame { message: msg, tensors: datas.clone() }));
+        }
+        let local = names
+            .into_iter()
+            .zip(metas.into_iter().zip(datas).map(|(meta, data)| WireTensor { meta, data }))
+            .collect();
+        self.compute.do_send(Work::LoadAdapters { tensors: local });
+    }
+
+    /// Sends every micro-batch of the current step to every rank.
+    fn start_train_step(&mut self) {
+        let Some(l) = self.leader.as_mut() else { return };
+        let Some(t) = l.trainer.as_mut() else { return };
+        let s = t.step;
+        let request = s + 1;
+        l.request = request;
+        t.losses.clear();
+        t.done.clear();
+        t.sumsq.clear();
+        t.started = Instant::now();
+        let (b, m) = (t.cfg.batch, t.cfg.micro_batches);
+        let n = t.cfg.sequences.len().max(1);
+        let mut batches = Vec::new();
+        for mb in 0..m {
+            let rows: Vec<&Vec<u32>> = (0..b).map(|i| &t.cfg.sequences[((s as usize * m + mb) * b + i) % n]).collect();
+            let width = rows[0].len();
+            let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+            batches.push((mb as u32, b, width, flat));
+        }
+        for (mb, rows, width, flat) in batches {
+            let data: Vec<u8> = flat.iter().flat_map(|t| t.to_le_bytes()).collect();
+            let meta = TensorMeta { dtype: WireDType::U32, shape: vec![rows, width] };
+            let data = Bytes::from(data);
+            for p in self.peers.values() {
+                let msg = Message::Start { request_id: request, step: mb, phase: Phase::Forward, tokens: meta.clone(), position: 0 };
+                p.do_send(Write(Frame { message: msg, tensors: vec![data.clone()] }));
+            }
+            self.compute.do_send(Work::Start { request, step: mb, phase: Phase::Forward, position: 0, tokens: WireTensor { meta, data } });
+        }
+    }
+
+    /// A rank finished a micro-batch; when every rank finished every one, step the optimizer.
+    fn on_train_done(&mut self, rank: u32, _step: u32, sumsq: f64, ctx: &mut Context<Self>) {
+        let n = self.n;
+        let Some(l) = self.leader.as_mut() else { return };
+        let Some(t) = l.trainer.as_mut() else { return };
+        let c = t.done.entry(rank).or_default();
+        *c += 1;
+        if *c as usize == t.cfg.micro_batches {
+            t.sumsq.insert(rank, sumsq);
+        }
+        if t.sumsq.len() as u32 != n {
+            return;
+        }
+        let request = l.request;
+        if t.cfg.grad_check {
+            t.phase = TrainPhase::GatheringGrads;
+            for p in self.peers.values() {
+                p.do_send(Write(Frame::control(Message::Gather { request_id: request, what: "grads".into() })));
+            }
+            self.compute.do_send(Work::Gather { request, what: "grads".into() });
+            return;
+        }
+        let norm = t.sumsq.values().sum::<f64>().sqrt();
+        let clip = (t.cfg.max_grad_norm / (norm + 1e-6)).min(1.0);
+        let step = t.step;
+        let lr = t.cfg.lr_at(step);
+        let loss = if t.losses.is_empty() { f64::NAN } else { t.losses.iter().sum::<f64>() / t.losses.len() as f64 };
+        t.all_losses.push(loss);
+        let upd = Message::Update { request_id: request, t: step + 1, lr, clip, weight_decay: t.cfg.weight_decay };
+        for p in self.peers.values() {
+            p.do_send(Write(Frame::control(upd.clone())));
+        }
+        self.compute.do_send(Work::Update { t: step + 1, lr, clip, weight_decay: t.cfg.weight_decay });
+        let tokens = (t.cfg.batch * t.cfg.micro_batches * t.cfg.sequences.first().map_or(1, |r| r.len().saturating_sub(1))) as u64;
+        let log = StepLog { step: step + 1, loss, lr, grad_norm: norm, tokens, seconds: t.started.elapsed().as_secs_f64() };
+        if let Some(sink) = &t.cfg.on_step {
+            (sink.0)(&log);
+        }
+        t.step += 1;
+        let last = t.step >= t.cfg.steps;
+        let save = t.cfg.output.is_some() && (last || (t.cfg.save_every > 0 && t.step % t.cfg.save_every == 0));
+        if save {
+            t.phase = TrainPhase::GatheringState { finish: last };
+            t.gathered.clear();
+            t.gathered_ranks.clear();
+            for p in self.peers.values() {
+                p.do_send(Write(Frame::control(Message::Gather { request_id: request, what: "state".into() })));
+            }
+            self.compute.do_send(Work::Gather { request, what: "state".into() });
+        } else if last {
+            self.finish_training(ctx);
+        } else {
+            self.start_train_step();
+        }
+    }
+
+    fn write_checkpoint(&mut self, finish: bool, ctx: &mut Context<Self>) {
+        let Some(t) = self.leader.as_mut().and_then(|l| l.trainer.as_mut()) else { return };
+        t.phase = TrainPhase::Running;
+        let state = crate::checkpoint::TrainerState { step: t.step, losses: t.all_losses.clone() };
+        let dir = t.cfg.output.clone().unwrap_or_default();
+        match crate::checkpoint::write(&dir, &t.cfg.adapter_config, &state, &t.gathered) {
+            Ok(path) => {
+                tracing::info!(path = %path.display(), "checkpoint written");
+                t.checkpoints.push(path);
+            }
+            Err(e) => {
+                self.finish_with(Err(e), ctx);
+                return;
+            }
+        }
+        if finish {
+            self.finish_training(ctx);
+        } else {
+            self.start_train_step();
+        }
+    }
+
+    fn finish_training(&mut self, ctx: &mut Context<Self>) {
+        let Some(l) = self.leader.as_mut() else { return };
+        l.done = true;
+        l.first = Some(l.started.elapsed());
+        let request = l.request;
+        for p in self.peers.values() {
+            p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
+        }
+        self.compute.do_send(Work::Finish { request });
+        ctx.run_later(Duration::from_secs(5), move |act, ctx| {
+            if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
+                act.complete_request(ctx);
+            }
+        });
+    }
+
     /// Training: a rank's adapter gradients; when every rank's are in, the step is over.
     fn on_adapters(&mut self, rank: u32, grads: AdapterGrads, ctx: &mut Context<Self>) {
         let n = self.n;
         let Some(l) = self.leader.as_mut() else { return };
+        if let Some(t) = l.trainer.as_mut() {
+            if let TrainPhase::GatheringState { finish } = t.phase {
+                t.gathered.extend(grads);
+                t.gathered_ranks.insert(rank);
+                if t.gathered_ranks.len() as u32 == n {
+                    self.write_checkpoint(finish, ctx);
+                }
+                return;
+            }
+        }
         l.lora_grads.extend(grads);
         l.adapter_ranks.insert(rank);
         if l.adapter_ranks.len() as u32 != n || l.done {
@@ -1199,6 +1589,8 @@ impl Node {
             op_ms,
             loss: l.loss,
             lora_grads: l.lora_grads.clone(),
+            train_losses: l.trainer.as_ref().map(|t| t.all_losses.clone()).unwrap_or_default(),
+            checkpoints: l.trainer.as_ref().map(|t| t.checkpoints.clone()).unwrap_or_default(),
         };
         self.finish_with(Ok(Some(outcome)), ctx);
     }
@@ -1231,9 +1623,29 @@ impl Handler<Begin> for Node {
             loss: None,
             lora_grads: std::collections::BTreeMap::new(),
             adapter_ranks: std::collections::HashSet::new(),
+            trainer: None,
         });
-        if b.train {
-            self.broadcast_start(0, Phase::Forward, 0, &b.prompt);
+        if let Some(tl) = b.train_loop {
+            if let Some(tensors) = &tl.resume {
+                self.load_everywhere(tensors);
+            }
+            let start = tl.start_step;
+            if let Some(l) = self.leader.as_mut() {
+                l.trainer = Some(Trainer {
+                    all_losses: tl.prior_losses.clone(),
+                    cfg: tl,
+                    step: start,
+                    losses: Vec::new(),
+                    done: HashMap::new(),
+                    sumsq: HashMap::new(),
+                    started: Instant::now(),
+                    phase: TrainPhase::Running,
+                    gathered: AdapterGrads::new(),
+                    gathered_ranks: std::collections::HashSet::new(),
+                    checkpoints: Vec::new(),
+                });
+            }
+            self.start_train_step();
             return;
         }
         self.broadcast_start(0, Phase::Prefill, 0, &b.prompt);
@@ -1254,12 +1666,9 @@ impl Handler<Event> for Node {
     fn handle(&mut self, e: Event, ctx: &mut Self::Context) {
         match e {
             Event::Logits { step, logits } => self.on_logits(step, logits, ctx),
-            Event::Loss { loss } => {
-                if let Some(l) = self.leader.as_mut() {
-                    l.loss = Some(loss);
-                }
-            }
+            Event::Loss { loss } => self.on_loss(loss),
             Event::Adapters { rank, grads } => self.on_adapters(rank, grads, ctx),
+            Event::TrainDone { rank, step, sumsq } => self.on_train_done(rank, step, sumsq, ctx),
             Event::Failed { message } => {
                 if self.me == 0 {
                     self.finish_with(Err(WorkerError::Peer { rank: 0, message }), ctx);
@@ -1321,11 +1730,13 @@ impl Handler<Inbound> for Node {
                 self.on_logits(step, v, ctx);
             }
             Message::Finish { request_id } => self.compute.do_send(Work::Finish { request: request_id }),
-            Message::Loss { loss, .. } if self.me == 0 => {
-                if let Some(l) = self.leader.as_mut() {
-                    l.loss = Some(loss);
-                }
+            Message::Update { t, lr, clip, weight_decay, .. } => self.compute.do_send(Work::Update { t, lr, clip, weight_decay }),
+            Message::Gather { request_id, what } => self.compute.do_send(Work::Gather { request: request_id, what }),
+            Message::LoadAdapters { names, .. } => {
+                self.compute.do_send(Work::LoadAdapters { tensors: names.into_iter().zip(tensors).collect() });
             }
+            Message::TrainDone { rank, step, sumsq, .. } if self.me == 0 => self.on_train_done(rank, step, sumsq, ctx),
+            Message::Loss { loss, .. } if self.me == 0 => self.on_loss(loss),
             Message::Adapters { rank, names, .. } if self.me == 0 => {
                 let grads = names
                     .into_iter()

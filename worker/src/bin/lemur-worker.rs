@@ -16,7 +16,8 @@ use lemur_protocol::timings::Timings;
 use lemur_protocol::wire::TrainSetup;
 use lemur_protocol::Plan;
 use lemur_worker::cluster::Cluster;
-use lemur_worker::node::{run_node, Job, NodeConfig, Timeouts, TokenSink};
+use lemur_worker::checkpoint::AdapterConfig;
+use lemur_worker::node::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
 use lemur_worker::weights::{gguf_file_of, parse_dtype};
@@ -99,6 +100,40 @@ struct Args {
     /// Initialise B randomly instead of PEFT's zeros (for gradient checks).
     #[arg(long)]
     lora_random_b: bool,
+    /// Rank 0, training plans: fine-tune LoRA adapters on this JSONL file (one object a
+    /// line, with `text`, tokenised by the model's tokenizer, or `input_ids`).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Optimizer steps (default: one pass over the data).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Linear warm-up steps before the cosine decay.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Where the cosine decay ends, as a fraction of the peak.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    /// Clip the global gradient norm (over every rank) to this.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Checkpoints (PEFT adapters, optimizer state) go here.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Save every this many steps, and at the end.
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Continue from the newest checkpoint in --output-dir.
+    #[arg(long)]
+    resume: bool,
+    /// Append one JSON line per step (step, loss, lr, grad norm, tokens, seconds) here
+    /// (default: OUTPUT_DIR/loss.jsonl).
+    #[arg(long)]
+    loss_log: Option<PathBuf>,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600)]
     wait: u64,
@@ -127,11 +162,15 @@ fn run() -> Result<()> {
         let text = std::fs::read_to_string(plan_path).with_context(|| format!("reading {}", plan_path.display()))?;
         let plan = Plan::from_json(&text).with_context(|| format!("{}", plan_path.display()))?;
         let plan_is_train = plan.workload.mode == "train";
-        if plan_is_train && args.grad_check.is_none() {
-            bail!("a training plan runs with --grad-check FILE (the training loop is not built yet)");
+        if plan_is_train && args.grad_check.is_none() && args.train.is_none() {
+            bail!("a training plan needs --train DATA.jsonl (or --grad-check FILE)");
+        }
+        if !plan_is_train && args.train.is_some() {
+            bail!("--train needs a training plan (lemur-plan --mode train --lora)");
         }
         let model_dir = args.model.clone().context("rank 0 needs --model")?;
         let (prompt, eos, on_token) = match &args.prompt {
+            _ if args.train.is_some() => (Vec::new(), None, None),
             Some(text) => {
                 let t = Arc::new(load_tokenizer(&model_dir)?);
                 let text = if args.chat { t.chat(text)? } else { text.clone() };
@@ -149,8 +188,9 @@ fn run() -> Result<()> {
                 (ids, eos, Some(sink))
             }
             None if !args.prompt_ids.is_empty() => (args.prompt_ids.clone(), args.eos, None),
-            None => bail!("rank 0 needs --prompt or --prompt-ids"),
+            None => bail!("rank 0 needs --prompt or --prompt-ids (or --train for training plans)"),
         };
+        let train_loop = if plan_is_train { Some(train_loop(&args, &plan, &model_dir, &prompt)?) } else { None };
         let sampling =
             Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
         Some(Job {
@@ -164,6 +204,7 @@ fn run() -> Result<()> {
             on_token,
             timing: args.timings.is_some(),
             repeat: args.repeat,
+            train_loop,
             train: plan_is_train.then_some(TrainSetup {
                 alpha: args.lora_alpha,
                 seed: args.lora_seed,
@@ -199,6 +240,15 @@ fn run() -> Result<()> {
             std::fs::write(path, serde_json::to_string_pretty(&t)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
+        if !o.train_losses.is_empty() && args.grad_check.is_none() {
+            let first = o.train_losses.first().copied().unwrap_or(f64::NAN);
+            let last = o.train_losses.last().copied().unwrap_or(f64::NAN);
+            eprintln!("trained {} steps: loss {first:.4} -> {last:.4}", o.train_losses.len());
+            for c in &o.checkpoints {
+                eprintln!("checkpoint: {}", c.display());
+            }
+            println!("{}", o.train_losses.iter().map(|l| format!("{l:.6}")).collect::<Vec<_>>().join(","));
+        }
         if let Some(path) = &args.grad_check {
             if let Some(loss) = o.loss {
                 eprintln!("loss: {loss:.6}");
@@ -228,4 +278,106 @@ fn load_tokenizer(model: &Path) -> Result<Tok> {
         return Ok(Tok::from_gguf(&header, &file)?);
     }
     Ok(Tok::from_dir(model)?)
+}
+
+/// The training loop rank 0 drives: data, schedule, checkpoints, progress.
+fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Result<TrainLoop> {
+    let adapter_config = AdapterConfig {
+        rank: plan.workload.lora_rank.unwrap_or(16) as usize,
+        alpha: args.lora_alpha,
+        targets: plan.workload.lora_targets.clone().unwrap_or_default(),
+        base_model: model.display().to_string(),
+    };
+    let base = TrainLoop {
+        sequences: Vec::new(),
+        batch: plan.workload.batch.max(1) as usize,
+        micro_batches: plan.workload.micro_batches.max(1) as usize,
+        steps: 1,
+        start_step: 0,
+        lr: args.lr,
+        warmup: args.warmup,
+        min_lr_ratio: args.min_lr_ratio,
+        max_grad_norm: args.max_grad_norm,
+        weight_decay: args.weight_decay,
+        save_every: args.save_every,
+        output: args.output_dir.clone(),
+        adapter_config,
+        grad_check: false,
+        resume: None,
+        prior_losses: Vec::new(),
+        on_step: None,
+    };
+    if args.grad_check.is_some() {
+        return Ok(TrainLoop { sequences: vec![check_ids.to_vec()], batch: 1, micro_batches: 1, grad_check: true, ..base });
+    }
+    let data = args.train.as_ref().context("--train DATA.jsonl")?;
+    let seq = plan.workload.seq as usize;
+    let tok = load_tokenizer(model).ok();
+    let sequences = read_sequences(data, seq + 1, tok.as_ref())?;
+    let per_step = base.batch * base.micro_batches;
+    if sequences.len() < per_step {
+        bail!("{}: {} sequences of {} tokens, fewer than the {per_step} one step needs", data.display(), sequences.len(), seq + 1);
+    }
+    let steps = args.steps.unwrap_or((sequences.len() / per_step).max(1) as u64);
+    let mut lp = TrainLoop { sequences, steps, ..base };
+    if args.resume {
+        let dir = args.output_dir.as_ref().context("--resume needs --output-dir")?;
+        let ckpt = lemur_worker::checkpoint::latest(dir).with_context(|| format!("no checkpoint in {}", dir.display()))?;
+        let (cfg, tensors, state) = lemur_worker::checkpoint::read(&ckpt)?;
+        if cfg.rank != lp.adapter_config.rank || cfg.targets != lp.adapter_config.targets {
+            bail!("{}: adapters of rank {} on {:?}; the plan asks for rank {} on {:?}", ckpt.display(), cfg.rank, cfg.targets, lp.adapter_config.rank, lp.adapter_config.targets);
+        }
+        let state = state.with_context(|| format!("{}: no trainer_state.json", ckpt.display()))?;
+        eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
+        lp.start_step = state.step;
+        lp.prior_losses = state.losses;
+        lp.resume = Some(tensors);
+    }
+    let log_path = args.loss_log.clone().or_else(|| args.output_dir.as_ref().map(|d| d.join("loss.jsonl")));
+    if let Some(d) = &args.output_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let bar = indicatif::ProgressBar::new(lp.steps);
+    bar.set_style(indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} step {pos}/{len} {msg}")?);
+    bar.set_position(lp.start_step);
+    let log = Arc::new(Mutex::new(log_path));
+    lp.on_step = Some(StepSink(Arc::new(move |s: &StepLog| {
+        bar.set_position(s.step);
+        bar.set_message(format!("loss {:.4}, lr {:.2e}, {:.0} tokens/s", s.loss, s.lr, s.tokens as f64 / s.seconds.max(1e-9)));
+        if let Ok(guard) = log.lock() {
+            if let Some(p) = guard.as_ref() {
+                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+                    let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
+                }
+            }
+        }
+    })));
+    Ok(lp)
+}
+
+/// Training sequences of `width` tokens from a JSONL file: documents joined by the
+/// end-of-sequence token and cut into consecutive windows (packing; no padding).
+fn read_sequences(path: &Path, width: usize, tok: Option<&Tok>) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut stream: Vec<u32> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let ids: Vec<u32> = if let Some(ids) = v.get("input_ids").and_then(|x| x.as_array()) {
+            ids.iter()
+                .map(|x| x.as_u64().map(|n| n as u32).with_context(|| format!("{}:{}: `input_ids` holds a non-integer", path.display(), i + 1)))
+                .collect::<Result<_>>()?
+        } else if let Some(t) = v.get("text").and_then(|x| x.as_str()) {
+            let tok = tok.with_context(|| format!("{}:{}: `text` needs the model's tokenizer", path.display(), i + 1))?;
+            let mut ids = tok.encode(t)?;
+            ids.extend(tok.eos);
+            ids
+        } else {
+            bail!("{}:{}: each line needs `text` or `input_ids`", path.display(), i + 1);
+        };
+        stream.extend(ids);
+    }
+    Ok(stream.chunks_exact(width).map(<[u32]>::to_vec).collect())
 }
