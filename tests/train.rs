@@ -212,3 +212,145 @@ fn lora_gradients_in_one_process_match() -> Result<()> {
     plan.validate()?;
     check(&plan, 2)
 }
+
+// ---- the training loop ----
+
+struct TrainSetupFiles {
+    dir: tempfile::TempDir,
+    model: std::path::PathBuf,
+    data: std::path::PathBuf,
+}
+
+/// A tiny model and a small repetitive data set (so the loss can fall quickly).
+fn training_files() -> Result<TrainSetupFiles> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    write_model(&model, &tiny(2, Some(4096)), 13)?;
+    let mut rng = lemurian::worker::random_model::Rng::new(4);
+    let pattern: Vec<u32> = (0..24).map(|_| ((rng.uniform() + 1.0) * 127.0) as u32).collect();
+    let mut lines = String::new();
+    for i in 0..40 {
+        let rotated: Vec<u32> = pattern[i % 5..].iter().chain(&pattern[..i % 5]).copied().collect();
+        lines += &serde_json::json!({ "input_ids": rotated }).to_string();
+        lines.push('\n');
+    }
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, lines)?;
+    Ok(TrainSetupFiles { dir, model, data })
+}
+
+/// Trains with real worker processes; returns (exit ok, losses printed, stderr).
+fn train(files: &TrainSetupFiles, plan: &Plan, tag: &str, extra: &[&str], env: Option<(&str, &str)>) -> Result<(bool, Vec<f64>, String)> {
+    let dir = files.dir.path().join(tag);
+    std::fs::create_dir_all(&dir)?;
+    let plan_path = dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(plan)?)?;
+    let cluster = cluster_file(&dir, plan)?;
+    let mut workers = Procs(Vec::new());
+    for r in 1..plan.machines.len() {
+        let mut cmd = std::process::Command::new(worker_bin());
+        cmd.args(["--rank", &r.to_string(), "--cluster"]).arg(&cluster).args(["--wait", "60"]);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        workers.0.push(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?);
+    }
+    let mut cmd = std::process::Command::new(worker_bin());
+    cmd.args(["--rank", "0", "--cluster"])
+        .arg(&cluster)
+        .arg("--plan")
+        .arg(&plan_path)
+        .arg("--model")
+        .arg(&files.model)
+        .arg("--train")
+        .arg(&files.data)
+        .args(["--lr", "5e-3", "--warmup", "3", "--lora-seed", "3"])
+        .args(extra);
+    let out = cmd.output()?;
+    for w in workers.0.drain(..) {
+        let _ = wait_exit(w, std::time::Duration::from_secs(15));
+    }
+    let losses = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(',')
+        .filter_map(|x| x.parse::<f64>().ok())
+        .collect();
+    Ok((out.status.success(), losses, String::from_utf8_lossy(&out.stderr).to_string()))
+}
+
+fn train_plan(machines: &[&str], rule: impl Fn(usize, &lemurian::protocol::plan::PlanOp) -> usize) -> Result<Plan> {
+    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
+    let planned = lemurian::Planner::from_profiles(profiles)?
+        .machines(machines)?
+        .model(tiny(2, Some(4096)))
+        .train(32, 1, Finetune::Lora(LoraSpec { rank: 8, targets: TARGETS.to_vec() }), 2)
+        .solver(std::time::Duration::from_secs(10), 1e-3)
+        .plan()?;
+    let mut plan = planned.plan;
+    let ops = plan.ops.clone();
+    plan.reassign(|op| {
+        let f = op.forward_of.unwrap_or(op.id);
+        rule(f, &ops[f])
+    });
+    plan.validate()?;
+    Ok(plan)
+}
+
+#[test]
+fn training_lowers_the_loss_and_saves_peft_adapters_identically_on_one_and_two_ranks() -> Result<()> {
+    let files = training_files()?;
+    let two = train_plan(&["m4-pro", "m5-pro"], |f, _| f % 2)?;
+    let out = files.dir.path().join("out2");
+    let (ok, losses, err) = train(&files, &two, "two", &["--steps", "20", "--output-dir", out.to_str().unwrap()], None)?;
+    assert!(ok, "{err}");
+    assert_eq!(losses.len(), 20);
+    assert!(losses[19] < losses[0] / 3.0, "loss did not fall: {losses:?}");
+    assert!(err.contains("trained 20 steps"), "{err}");
+    // The same run in one process gives the same losses.
+    let mut one = train_plan(&["m4-pro", "m5-pro"], |_, _| 0)?;
+    one.machines.truncate(1);
+    one.validate()?;
+    let (ok1, losses1, err1) = train(&files, &one, "one", &["--steps", "20"], None)?;
+    assert!(ok1, "{err1}");
+    for (a, b) in losses.iter().zip(&losses1) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "two ranks {losses:?}\none rank {losses1:?}");
+    }
+    // The checkpoint is in PEFT's layout.
+    let ckpt = out.join("checkpoint-20");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json"))?)?;
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    let tensors = candle_core::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu)?;
+    assert_eq!(tensors.len(), 2 * 4 * 2);
+    let a = &tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+    assert_eq!((a.dims(), b.dims()), (&[8usize, 64][..], &[64usize, 8][..]));
+    assert!(b.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "B left zero: nothing was learned");
+    let log = std::fs::read_to_string(out.join("loss.jsonl"))?;
+    assert_eq!(log.lines().count(), 20);
+    Ok(())
+}
+
+#[test]
+fn a_worker_dying_mid_run_fails_it_and_resume_reaches_the_same_loss() -> Result<()> {
+    let files = training_files()?;
+    let plan = train_plan(&["m4-pro", "m5-pro"], |f, op| if is_attention(op.kind) { 1 } else { f % 2 })?;
+    let full = files.dir.path().join("full");
+    let (ok, reference, err) = train(&files, &plan, "full", &["--steps", "30", "--save-every", "10", "--output-dir", full.to_str().unwrap()], None)?;
+    assert!(ok, "{err}");
+    let broken = files.dir.path().join("broken");
+    let args = ["--steps", "30", "--save-every", "10", "--output-dir", broken.to_str().unwrap()];
+    let (ok, _, err) = train(&files, &plan, "crash", &args, Some(("LEMUR_FAILPOINT", "exit-after-update:25")))?;
+    assert!(!ok, "the run should fail when rank 1 dies");
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(broken.join("checkpoint-20").exists() && !broken.join("checkpoint-30").exists());
+    let mut resume_args = args.to_vec();
+    resume_args.push("--resume");
+    let (ok, resumed, err) = train(&files, &plan, "resume", &resume_args, None)?;
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming from") && err.contains("checkpoint-20"), "{err}");
+    assert_eq!(resumed.len(), 30);
+    let (a, b) = (reference[29], resumed[29]);
+    assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "final loss {b} after resuming vs {a} uninterrupted");
+    Ok(())
+}
