@@ -272,3 +272,58 @@ fn gguf_and_safetensors_copies_give_the_same_logits() -> Result<()> {
     assert!(d < 1e-5, "logits differ by {d}");
     Ok(())
 }
+
+#[test]
+fn smollm2_lora_training_across_two_ranks_lowers_the_loss() -> Result<()> {
+    let gguf = smollm2()?;
+    let cfg = lemurian::planner::load_model(gguf.to_str().unwrap())?;
+    let dir = tempfile::tempdir()?;
+    let text = "The M4 Pro has the higher memory bandwidth. The M5 Pro has twice the GEMM throughput. \
+                Lemurian places every operation on the machine that runs it fastest.";
+    // One 33-token window of real English, repeated: every step sees the same sequence.
+    let ids: Vec<u32> = tokenizer(&gguf)?.encode(text)?.into_iter().take(33).collect();
+    assert_eq!(ids.len(), 33);
+    let lines: String = (0..8).map(|_| serde_json::json!({ "input_ids": ids }).to_string() + "\n").collect();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, lines)?;
+    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
+    let planned = lemurian::Planner::from_profiles(profiles)?
+        .machines(&["m4-pro", "m5-pro"])?
+        .model(cfg)
+        .train(32, 1, lemurian::Finetune::Lora(lemurian::LoraSpec::default()), 1)
+        .solver(std::time::Duration::from_secs(10), 1e-3)
+        .plan()?;
+    let mut plan = planned.plan;
+    let ops = plan.ops.clone();
+    // Layers 0-14 (and the embedding) on rank 0, the rest on rank 1.
+    plan.reassign(|op| {
+        let f = &ops[op.forward_of.unwrap_or(op.id)];
+        usize::from(f.layer.is_none_or(|l| l >= 15) && f.kind != lemurian::protocol::OpKind::Embedding)
+    });
+    plan.validate()?;
+    let plan_path = dir.path().join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(&plan)?)?;
+    let cluster = cluster_file(dir.path(), &plan)?;
+    let mut workers = spawn_workers(&cluster, 2, &[])?;
+    let out = Command::new(worker_bin())
+        .args(["--rank", "0", "--cluster"])
+        .arg(&cluster)
+        .arg("--plan")
+        .arg(&plan_path)
+        .arg("--model")
+        .arg(&gguf)
+        .arg("--train")
+        .arg(&data)
+        .args(["--steps", "6", "--lr", "2e-3", "--lora-alpha", "16"])
+        .output()?;
+    for w in workers.0.drain(..) {
+        wait_exit(w, std::time::Duration::from_secs(20))?;
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let losses: Vec<f64> =
+        String::from_utf8_lossy(&out.stdout).trim().split(',').filter_map(|x| x.parse().ok()).collect();
+    assert_eq!(losses.len(), 6, "{err}");
+    assert!(losses[5] < losses[0] * 0.8, "SmolLM2 loss did not fall: {losses:?}");
+    Ok(())
+}

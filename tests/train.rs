@@ -240,7 +240,13 @@ fn training_files() -> Result<TrainSetupFiles> {
 }
 
 /// Trains with real worker processes; returns (exit ok, losses printed, stderr).
-fn train(files: &TrainSetupFiles, plan: &Plan, tag: &str, extra: &[&str], env: Option<(&str, &str)>) -> Result<(bool, Vec<f64>, String)> {
+fn train(
+    files: &TrainSetupFiles,
+    plan: &Plan,
+    tag: &str,
+    extra: &[&str],
+    env: Option<(&str, &str)>,
+) -> Result<(bool, Vec<f64>, String)> {
     let dir = files.dir.path().join(tag);
     std::fs::create_dir_all(&dir)?;
     let plan_path = dir.join("plan.json");
@@ -270,11 +276,7 @@ fn train(files: &TrainSetupFiles, plan: &Plan, tag: &str, extra: &[&str], env: O
     for w in workers.0.drain(..) {
         let _ = wait_exit(w, std::time::Duration::from_secs(15));
     }
-    let losses = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split(',')
-        .filter_map(|x| x.parse::<f64>().ok())
-        .collect();
+    let losses = String::from_utf8_lossy(&out.stdout).trim().split(',').filter_map(|x| x.parse::<f64>().ok()).collect();
     Ok((out.status.success(), losses, String::from_utf8_lossy(&out.stderr).to_string()))
 }
 
@@ -301,7 +303,8 @@ fn training_lowers_the_loss_and_saves_peft_adapters_identically_on_one_and_two_r
     let files = training_files()?;
     let two = train_plan(&["m4-pro", "m5-pro"], |f, _| f % 2)?;
     let out = files.dir.path().join("out2");
-    let (ok, losses, err) = train(&files, &two, "two", &["--steps", "20", "--output-dir", out.to_str().unwrap()], None)?;
+    let (ok, losses, err) =
+        train(&files, &two, "two", &["--steps", "20", "--output-dir", out.to_str().unwrap()], None)?;
     assert!(ok, "{err}");
     assert_eq!(losses.len(), 20);
     assert!(losses[19] < losses[0] / 3.0, "loss did not fall: {losses:?}");
@@ -336,7 +339,13 @@ fn a_worker_dying_mid_run_fails_it_and_resume_reaches_the_same_loss() -> Result<
     let files = training_files()?;
     let plan = train_plan(&["m4-pro", "m5-pro"], |f, op| if is_attention(op.kind) { 1 } else { f % 2 })?;
     let full = files.dir.path().join("full");
-    let (ok, reference, err) = train(&files, &plan, "full", &["--steps", "30", "--save-every", "10", "--output-dir", full.to_str().unwrap()], None)?;
+    let (ok, reference, err) = train(
+        &files,
+        &plan,
+        "full",
+        &["--steps", "30", "--save-every", "10", "--output-dir", full.to_str().unwrap()],
+        None,
+    )?;
     assert!(ok, "{err}");
     let broken = files.dir.path().join("broken");
     let args = ["--steps", "30", "--save-every", "10", "--output-dir", broken.to_str().unwrap()];
@@ -352,5 +361,43 @@ fn a_worker_dying_mid_run_fails_it_and_resume_reaches_the_same_loss() -> Result<
     assert_eq!(resumed.len(), 30);
     let (a, b) = (reference[29], resumed[29]);
     assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "final loss {b} after resuming vs {a} uninterrupted");
+    Ok(())
+}
+
+#[test]
+fn trained_adapters_load_back_and_change_generation() -> Result<()> {
+    let files = training_files()?;
+    let plan = train_plan(&["m4-pro", "m5-pro"], |f, _| f % 2)?;
+    let out = files.dir.path().join("out");
+    let (ok, _, err) = train(&files, &plan, "train", &["--steps", "15", "--output-dir", out.to_str().unwrap()], None)?;
+    assert!(ok, "{err}");
+    let ckpt = out.join("checkpoint-15");
+    let cfg = tiny(2, Some(4096));
+    let prompt = [5u32, 9, 17, 33, 65, 129];
+    let generate = |tag: &str, split: bool, adapter: bool| -> Result<Vec<u32>> {
+        let dir = files.dir.path().join(tag);
+        std::fs::create_dir_all(&dir)?;
+        let mut p =
+            plan_with(&cfg, &["m4-pro", "m5-pro"], prompt.len() as u64, 8, |op| if split { op.id % 2 } else { 0 })?;
+        if !split {
+            p.machines.truncate(1);
+        }
+        let plan_path = dir.join("plan.json");
+        std::fs::write(&plan_path, serde_json::to_string(&p)?)?;
+        let cluster = cluster_file(&dir, &p)?;
+        let mut workers = spawn_workers(&cluster, p.machines.len(), &[])?;
+        let extra: Vec<&str> = if adapter { vec!["--adapter", ckpt.to_str().unwrap()] } else { vec![] };
+        let o = run_leader(&cluster, &plan_path, &files.model, &prompt, 8, &extra)?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for w in workers.0.drain(..) {
+            wait_exit(w, std::time::Duration::from_secs(10))?;
+        }
+        Ok(parse_ids(&o.stdout))
+    };
+    let base = generate("base", true, false)?;
+    let tuned = generate("tuned", true, true)?;
+    let tuned_one = generate("tuned-one", false, true)?;
+    assert_ne!(base, tuned, "the adapters change generation");
+    assert_eq!(tuned, tuned_one, "adapters split across ranks act as in one process");
     Ok(())
 }

@@ -121,6 +121,12 @@ pub struct TrainSetup {
     /// PEFT's initialisation (B = 0, so training starts from the base model); off gives a
     /// random B, which gradient checks need.
     pub zero_b: bool,
+    /// Inference with trained adapters: their rank and target projections (training
+    /// plans carry these themselves).
+    #[serde(default)]
+    pub rank: Option<u64>,
+    #[serde(default)]
+    pub targets: Option<Vec<crate::OpKind>>,
 }
 
 /// Every message workers exchange. Messages with tensors list their metadata here; the
@@ -199,15 +205,32 @@ pub enum Message {
     },
     /// Training: a rank has run one micro-batch's backward; `sumsq` is the squared norm of
     /// its accumulated adapter gradients so far (complete once every micro-batch is in).
-    TrainDone { rank: u32, request_id: u64, step: u32, sumsq: f64 },
+    TrainDone {
+        rank: u32,
+        request_id: u64,
+        step: u32,
+        sumsq: f64,
+    },
     /// Training: apply AdamW step `t` to the accumulated gradients times `clip`, then clear them.
-    Update { request_id: u64, t: u64, lr: f64, clip: f64, weight_decay: f64 },
+    Update {
+        request_id: u64,
+        t: u64,
+        lr: f64,
+        clip: f64,
+        weight_decay: f64,
+    },
     /// Training: send rank 0 the adapters (`what` = `grads`, or `state`: parameters with
     /// their AdamW moments) as an `Adapters` message.
-    Gather { request_id: u64, what: String },
+    Gather {
+        request_id: u64,
+        what: String,
+    },
     /// Training or inference with adapters: set these adapter tensors (PEFT names; moments
     /// carry `.exp_avg` / `.exp_avg_sq` suffixes).
-    LoadAdapters { names: Vec<String>, tensors: Vec<TensorMeta> },
+    LoadAdapters {
+        names: Vec<String>,
+        tensors: Vec<TensorMeta>,
+    },
     /// A request is over: drop its KV cache.
     Finish {
         request_id: u64,

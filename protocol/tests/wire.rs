@@ -44,7 +44,13 @@ fn every_message() -> Vec<Frame> {
             model_dir: "/models/x".into(),
             dtype: WireDType::F32,
             timing: true,
-            train: Some(lemur_protocol::wire::TrainSetup { alpha: 32.0, seed: 3, zero_b: true }),
+            train: Some(lemur_protocol::wire::TrainSetup {
+                alpha: 32.0,
+                seed: 3,
+                zero_b: true,
+                rank: None,
+                targets: None,
+            }),
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {
@@ -67,7 +73,10 @@ fn every_message() -> Vec<Frame> {
         Frame::control(Message::Gather { request_id: 7, what: "state".into() }),
         {
             let (g, g_b) = tensor(WireDType::F32, &[4, 8], 9);
-            Frame { message: Message::LoadAdapters { names: vec!["x.lora_B.weight".into()], tensors: vec![g] }, tensors: vec![g_b] }
+            Frame {
+                message: Message::LoadAdapters { names: vec!["x.lora_B.weight".into()], tensors: vec![g] },
+                tensors: vec![g_b],
+            }
         },
         {
             let (g, g_b) = tensor(WireDType::F32, &[16, 64], 8);

@@ -50,7 +50,12 @@ fn to_tensors(map: &AdapterGrads, keep: impl Fn(&str) -> bool) -> Result<HashMap
 }
 
 /// Writes `dir/checkpoint-{step}` and returns its path.
-pub fn write(dir: &Path, cfg: &AdapterConfig, state: &TrainerState, tensors: &AdapterGrads) -> Result<PathBuf, WorkerError> {
+pub fn write(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    state: &TrainerState,
+    tensors: &AdapterGrads,
+) -> Result<PathBuf, WorkerError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let final_dir = dir.join(format!("checkpoint-{}", state.step));
     let tmp = dir.join(format!(".tmp-checkpoint-{}", state.step));
@@ -109,7 +114,12 @@ pub fn read(dir: &Path) -> Result<(AdapterConfig, AdapterGrads, Option<TrainerSt
         .as_array()
         .ok_or_else(|| io(&cfg_path, "missing `target_modules`"))?
         .iter()
-        .map(|t| t.as_str().and_then(OpKind::parse).filter(|k| k.is_linear()).ok_or_else(|| io(&cfg_path, format!("unsupported target {t}"))))
+        .map(|t| {
+            t.as_str()
+                .and_then(OpKind::parse)
+                .filter(|k| k.is_linear())
+                .ok_or_else(|| io(&cfg_path, format!("unsupported target {t}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let base_model = v["base_model_name_or_path"].as_str().unwrap_or("").to_string();
     let mut tensors = AdapterGrads::new();

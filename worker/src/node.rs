@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use actix::io::{SinkWrite, WriteHandler};
 use actix::prelude::*;
 use bytes::Bytes;
-use serde::Serialize;
 use candle_core::{DType, Device, Tensor};
 use futures::{SinkExt, StreamExt};
 use lemur_protocol::wire::{
     Frame, FrameCodec, FrameError, Hello, Message, TensorMeta, TrainSetup, WireDType, WireTensor,
 };
 use lemur_protocol::{Phase, Plan};
+use serde::Serialize;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite};
@@ -140,7 +140,8 @@ impl TrainLoop {
         }
         let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
         let progress = ((s - self.warmup) as f64 / span).min(1.0);
-        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+        self.lr
+            * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
     }
 }
 
@@ -160,9 +161,11 @@ pub struct Job {
     /// Run the request this many times; times reported are medians over all runs but the
     /// first (a cold start), when there are several.
     pub repeat: usize,
-    /// Training plans: how to initialise the adapters, and the loop to run.
+    /// Training plans: how to initialise the adapters, and the loop to run. Inference with
+    /// trained adapters: their shape, and `adapters` their tensors (PEFT names).
     pub train: Option<TrainSetup>,
     pub train_loop: Option<TrainLoop>,
+    pub adapters: Option<AdapterGrads>,
 }
 
 /// Everything a rank needs to start.
@@ -482,6 +485,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
         let job = cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
         node.do_send(Begin {
             train_loop: job.train_loop.clone(),
+            adapters: job.adapters.clone(),
             repeat: job.repeat.max(1),
             prompt: job.prompt,
             max_new_tokens: job.max_new_tokens,
@@ -510,7 +514,20 @@ async fn prepare(
     let adapters = match (&prog, train) {
         (Prog::Train(t), Some(setup)) => Some((t.local_adapters(), t.lora_rank, setup.clone())),
         (Prog::Train(_), None) => return Err(WorkerError::Plan("a training plan needs the adapters' set-up".into())),
-        _ => None,
+        (Prog::Infer(p), Some(setup)) => {
+            // Inference with trained adapters on the projections this rank runs.
+            let targets = setup.targets.clone().unwrap_or_default();
+            let rank = setup.rank.unwrap_or(16) as usize;
+            let mut list: Vec<_> = p
+                .local_weights()
+                .into_iter()
+                .filter(|(k, _)| targets.contains(k))
+                .filter_map(|(k, l)| l.map(|l| (k, l)))
+                .collect();
+            list.sort_by_key(|(k, l)| (*l, *k));
+            Some((list, rank, setup.clone()))
+        }
+        (Prog::Infer(_), None) => None,
     };
     let dir = model_dir.to_path_buf();
     let device = cfg.device.clone();
@@ -531,7 +548,7 @@ async fn prepare(
         let bytes = ck.load_into(&mut exec, &wanted, Some(&bar))?;
         bar.finish_and_clear();
         if let Some((list, rank, setup)) = adapters {
-            exec.differentiable = true;
+            exec.differentiable = setup.targets.is_none();
             for (kind, layer) in list {
                 let (a, b) = crate::lora::init(&ck.config, kind, layer, rank, setup.seed, setup.zero_b, &exec.device)?;
                 let scale = setup.alpha / rank as f64;
@@ -581,6 +598,7 @@ struct Write(Frame);
 #[rtype(result = "()")]
 struct Begin {
     train_loop: Option<TrainLoop>,
+    adapters: Option<AdapterGrads>,
     repeat: usize,
     prompt: Vec<u32>,
     max_new_tokens: usize,
@@ -980,7 +998,8 @@ impl Compute {
         let mut keys: Vec<_> = exec.adapters.keys().filter_map(|(k, l)| l.map(|l| (*k, l))).collect();
         keys.sort_by_key(|(k, l)| (*l, *k));
         for (kind, layer) in keys {
-            let (na, nb) = (crate::lora::peft_name(kind, layer, "lora_A"), crate::lora::peft_name(kind, layer, "lora_B"));
+            let (na, nb) =
+                (crate::lora::peft_name(kind, layer, "lora_A"), crate::lora::peft_name(kind, layer, "lora_B"));
             if what == "grads" {
                 if let Some((ga, gb)) = self.acc.get(&(kind, layer)) {
                     out.push((na, ga.clone()));
@@ -1008,18 +1027,25 @@ impl Compute {
         let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
         for ((kind, layer), ad) in exec.adapters.iter() {
             let Some(layer) = *layer else { continue };
-            let (na, nb) = (crate::lora::peft_name(*kind, layer, "lora_A"), crate::lora::peft_name(*kind, layer, "lora_B"));
+            let (na, nb) =
+                (crate::lora::peft_name(*kind, layer, "lora_A"), crate::lora::peft_name(*kind, layer, "lora_B"));
             for (n, var) in [(&na, &ad.a), (&nb, &ad.b)] {
                 if let Some(t) = named.get(n) {
                     if t.dims() != var.as_tensor().dims() {
-                        return Err(WorkerError::Weights(format!("adapter `{n}` has shape {:?}, expected {:?}", t.dims(), var.as_tensor().dims())));
+                        return Err(WorkerError::Weights(format!(
+                            "adapter `{n}` has shape {:?}, expected {:?}",
+                            t.dims(),
+                            var.as_tensor().dims()
+                        )));
                     }
                     var.set(&t.to_dtype(var.as_tensor().dtype())?)?;
                 }
             }
             let moment = |n: &str, suffix: &str| named.get(&format!("{n}{suffix}")).cloned();
             let (ch, cq) = (crate::checkpoint::EXP_AVG, crate::checkpoint::EXP_AVG_SQ);
-            if let (Some(ma), Some(va), Some(mb), Some(vb)) = (moment(&na, ch), moment(&na, cq), moment(&nb, ch), moment(&nb, cq)) {
+            if let (Some(ma), Some(va), Some(mb), Some(vb)) =
+                (moment(&na, ch), moment(&na, cq), moment(&nb, ch), moment(&nb, cq))
+            {
                 self.adam.insert((*kind, layer), [ma, va, mb, vb]);
             }
         }
@@ -1046,7 +1072,10 @@ impl Compute {
             datas.push(d);
         }
         if let Some(p) = self.peers.get(&0) {
-            p.do_send(Write(Frame { message: Message::Adapters { rank: self.me, request_id: request, names, tensors: metas }, tensors: datas }));
+            p.do_send(Write(Frame {
+                message: Message::Adapters { rank: self.me, request_id: request, names, tensors: metas },
+                tensors: datas,
+            }));
         }
         Ok(())
     }
@@ -1363,10 +1392,8 @@ impl Node {
             let msg = Message::LoadAdapters { names: names.clone(), tensors: metas.clone() };
             p.do_send(Write(Frame { message: msg, tensors: datas.clone() }));
         }
-        let local = names
-            .into_iter()
-            .zip(metas.into_iter().zip(datas).map(|(meta, data)| WireTensor { meta, data }))
-            .collect();
+        let local =
+            names.into_iter().zip(metas.into_iter().zip(datas).map(|(meta, data)| WireTensor { meta, data })).collect();
         self.compute.do_send(Work::LoadAdapters { tensors: local });
     }
 
@@ -1395,10 +1422,22 @@ impl Node {
             let meta = TensorMeta { dtype: WireDType::U32, shape: vec![rows, width] };
             let data = Bytes::from(data);
             for p in self.peers.values() {
-                let msg = Message::Start { request_id: request, step: mb, phase: Phase::Forward, tokens: meta.clone(), position: 0 };
+                let msg = Message::Start {
+                    request_id: request,
+                    step: mb,
+                    phase: Phase::Forward,
+                    tokens: meta.clone(),
+                    position: 0,
+                };
                 p.do_send(Write(Frame { message: msg, tensors: vec![data.clone()] }));
             }
-            self.compute.do_send(Work::Start { request, step: mb, phase: Phase::Forward, position: 0, tokens: WireTensor { meta, data } });
+            self.compute.do_send(Work::Start {
+                request,
+                step: mb,
+                phase: Phase::Forward,
+                position: 0,
+                tokens: WireTensor { meta, data },
+            });
         }
     }
 
@@ -1435,8 +1474,11 @@ impl Node {
             p.do_send(Write(Frame::control(upd.clone())));
         }
         self.compute.do_send(Work::Update { t: step + 1, lr, clip, weight_decay: t.cfg.weight_decay });
-        let tokens = (t.cfg.batch * t.cfg.micro_batches * t.cfg.sequences.first().map_or(1, |r| r.len().saturating_sub(1))) as u64;
-        let log = StepLog { step: step + 1, loss, lr, grad_norm: norm, tokens, seconds: t.started.elapsed().as_secs_f64() };
+        let tokens = (t.cfg.batch
+            * t.cfg.micro_batches
+            * t.cfg.sequences.first().map_or(1, |r| r.len().saturating_sub(1))) as u64;
+        let log =
+            StepLog { step: step + 1, loss, lr, grad_norm: norm, tokens, seconds: t.started.elapsed().as_secs_f64() };
         if let Some(sink) = &t.cfg.on_step {
             (sink.0)(&log);
         }
@@ -1625,6 +1667,9 @@ impl Handler<Begin> for Node {
             adapter_ranks: std::collections::HashSet::new(),
             trainer: None,
         });
+        if let Some(tensors) = &b.adapters {
+            self.load_everywhere(tensors);
+        }
         if let Some(tl) = b.train_loop {
             if let Some(tensors) = &tl.resume {
                 self.load_everywhere(tensors);
@@ -1730,7 +1775,9 @@ impl Handler<Inbound> for Node {
                 self.on_logits(step, v, ctx);
             }
             Message::Finish { request_id } => self.compute.do_send(Work::Finish { request: request_id }),
-            Message::Update { t, lr, clip, weight_decay, .. } => self.compute.do_send(Work::Update { t, lr, clip, weight_decay }),
+            Message::Update { t, lr, clip, weight_decay, .. } => {
+                self.compute.do_send(Work::Update { t, lr, clip, weight_decay })
+            }
             Message::Gather { request_id, what } => self.compute.do_send(Work::Gather { request: request_id, what }),
             Message::LoadAdapters { names, .. } => {
                 self.compute.do_send(Work::LoadAdapters { tensors: names.into_iter().zip(tensors).collect() });

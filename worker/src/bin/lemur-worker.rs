@@ -15,8 +15,8 @@ use clap::Parser;
 use lemur_protocol::timings::Timings;
 use lemur_protocol::wire::TrainSetup;
 use lemur_protocol::Plan;
-use lemur_worker::cluster::Cluster;
 use lemur_worker::checkpoint::AdapterConfig;
+use lemur_worker::cluster::Cluster;
 use lemur_worker::node::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
@@ -134,6 +134,9 @@ struct Args {
     /// (default: OUTPUT_DIR/loss.jsonl).
     #[arg(long)]
     loss_log: Option<PathBuf>,
+    /// Rank 0, inference: apply trained LoRA adapters (a checkpoint or PEFT adapter directory).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600)]
     wait: u64,
@@ -190,6 +193,14 @@ fn run() -> Result<()> {
             None if !args.prompt_ids.is_empty() => (args.prompt_ids.clone(), args.eos, None),
             None => bail!("rank 0 needs --prompt or --prompt-ids (or --train for training plans)"),
         };
+        let adapter = match &args.adapter {
+            Some(dir) if !plan_is_train => {
+                let (cfg, tensors, _) = lemur_worker::checkpoint::read(dir)?;
+                Some((cfg, tensors))
+            }
+            Some(_) => bail!("--adapter applies to inference plans; training resumes with --resume"),
+            None => None,
+        };
         let train_loop = if plan_is_train { Some(train_loop(&args, &plan, &model_dir, &prompt)?) } else { None };
         let sampling =
             Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
@@ -205,11 +216,23 @@ fn run() -> Result<()> {
             timing: args.timings.is_some(),
             repeat: args.repeat,
             train_loop,
-            train: plan_is_train.then_some(TrainSetup {
-                alpha: args.lora_alpha,
-                seed: args.lora_seed,
-                zero_b: !args.lora_random_b,
-            }),
+            train: match &adapter {
+                Some((cfg, _)) => Some(TrainSetup {
+                    alpha: cfg.alpha,
+                    seed: 0,
+                    zero_b: true,
+                    rank: Some(cfg.rank as u64),
+                    targets: Some(cfg.targets.clone()),
+                }),
+                None => plan_is_train.then_some(TrainSetup {
+                    alpha: args.lora_alpha,
+                    seed: args.lora_seed,
+                    zero_b: !args.lora_random_b,
+                    rank: None,
+                    targets: None,
+                }),
+            },
+            adapters: adapter.map(|(_, t)| t),
         })
     } else {
         None
@@ -308,7 +331,13 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
         on_step: None,
     };
     if args.grad_check.is_some() {
-        return Ok(TrainLoop { sequences: vec![check_ids.to_vec()], batch: 1, micro_batches: 1, grad_check: true, ..base });
+        return Ok(TrainLoop {
+            sequences: vec![check_ids.to_vec()],
+            batch: 1,
+            micro_batches: 1,
+            grad_check: true,
+            ..base
+        });
     }
     let data = args.train.as_ref().context("--train DATA.jsonl")?;
     let seq = plan.workload.seq as usize;
@@ -316,16 +345,29 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
     let sequences = read_sequences(data, seq + 1, tok.as_ref())?;
     let per_step = base.batch * base.micro_batches;
     if sequences.len() < per_step {
-        bail!("{}: {} sequences of {} tokens, fewer than the {per_step} one step needs", data.display(), sequences.len(), seq + 1);
+        bail!(
+            "{}: {} sequences of {} tokens, fewer than the {per_step} one step needs",
+            data.display(),
+            sequences.len(),
+            seq + 1
+        );
     }
     let steps = args.steps.unwrap_or((sequences.len() / per_step).max(1) as u64);
     let mut lp = TrainLoop { sequences, steps, ..base };
     if args.resume {
         let dir = args.output_dir.as_ref().context("--resume needs --output-dir")?;
-        let ckpt = lemur_worker::checkpoint::latest(dir).with_context(|| format!("no checkpoint in {}", dir.display()))?;
+        let ckpt =
+            lemur_worker::checkpoint::latest(dir).with_context(|| format!("no checkpoint in {}", dir.display()))?;
         let (cfg, tensors, state) = lemur_worker::checkpoint::read(&ckpt)?;
         if cfg.rank != lp.adapter_config.rank || cfg.targets != lp.adapter_config.targets {
-            bail!("{}: adapters of rank {} on {:?}; the plan asks for rank {} on {:?}", ckpt.display(), cfg.rank, cfg.targets, lp.adapter_config.rank, lp.adapter_config.targets);
+            bail!(
+                "{}: adapters of rank {} on {:?}; the plan asks for rank {} on {:?}",
+                ckpt.display(),
+                cfg.rank,
+                cfg.targets,
+                lp.adapter_config.rank,
+                lp.adapter_config.targets
+            );
         }
         let state = state.with_context(|| format!("{}: no trainer_state.json", ckpt.display()))?;
         eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
@@ -343,7 +385,12 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
     let log = Arc::new(Mutex::new(log_path));
     lp.on_step = Some(StepSink(Arc::new(move |s: &StepLog| {
         bar.set_position(s.step);
-        bar.set_message(format!("loss {:.4}, lr {:.2e}, {:.0} tokens/s", s.loss, s.lr, s.tokens as f64 / s.seconds.max(1e-9)));
+        bar.set_message(format!(
+            "loss {:.4}, lr {:.2e}, {:.0} tokens/s",
+            s.loss,
+            s.lr,
+            s.tokens as f64 / s.seconds.max(1e-9)
+        ));
         if let Ok(guard) = log.lock() {
             if let Some(p) = guard.as_ref() {
                 if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
@@ -364,13 +411,19 @@ fn read_sequences(path: &Path, width: usize, tok: Option<&Tok>) -> Result<Vec<Ve
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
         let ids: Vec<u32> = if let Some(ids) = v.get("input_ids").and_then(|x| x.as_array()) {
             ids.iter()
-                .map(|x| x.as_u64().map(|n| n as u32).with_context(|| format!("{}:{}: `input_ids` holds a non-integer", path.display(), i + 1)))
+                .map(|x| {
+                    x.as_u64()
+                        .map(|n| n as u32)
+                        .with_context(|| format!("{}:{}: `input_ids` holds a non-integer", path.display(), i + 1))
+                })
                 .collect::<Result<_>>()?
         } else if let Some(t) = v.get("text").and_then(|x| x.as_str()) {
-            let tok = tok.with_context(|| format!("{}:{}: `text` needs the model's tokenizer", path.display(), i + 1))?;
+            let tok =
+                tok.with_context(|| format!("{}:{}: `text` needs the model's tokenizer", path.display(), i + 1))?;
             let mut ids = tok.encode(t)?;
             ids.extend(tok.eos);
             ids
