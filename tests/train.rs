@@ -270,7 +270,7 @@ fn train(
         .arg(&files.model)
         .arg("--train")
         .arg(&files.data)
-        .args(["--lr", "5e-3", "--warmup", "3", "--lora-seed", "3"])
+        .args(["--lr", "5e-3", "--warmup", "3", "--lora-seed", "3", "--lora-dropout", "0.1"])
         .args(extra);
     let out = cmd.output()?;
     for w in workers.0.drain(..) {

@@ -127,6 +127,9 @@ pub struct TrainSetup {
     pub rank: Option<u64>,
     #[serde(default)]
     pub targets: Option<Vec<crate::OpKind>>,
+    /// LoRA dropout on the adapters' input while training.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 /// Every message workers exchange. Messages with tensors list their metadata here; the

@@ -62,6 +62,8 @@ pub struct StepInput {
     /// Training: the next token at every position `[batch, seq]`; the lm head then returns
     /// the mean cross-entropy instead of the last position's logits.
     pub targets: Option<Tensor>,
+    /// Training: seeds this micro-batch's LoRA dropout masks.
+    pub dropout_seed: u64,
 }
 
 impl Executor {
@@ -90,13 +92,21 @@ impl Executor {
             .ok_or_else(|| WorkerError::Weights(format!("no weights loaded for {kind} of layer {layer:?}")))
     }
 
-    fn linear(&self, kind: OpKind, layer: Option<u32>, x: &Tensor) -> Result<Tensor, WorkerError> {
+    fn linear(&self, kind: OpKind, layer: Option<u32>, x: &Tensor, step: &StepInput) -> Result<Tensor, WorkerError> {
         let y = match self.weight(kind, layer)? {
             OpWeights::Linear(l) => l.forward(x)?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };
         Ok(match self.adapters.get(&(kind, layer)) {
             Some(ad) => {
+                let x = if ad.dropout > 0.0 && step.targets.is_some() {
+                    let seed = step.dropout_seed ^ (u64::from(layer.unwrap_or(0)) << 24) ^ ((kind as u64 + 1) << 48);
+                    let mask =
+                        crate::lora::dropout_mask(x.dims(), ad.dropout, seed, x.device())?.to_dtype(x.dtype())?;
+                    (x * mask)?
+                } else {
+                    x.clone()
+                };
                 let low = x.broadcast_matmul(&ad.a.as_tensor().t()?)?.broadcast_matmul(&ad.b.as_tensor().t()?)?;
                 (y + (low * ad.scale)?)?
             }
@@ -146,13 +156,13 @@ impl Executor {
                 vec![self.norm(kind, layer, &x.narrow(1, s - 1, 1)?)?]
             }
             OpKind::QProj | OpKind::KProj | OpKind::VProj => {
-                vec![self.linear(kind, layer, one(&[OpKind::AttnNorm])?)?]
+                vec![self.linear(kind, layer, one(&[OpKind::AttnNorm])?, step)?]
             }
-            OpKind::GateProj | OpKind::UpProj => vec![self.linear(kind, layer, one(&[OpKind::MlpNorm])?)?],
-            OpKind::OProj => vec![self.linear(kind, layer, one(&[OpKind::Attention])?)?],
-            OpKind::DownProj => vec![self.linear(kind, layer, one(&[OpKind::SiluMul])?)?],
+            OpKind::GateProj | OpKind::UpProj => vec![self.linear(kind, layer, one(&[OpKind::MlpNorm])?, step)?],
+            OpKind::OProj => vec![self.linear(kind, layer, one(&[OpKind::Attention])?, step)?],
+            OpKind::DownProj => vec![self.linear(kind, layer, one(&[OpKind::SiluMul])?, step)?],
             OpKind::LmHead => {
-                let logits = self.linear(kind, layer, one(&[OpKind::FinalNorm])?)?;
+                let logits = self.linear(kind, layer, one(&[OpKind::FinalNorm])?, step)?;
                 match &step.targets {
                     // Training: the mean cross-entropy of every position's next token.
                     Some(t) => {

@@ -7,12 +7,24 @@ use lemur_protocol::{ModelConfig, OpKind};
 use crate::error::WorkerError;
 use crate::random_model::Rng;
 
-/// One adapter: `y += scale * (x A^T) B^T`, A `[r, in]`, B `[out, r]`.
+/// One adapter: `y += scale * (dropout(x) A^T) B^T`, A `[r, in]`, B `[out, r]`.
 #[derive(Debug, Clone)]
 pub struct Adapter {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
+    /// Dropout probability on the adapter's input while training.
+    pub dropout: f64,
+}
+
+/// A dropout mask for `shape`: 0 with probability `p`, else 1 / (1 - p); deterministic in
+/// `seed` (so a resumed run draws what the uninterrupted one drew).
+pub fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor, WorkerError> {
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(seed);
+    let keep = 1.0 / (1.0 - p) as f32;
+    let v: Vec<f32> = (0..n).map(|_| if (f64::from(rng.uniform()) + 1.0) / 2.0 < p { 0.0 } else { keep }).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
 }
 
 /// Input and output features of a linear op.
@@ -61,4 +73,34 @@ pub fn peft_name(kind: OpKind, layer: u32, which: &str) -> String {
         _ => format!("mlp.{}", kind.name()),
     };
     format!("base_model.model.model.layers.{layer}.{module}.{which}.weight")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_mask_drops_p_and_keeps_the_mean() {
+        let m =
+            dropout_mask(&[200, 100], 0.25, 7, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let zeros = m.iter().filter(|&&x| x == 0.0).count() as f64 / m.len() as f64;
+        let mean = m.iter().map(|&x| f64::from(x)).sum::<f64>() / m.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.01, "{zeros}");
+        assert!((mean - 1.0).abs() < 0.02, "{mean}");
+        let again =
+            dropout_mask(&[200, 100], 0.25, 7, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(m, again, "same seed, same mask");
+    }
+
+    #[test]
+    fn peft_names_follow_the_module_paths() {
+        assert_eq!(
+            peft_name(OpKind::QProj, 3, "lora_A"),
+            "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
+        );
+        assert_eq!(
+            peft_name(OpKind::DownProj, 0, "lora_B"),
+            "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+        );
+    }
 }

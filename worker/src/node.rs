@@ -556,6 +556,7 @@ async fn prepare(
                     a: candle_core::Var::from_tensor(&a)?,
                     b: candle_core::Var::from_tensor(&b)?,
                     scale,
+                    dropout: setup.dropout,
                 };
                 exec.adapters.insert((kind, Some(layer)), ad);
             }
@@ -1094,6 +1095,7 @@ impl Compute {
                     tokens: all.narrow(1, 0, s - 1)?,
                     position: 0,
                     targets: Some(all.narrow(1, 1, s - 1)?),
+                    dropout_seed: request.wrapping_mul(0x9E37_79B9) ^ u64::from(step),
                 };
                 let mut run = TrainRun::new(request, step, input);
                 for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
@@ -1115,7 +1117,7 @@ impl Compute {
                     request,
                     step,
                     phase,
-                    StepInput { request, tokens, position: position as usize, targets: None },
+                    StepInput { request, tokens, position: position as usize, targets: None, dropout_seed: 0 },
                 );
                 run.timing = self.timing;
                 for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
@@ -1836,5 +1838,48 @@ impl Handler<PeerDown> for Node {
         } else if let Some(p) = self.peers.get(&0) {
             p.do_send(Write(Frame::control(Message::Error { rank: m.rank, message: format!("lost: {}", m.reason) })));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule() -> TrainLoop {
+        TrainLoop {
+            sequences: vec![],
+            batch: 1,
+            micro_batches: 1,
+            steps: 110,
+            start_step: 0,
+            lr: 1e-3,
+            warmup: 10,
+            min_lr_ratio: 0.1,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            save_every: 0,
+            output: None,
+            adapter_config: crate::checkpoint::AdapterConfig {
+                rank: 8,
+                alpha: 16.0,
+                targets: vec![],
+                base_model: String::new(),
+            },
+            grad_check: false,
+            resume: None,
+            prior_losses: vec![],
+            on_step: None,
+        }
+    }
+
+    #[test]
+    fn learning_rate_warms_up_linearly_then_decays_by_cosine() {
+        let s = schedule();
+        assert!((s.lr_at(0) - 1e-4).abs() < 1e-15);
+        assert!((s.lr_at(9) - 1e-3).abs() < 1e-15);
+        assert!((s.lr_at(10) - 1e-3).abs() < 1e-15);
+        // Halfway through the decay: min + (1 - min) / 2.
+        assert!((s.lr_at(60) - 1e-3 * 0.55).abs() < 1e-12);
+        assert!((s.lr_at(110) - 1e-4).abs() < 1e-12);
     }
 }

@@ -97,6 +97,9 @@ struct Args {
     /// Seed of the adapters' initialisation.
     #[arg(long, default_value_t = 0)]
     lora_seed: u64,
+    /// LoRA dropout on the adapters' input while training.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     /// Initialise B randomly instead of PEFT's zeros (for gradient checks).
     #[arg(long)]
     lora_random_b: bool,
@@ -165,6 +168,9 @@ fn run() -> Result<()> {
         let text = std::fs::read_to_string(plan_path).with_context(|| format!("reading {}", plan_path.display()))?;
         let plan = Plan::from_json(&text).with_context(|| format!("{}", plan_path.display()))?;
         let plan_is_train = plan.workload.mode == "train";
+        if !(0.0..1.0).contains(&args.lora_dropout) {
+            bail!("--lora-dropout must be in [0, 1)");
+        }
         if plan_is_train && args.grad_check.is_none() && args.train.is_none() {
             bail!("a training plan needs --train DATA.jsonl (or --grad-check FILE)");
         }
@@ -223,6 +229,7 @@ fn run() -> Result<()> {
                     zero_b: true,
                     rank: Some(cfg.rank as u64),
                     targets: Some(cfg.targets.clone()),
+                    dropout: 0.0,
                 }),
                 None => plan_is_train.then_some(TrainSetup {
                     alpha: args.lora_alpha,
@@ -230,6 +237,7 @@ fn run() -> Result<()> {
                     zero_b: !args.lora_random_b,
                     rank: None,
                     targets: None,
+                    dropout: args.lora_dropout,
                 }),
             },
             adapters: adapter.map(|(_, t)| t),
