@@ -43,7 +43,13 @@ fn run(dir: &Path, model: &Path, plan: &Plan, data: &Path) -> Result<f64> {
     let _ = std::fs::remove_file(&log);
     let mut workers = Vec::new();
     for r in 1..names.len() {
-        workers.push(Command::new(&bin).args(["--rank", &r.to_string(), "--cluster"]).arg(&cpath).stderr(Stdio::null()).spawn()?);
+        workers.push(
+            Command::new(&bin)
+                .args(["--rank", &r.to_string(), "--cluster"])
+                .arg(&cpath)
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
     }
     let out = Command::new(&bin)
         .args(["--rank", "0", "--cluster"])

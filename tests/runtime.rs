@@ -113,31 +113,6 @@ fn prefill_and_decode_on_different_ranks_hand_the_kv_cache_over() -> Result<()> 
 
 // ---- Mistral's sliding window, against a plain reference written here ----
 
-fn rms(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)
-}
-
-fn rope_ref(x: &Tensor, theta: f64, d: usize) -> candle_core::Result<Tensor> {
-    // x: [s, heads, d]; half-split rotation at positions 0..s.
-    let (s, _, _) = x.dims3()?;
-    let mut cos = Vec::new();
-    let mut sin = Vec::new();
-    for p in 0..s {
-        for i in 0..d {
-            let f = 1.0 / theta.powf((2 * (i % (d / 2))) as f64 / d as f64);
-            cos.push((p as f64 * f).cos() as f32);
-            sin.push((p as f64 * f).sin() as f32);
-        }
-    }
-    let cos = Tensor::from_vec(cos, (s, 1, d), x.device())?;
-    let sin = Tensor::from_vec(sin, (s, 1, d), x.device())?;
-    let x1 = x.narrow(2, 0, d / 2)?;
-    let x2 = x.narrow(2, d / 2, d / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], 2)?;
-    x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
-}
-
 /// Logits of the last position, recomputing the whole sequence with the window mask
 /// `i - window < j <= i` (Mistral's reference semantics).
 fn reference_window_logits(dir: &Path, cfg: &lemurian::protocol::ModelConfig, ids: &[u32]) -> Result<Vec<f32>> {

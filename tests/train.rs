@@ -17,27 +17,6 @@ const RANK: usize = 4;
 const ALPHA: f64 = 8.0;
 const SEED: u64 = 5;
 
-fn rms(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-}
-
-fn rope(x: &Tensor, theta: f64, d: usize) -> candle_core::Result<Tensor> {
-    let (s, _, _) = x.dims3()?;
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for p in 0..s {
-        for i in 0..d {
-            let f = 1.0 / theta.powf((2 * (i % (d / 2))) as f64 / d as f64);
-            cos.push((p as f64 * f).cos() as f32);
-            sin.push((p as f64 * f).sin() as f32);
-        }
-    }
-    let cos = Tensor::from_vec(cos, (s, 1, d), x.device())?;
-    let sin = Tensor::from_vec(sin, (s, 1, d), x.device())?;
-    let rot = Tensor::cat(&[&x.narrow(2, d / 2, d / 2)?.neg()?, &x.narrow(2, 0, d / 2)?], 2)?;
-    x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
-}
-
 /// Mean next-token cross-entropy of `ids` under the model plus LoRA adapters, written
 /// plainly (no fused kernels), differentiated by candle's autograd.
 fn reference_grads(dir: &Path, cfg: &ModelConfig, ids: &[u32]) -> Result<(f64, HashMap<String, Vec<f32>>)> {
@@ -76,7 +55,7 @@ fn reference_grads(dir: &Path, cfg: &ModelConfig, ids: &[u32]) -> Result<(f64, H
         let q = lin(&xn, &format!("{p}.self_attn.q_proj.weight"), OpKind::QProj, l)?.reshape((s, nh, d))?;
         let k = lin(&xn, &format!("{p}.self_attn.k_proj.weight"), OpKind::KProj, l)?.reshape((s, nkv, d))?;
         let v = lin(&xn, &format!("{p}.self_attn.v_proj.weight"), OpKind::VProj, l)?.reshape((s, nkv, d))?;
-        let (q, k) = (rope(&q, cfg.rope_theta, d)?, rope(&k, cfg.rope_theta, d)?);
+        let (q, k) = (rope_ref(&q, cfg.rope_theta, d)?, rope_ref(&k, cfg.rope_theta, d)?);
         let mut heads = Vec::new();
         for h in 0..nh {
             let kv = h / (nh / nkv);

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lemur_protocol::gguf::GgufHeader;
+use lemur_protocol::gguf::{gguf_file_of, GgufHeader};
 use lemur_protocol::model::PRESETS;
 use lemur_protocol::{FieldError, ModelConfig};
 
@@ -16,23 +16,6 @@ pub enum ModelError {
     Invalid { path: PathBuf, source: FieldError },
     #[error("{path}: {message}")]
     Gguf { path: PathBuf, message: String },
-}
-
-/// The GGUF file a path names: the file itself, or the only `*.gguf` in a directory that
-/// has no `config.json`.
-fn gguf_file_of(path: &Path) -> Option<PathBuf> {
-    if path.is_file() {
-        return path.extension().is_some_and(|x| x == "gguf").then(|| path.to_path_buf());
-    }
-    if path.join("config.json").exists() {
-        return None;
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    (found.len() == 1).then(|| found.remove(0))
 }
 
 /// Resolves a model given by preset name or path (Hugging Face directory, `config.json`,

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use crate::error::FieldError;
 use crate::ModelConfig;
@@ -246,4 +247,21 @@ impl GgufHeader {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// The GGUF file a path names: the file itself, or the only `*.gguf` in a directory that
+/// has no `config.json` (a Hugging Face directory wins).
+pub fn gguf_file_of(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return path.extension().is_some_and(|x| x == "gguf").then(|| path.to_path_buf());
+    }
+    if path.join("config.json").exists() {
+        return None;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    (found.len() == 1).then(|| found.remove(0))
 }

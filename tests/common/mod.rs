@@ -45,14 +45,29 @@ pub fn reference_generate(dir: &Path, prompt: &[u32], n: usize) -> Result<(Vec<u
     Ok((tokens, logits_all))
 }
 
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
+pub use lemurian::worker::sampling::argmax;
+
+/// RMSNorm written plainly (a reference for the workers' kernels).
+pub fn rms(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Half-split RoPE of `x [s, heads, d]` at positions 0..s, written plainly.
+pub fn rope_ref(x: &Tensor, theta: f64, d: usize) -> candle_core::Result<Tensor> {
+    let (s, _, _) = x.dims3()?;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..s {
+        for i in 0..d {
+            let f = 1.0 / theta.powf((2 * (i % (d / 2))) as f64 / d as f64);
+            cos.push((p as f64 * f).cos() as f32);
+            sin.push((p as f64 * f).sin() as f32);
         }
     }
-    best as u32
+    let cos = Tensor::from_vec(cos, (s, 1, d), x.device())?;
+    let sin = Tensor::from_vec(sin, (s, 1, d), x.device())?;
+    let rot = Tensor::cat(&[&x.narrow(2, d / 2, d / 2)?.neg()?, &x.narrow(2, 0, d / 2)?], 2)?;
+    x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
 }
 
 /// A plan for `cfg` on machines named `machines` (profiles of the shipped `profiles/`),

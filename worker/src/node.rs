@@ -1351,18 +1351,7 @@ impl Node {
         l.logits.push(logits);
         let finished = l.tokens.len() >= l.max_new_tokens || l.eos == Some(token);
         if finished {
-            l.done = true;
-            let request = l.request;
-            for p in self.peers.values() {
-                p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
-            }
-            self.compute.do_send(Work::Finish { request });
-            // Stats arrive from every rank; give them a moment, then go on with what came.
-            ctx.run_later(Duration::from_secs(5), move |act, ctx| {
-                if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
-                    act.complete_request(ctx);
-                }
-            });
+            self.end_request(ctx);
             return;
         }
         l.step_started = now;
@@ -1524,10 +1513,11 @@ impl Node {
         }
     }
 
-    fn finish_training(&mut self, ctx: &mut Context<Self>) {
+    /// The current request is over: every rank drops its state and reports its stats;
+    /// after them (or 5 s), the request completes.
+    fn end_request(&mut self, ctx: &mut Context<Self>) {
         let Some(l) = self.leader.as_mut() else { return };
         l.done = true;
-        l.first = Some(l.started.elapsed());
         let request = l.request;
         for p in self.peers.values() {
             p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
@@ -1538,6 +1528,12 @@ impl Node {
                 act.complete_request(ctx);
             }
         });
+    }
+
+    fn finish_training(&mut self, ctx: &mut Context<Self>) {
+        let Some(l) = self.leader.as_mut() else { return };
+        l.first = Some(l.started.elapsed());
+        self.end_request(ctx);
     }
 
     /// Training: a rank's adapter gradients; when every rank's are in, the step is over.
@@ -1559,18 +1555,8 @@ impl Node {
         if l.adapter_ranks.len() as u32 != n || l.done {
             return;
         }
-        l.done = true;
         l.first = Some(l.started.elapsed());
-        let request = l.request;
-        for p in self.peers.values() {
-            p.do_send(Write(Frame::control(Message::Finish { request_id: request })));
-        }
-        self.compute.do_send(Work::Finish { request });
-        ctx.run_later(Duration::from_secs(5), move |act, ctx| {
-            if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
-                act.complete_request(ctx);
-            }
-        });
+        self.end_request(ctx);
     }
 
     /// A request is over (logits and stats are in): run it again, or report.

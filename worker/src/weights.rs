@@ -11,6 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear};
+pub use lemur_protocol::gguf::gguf_file_of;
 use lemur_protocol::gguf::GgufHeader;
 use lemur_protocol::{ModelConfig, OpKind};
 
@@ -40,23 +41,6 @@ impl std::fmt::Debug for Checkpoint {
 
 fn file_err(path: &Path, message: impl Into<String>) -> WorkerError {
     WorkerError::File { path: path.display().to_string(), message: message.into() }
-}
-
-/// The GGUF file a path names: the file itself, or the only `*.gguf` in a directory that
-/// has no `config.json`.
-pub fn gguf_file_of(path: &Path) -> Option<PathBuf> {
-    if path.is_file() {
-        return path.extension().is_some_and(|x| x == "gguf").then(|| path.to_path_buf());
-    }
-    if path.join("config.json").exists() {
-        return None;
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    (found.len() == 1).then(|| found.remove(0))
 }
 
 /// Tensor names of an op's weights, Hugging Face or GGUF style.
