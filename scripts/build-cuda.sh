@@ -24,8 +24,10 @@ for f in "$CU"/lib/lib*.so*; do
   ln -sf "$f" "$ROOT/lib64/$(basename "$f" | sed -E 's/\.so\..*$/.so/')"
 done
 # A stub libcuda.so.1 with every driver entry point cudarc names; the real one is on the GPU machine.
-SYS=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys 2>/dev/null | head -1)
-[ -n "$SYS" ] || { cargo fetch -q; SYS=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys | head -1); }
+find_sys() { ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys 2>/dev/null | head -1 || true; }
+SYS=$(find_sys)
+[ -n "$SYS" ] || { cargo fetch -q; SYS=$(find_sys); }
+[ -n "$SYS" ] || { echo "build-cuda: cudarc's sources not found after cargo fetch" >&2; exit 1; }
 grep -rhoE '\bcu[A-Z][A-Za-z0-9_]*\b' "$SYS" | sort -u | awk '{print "void " $1 "(void) {}"}' > "$CACHE/cuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$ROOT/lib64/stubs/libcuda.so" "$CACHE/cuda_stub.c"
 ln -sf stubs/libcuda.so "$ROOT/lib64/libcuda.so"
