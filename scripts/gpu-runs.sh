@@ -11,10 +11,16 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 
-# 1. Profiles: the GPU (spec sheet H100 SXM: 989 dense bf16 TFLOP/s, 3.35 TB/s) and the host CPU.
-"$B/lemur-profile" --device cuda --name h100-sxm --memory-gb 80 --peak-tflops 989 --peak-gbps 3350 \
-  --out "$OUT/h100-sxm.toml" 2>&1 | tee "$OUT/profile-gpu.log"
-"$B/lemur-profile" --device cpu --name h100-host-cpu --out "$OUT/h100-host-cpu.toml" 2>&1 | tee "$OUT/profile-cpu.log"
+# 1. Profiles: the GPU (from nvidia-smi: H100 SXM 989 dense bf16 TFLOP/s, 3.35 TB/s, 80 GB;
+#    H200 989 TFLOP/s, 4.8 TB/s, 141 GB) and the host CPU.
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  GPU=h200; MEM=141; BW=4800
+else
+  GPU=h100-sxm; MEM=80; BW=3350
+fi
+"$B/lemur-profile" --device cuda --name "$GPU" --memory-gb $MEM --peak-tflops 989 --peak-gbps $BW \
+  --out "$OUT/$GPU.toml" 2>&1 | tee "$OUT/profile-gpu.log"
+"$B/lemur-profile" --device cpu --name gpu-host-cpu --out "$OUT/gpu-host-cpu.toml" 2>&1 | tee "$OUT/profile-cpu.log"
 
 # 2. Correctness on the GPU: the tiny random Mistral, greedy, CPU f32 against GPU f32 and bf16.
 "$B/random_checkpoint" tiny "$W/tiny" >/dev/null
@@ -50,16 +56,32 @@ PY
 # 3. A heterogeneous run: rank 0 on the GPU, rank 1 on the host CPU, planned from their
 #    measured profiles (llama-150m-shaped, random f32 weights), then timed op by op.
 mkdir -p "$W/prof"
-cp "$OUT/h100-sxm.toml" "$OUT/h100-host-cpu.toml" "$W/prof/"
+cp "$OUT/$GPU.toml" "$OUT/gpu-host-cpu.toml" "$W/prof/"
 printf '[[link]]\nname = "loopback"\nbetween = ["*", "*"]\nbandwidth_gbps = 5.0\nlatency_us = 20.0\n' > "$W/prof/links.toml"
 "$B/random_checkpoint" llama-150m-shaped "$W/m150" >/dev/null
 "$B/lemur-plan" --profiles "$W/prof" --model "$W/m150" --seq 512 --gen-tokens 32 --dtype f32 --out "$W/het.json" \
   | tee "$OUT/het-plan.txt"
-printf 'id = "het"\n[[rank]]\nrank = 0\naddr = "127.0.0.1:17610"\nmachine = "h100-host-cpu"\n[[rank]]\nrank = 1\naddr = "127.0.0.1:17611"\nmachine = "h100-sxm"\n' > "$W/het.toml"
-"$B/lemur-worker" --rank 1 --cluster "$W/het.toml" --device cuda --wait 120 2>/dev/null &
-sleep 1
+printf 'id = "het"\n[[rank]]\nrank = 0\naddr = "127.0.0.1:17610"\nmachine = "gpu-host-cpu"\n[[rank]]\nrank = 1\naddr = "127.0.0.1:17611"\nmachine = "%s"\n' "$GPU" > "$W/het.toml"
 ids=$(python3 -c "print(','.join(str((i*37+11)%32000) for i in range(512)))")
-"$B/lemur-worker" --rank 0 --cluster "$W/het.toml" --plan "$W/het.json" --model "$W/m150" --prompt-ids "$ids" \
-  --max-new-tokens 32 --repeat 3 --timings "$OUT/het-timings.json" 2>&1 >/dev/null | tee "$OUT/het-run.txt"
-wait
+# The planner's choice, then a forced split (the first 4 layers on the CPU) to time a real
+# two-device run against its prediction.
+python3 - "$W/het.json" "$W/het-split.json" "$GPU" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+for o in p["ops"]:
+    cpu = o["kind"] == "embedding" or (o["layer"] is not None and o["layer"] < 4)
+    o["machine"] = "gpu-host-cpu" if cpu else sys.argv[3]
+json.dump(p, open(sys.argv[2], "w"))
+PY
+for plan in het het-split; do
+  "$B/lemur-worker" --rank 1 --cluster "$W/het.toml" --device cuda --wait 120 2>/dev/null &
+  sleep 1
+  echo "== $plan" | tee -a "$OUT/het-run.txt"
+  "$B/lemur-worker" --rank 0 --cluster "$W/het.toml" --plan "$W/$plan.json" --model "$W/m150" --prompt-ids "$ids" \
+    --max-new-tokens 32 --repeat 3 --timings "$OUT/$plan-timings.json" 2>&1 >/dev/null | tee -a "$OUT/het-run.txt"
+  wait
+done
 
+
+# 4. The 7B measurement.
+bash "$(dirname "$0")/gpu-7b.sh" "$B" "$OUT/$GPU.toml"

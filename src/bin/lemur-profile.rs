@@ -192,7 +192,13 @@ fn main() -> Result<()> {
             })?;
             bar.finish_and_clear();
             if let (Some(t), Some(g)) = (args.peak_tflops, args.peak_gbps) {
-                let peak_dtype = profile.gemm.keys().next().copied().unwrap_or(lemurian::protocol::DType::F32);
+                // Spec sheets quote the fastest dtype: the profile's fastest curve.
+                let peak_dtype = profile
+                    .gemm
+                    .iter()
+                    .max_by(|a, b| a.1.peak().total_cmp(&b.1.peak()))
+                    .map(|(d, _)| *d)
+                    .unwrap_or(lemurian::protocol::DType::F32);
                 profile.peak = Some(lemurian::protocol::Peak {
                     tflops: [(peak_dtype, t)].into_iter().collect(),
                     bandwidth_gbps: g,

@@ -138,12 +138,15 @@ pub fn measure(
         progress(i, list.len(), &format!("{task:?}"));
         match *task {
             Task::Dispatch => {
+                // 100 tiny kernels back to back, one synchronisation: the launch cost alone.
                 let a = Tensor::ones(1, DType::F32, device)?;
                 let b = Tensor::ones(1, DType::F32, device)?;
-                dispatch_s = time_it(device, 200, min_time, || {
-                    let _ = (&a + &b)?;
+                dispatch_s = time_it(device, 20, min_time, || {
+                    for _ in 0..100 {
+                        let _ = (&a + &b)?;
+                    }
                     Ok(())
-                })?;
+                })? / 100.0;
             }
             Task::Bandwidth => {
                 let elems = if opts.quick { 16 << 20 } else { 64 << 20 };
@@ -157,7 +160,17 @@ pub fn measure(
                     let _ = t.copy()?;
                     Ok(())
                 })?;
-                read_gbps = bytes / read / 1e9;
+                // A matrix-vector product streams its matrix the way decode streams
+                // weights; candle's reduction kernels are slow on some devices, so the
+                // faster of the two is the read bandwidth.
+                let (n, k) = if opts.quick { (4096, 4096) } else { (8192, 8192) };
+                let w = candle_nn::Linear::new(rand(&[n, k], DType::F32, device)?, None);
+                let x = rand(&[1, 1, k], DType::F32, device)?;
+                let gemv = time_it(device, runs, min_time, || {
+                    let _ = candle_core::Module::forward(&w, &x)?;
+                    Ok(())
+                })?;
+                read_gbps = (bytes / read).max((n * k * 4) as f64 / gemv) / 1e9;
                 copy_gbps = 2.0 * bytes / copy / 1e9;
             }
             Task::Gemm { dtype, n } => {
