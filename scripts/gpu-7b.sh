@@ -21,4 +21,4 @@ echo "generated the checkpoint in $(( $(date +%s) - t0 )) s" | tee "$OUT/m7b-gen
 printf 'id = "m7b"\n[[rank]]\nrank = 0\naddr = "127.0.0.1:17620"\nmachine = "%s"\n' "$GPU" > "$W/m7b.toml"
 ids=$(python3 -c "print(','.join(str((i*37+11)%32000) for i in range(2048)))")
 "$B/lemur-worker" --rank 0 --cluster "$W/m7b.toml" --plan "$W/m7b-plan.json" --model "$W/m7b" --device cuda --dtype bf16 \
-  --prompt-ids "$ids" --max-new-tokens 64 --repeat 2 2>&1 >/dev/null | tee "$OUT/m7b-run.txt"
+  --prompt-ids "$ids" --max-new-tokens 64 --repeat 2 --timings "$OUT/m7b-timings.json" 2>&1 >/dev/null | tee "$OUT/m7b-run.txt"
