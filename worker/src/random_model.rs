@@ -37,7 +37,12 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) -> Resu
 }
 
 /// As [`write_random_checkpoint`], stored in `dtype` (bf16 halves a 7B model's 29 GB).
-pub fn write_random_checkpoint_as(dir: &Path, cfg: &ModelConfig, seed: u64, dtype: candle_core::DType) -> Result<(), WorkerError> {
+pub fn write_random_checkpoint_as(
+    dir: &Path,
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: candle_core::DType,
+) -> Result<(), WorkerError> {
     let io = |e: std::io::Error| WorkerError::File { path: dir.display().to_string(), message: e.to_string() };
     std::fs::create_dir_all(dir).map_err(io)?;
     let config = serde_json::json!({
