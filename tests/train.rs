@@ -93,11 +93,24 @@ fn training_plan(
     seq: u64,
     rule: impl Fn(usize, &lemurian::protocol::plan::PlanOp) -> usize,
 ) -> Result<Plan> {
+    lora_plan(cfg, machines, seq, RANK as u64, 1, rule)
+}
+
+/// A LoRA training plan with every op then moved by `rule` (given the forward op's id, so
+/// a backward op stays with its forward op).
+fn lora_plan(
+    cfg: &ModelConfig,
+    machines: &[&str],
+    seq: u64,
+    rank: u64,
+    micro_batches: u64,
+    rule: impl Fn(usize, &lemurian::protocol::plan::PlanOp) -> usize,
+) -> Result<Plan> {
     let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
     let planned = lemurian::Planner::from_profiles(profiles)?
         .machines(machines)?
         .model(cfg.clone())
-        .train(seq, 1, Finetune::Lora(LoraSpec { rank: RANK as u64, targets: TARGETS.to_vec() }), 1)
+        .train(seq, 1, Finetune::Lora(LoraSpec { rank, targets: TARGETS.to_vec() }), micro_batches)
         .solver(std::time::Duration::from_secs(10), 1e-3)
         .plan()?;
     let mut plan = planned.plan;
@@ -259,22 +272,9 @@ fn train(
     Ok((out.status.success(), losses, String::from_utf8_lossy(&out.stderr).to_string()))
 }
 
+/// The training plan of the loop tests: rank 8 adapters, seq 32, 2 micro-batches.
 fn train_plan(machines: &[&str], rule: impl Fn(usize, &lemurian::protocol::plan::PlanOp) -> usize) -> Result<Plan> {
-    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
-    let planned = lemurian::Planner::from_profiles(profiles)?
-        .machines(machines)?
-        .model(tiny(2, Some(4096)))
-        .train(32, 1, Finetune::Lora(LoraSpec { rank: 8, targets: TARGETS.to_vec() }), 2)
-        .solver(std::time::Duration::from_secs(10), 1e-3)
-        .plan()?;
-    let mut plan = planned.plan;
-    let ops = plan.ops.clone();
-    plan.reassign(|op| {
-        let f = op.forward_of.unwrap_or(op.id);
-        rule(f, &ops[f])
-    });
-    plan.validate()?;
-    Ok(plan)
+    lora_plan(&tiny(2, Some(4096)), machines, 32, 8, 2, rule)
 }
 
 #[test]
