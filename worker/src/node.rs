@@ -880,10 +880,9 @@ impl Compute {
         ts.iter().map(|t| from_wire(&t.meta, &t.data, &dev)).collect()
     }
 
-    fn step(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
-        let Some(mut run) = self.runs.remove(&key) else { return Ok(()) };
-        let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
-        let mut out = Outbox {
+    /// Where a step's outputs go as they are produced.
+    fn outbox(&mut self, key: (u64, u32)) -> Outbox<'_> {
+        Outbox {
             me: self.me,
             request: key.0,
             step: key.1,
@@ -893,13 +892,23 @@ impl Compute {
             frames: &mut self.frames_sent,
             op_time: &mut self.op_time,
             error: None,
-        };
-        let Prog::Infer(prog) = self.prog.as_ref() else {
+        }
+    }
+
+    fn step(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
+        let Some(mut run) = self.runs.remove(&key) else { return Ok(()) };
+        let prog = self.prog.clone();
+        let Prog::Infer(prog) = prog.as_ref() else {
             return Err(WorkerError::Plan("an inference step under a training plan".into()));
         };
+        let mut exec = self.exec.take().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        let mut out = self.outbox(key);
         // Each output leaves as soon as its op has run.
-        let progress = run.advance(prog, exec, &mut |o| out.send(o))?;
-        if let Some(e) = out.error {
+        let progress = run.advance(prog, &mut exec, &mut |o| out.send(o));
+        let failed = out.error.take();
+        self.exec = Some(exec);
+        let progress = progress?;
+        if let Some(e) = failed {
             return Err(e);
         }
         if progress == Progress::Blocked {
@@ -910,23 +919,17 @@ impl Compute {
 
     fn step_train(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
         let Some(mut run) = self.trains.remove(&key) else { return Ok(()) };
-        let Prog::Train(prog) = self.prog.as_ref() else {
+        let prog = self.prog.clone();
+        let Prog::Train(prog) = prog.as_ref() else {
             return Err(WorkerError::Plan("a training step under an inference plan".into()));
         };
-        let exec = self.exec.as_mut().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
-        let mut out = Outbox {
-            me: self.me,
-            request: key.0,
-            step: key.1,
-            peers: &self.peers,
-            node: &self.node,
-            bytes: self.bytes_sent.entry(key.0).or_default(),
-            frames: &mut self.frames_sent,
-            op_time: &mut self.op_time,
-            error: None,
-        };
-        let progress = run.advance(prog, exec, &mut |o| out.send_train(o))?;
-        if let Some(e) = out.error {
+        let mut exec = self.exec.take().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
+        let mut out = self.outbox(key);
+        let progress = run.advance(prog, &mut exec, &mut |o| out.send_train(o));
+        let failed = out.error.take();
+        self.exec = Some(exec);
+        let progress = progress?;
+        if let Some(e) = failed {
             return Err(e);
         }
         if progress == Progress::Blocked {
