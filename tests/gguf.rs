@@ -94,18 +94,8 @@ fn run(
     prompt: &[u32],
     n: usize,
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
-    std::fs::create_dir_all(dir)?;
-    let plan_path = dir.join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_string(plan)?)?;
-    let cluster = cluster_file(dir, plan)?;
-    let mut workers = spawn_workers(&cluster, plan.machines.len(), &[])?;
-    let dump = dir.join("logits.json");
-    let out = run_leader(&cluster, &plan_path, model, prompt, n, &["--dump-logits", dump.to_str().unwrap()])?;
-    assert!(out.status.success(), "rank 0 failed: {}", String::from_utf8_lossy(&out.stderr));
-    for w in workers.0.drain(..) {
-        wait_exit(w, std::time::Duration::from_secs(10))?;
-    }
-    Ok((parse_ids(&out.stdout), serde_json::from_str(&std::fs::read_to_string(dump)?)?))
+    let r = run_cluster(dir, plan, model, prompt, n)?;
+    Ok((r.tokens, r.logits))
 }
 
 #[test]

@@ -15,30 +15,6 @@ use lemurian::protocol::{OpKind, Phase, Plan};
 
 const PROMPT: [u32; 7] = [1, 17, 42, 99, 3, 250, 8];
 
-struct Run {
-    tokens: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    stderr: String,
-}
-
-/// Writes model and plan, starts the cluster, runs rank 0, checks everyone exits.
-fn run_cluster(dir: &Path, plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Result<Run> {
-    let plan_path = dir.join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_string(plan)?)?;
-    let cluster = cluster_file(dir, plan)?;
-    let mut workers = spawn_workers(&cluster, plan.machines.len(), &[])?;
-    let dump = dir.join("logits.json");
-    let out = run_leader(&cluster, &plan_path, model, prompt, n, &["--dump-logits", dump.to_str().unwrap()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "rank 0 failed: {stderr}");
-    for child in workers.0.drain(..) {
-        let o = wait_exit(child, Duration::from_secs(10))?;
-        assert!(o.status.success(), "a worker failed: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    let logits: Vec<Vec<f32>> = serde_json::from_str(&std::fs::read_to_string(&dump)?)?;
-    Ok(Run { tokens: parse_ids(&out.stdout), logits, stderr })
-}
-
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
 }

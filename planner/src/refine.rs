@@ -177,34 +177,34 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
     Ok(())
 }
 
+/// Merges observed rates into a profile's curves (one per dtype), reporting each change.
+fn refine_curves(
+    table: &str,
+    label: &str,
+    curves: &mut BTreeMap<lemur_protocol::DType, Curve>,
+    observed: &BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>>,
+    report: &mut RefineReport,
+) {
+    for (dt, obs) in observed {
+        let curve = curves.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
+        for (size, v) in obs {
+            report.observations.insert(format!("{table} {dt} @ {size}"), v.len());
+            report.lines.push(format!(
+                "{table} {dt} at {label}{size}: {:.3} -> {:.3} TFLOP/s",
+                curve.at(*size as f64),
+                median(v.clone())
+            ));
+        }
+        merge(curve, obs);
+    }
+}
+
 fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, RefineReport), RefineError> {
     let Observed { gemm, attention, read, ew, .. } = obs;
     let mut out = profile.clone();
     let mut report = RefineReport::default();
-    for (dt, obs) in &gemm {
-        let curve = out.gemm.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
-        for (size, v) in obs {
-            report.observations.insert(format!("gemm {dt} @ {size}"), v.len());
-            report.lines.push(format!(
-                "gemm {dt} at N={size}: {:.3} -> {:.3} TFLOP/s",
-                curve.at(*size as f64),
-                median(v.clone())
-            ));
-        }
-        merge(curve, obs);
-    }
-    for (dt, obs) in &attention {
-        let curve = out.attention.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
-        for (size, v) in obs {
-            report.observations.insert(format!("attention {dt} @ {size}"), v.len());
-            report.lines.push(format!(
-                "attention {dt} at {size}: {:.3} -> {:.3} TFLOP/s",
-                curve.at(*size as f64),
-                median(v.clone())
-            ));
-        }
-        merge(curve, obs);
-    }
+    refine_curves("gemm", "N=", &mut out.gemm, &gemm, &mut report);
+    refine_curves("attention", "", &mut out.attention, &attention, &mut report);
     if !read.is_empty() {
         let new = median(read.clone()) / 1e9;
         report.observations.insert("read bandwidth".into(), read.len());

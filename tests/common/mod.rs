@@ -206,3 +206,29 @@ pub fn wait_exit(child: Child, limit: Duration) -> Result<Output> {
 pub fn parse_ids(stdout: &[u8]) -> Vec<u32> {
     String::from_utf8_lossy(stdout).trim().split(',').filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect()
 }
+
+/// What rank 0 produced in a cluster run.
+pub struct Run {
+    pub tokens: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
+    pub stderr: String,
+}
+
+/// Writes model and plan, starts the cluster, runs rank 0, checks everyone exits.
+pub fn run_cluster(dir: &Path, plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Result<Run> {
+    std::fs::create_dir_all(dir)?;
+    let plan_path = dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(plan)?)?;
+    let cluster = cluster_file(dir, plan)?;
+    let mut workers = spawn_workers(&cluster, plan.machines.len(), &[])?;
+    let dump = dir.join("logits.json");
+    let out = run_leader(&cluster, &plan_path, model, prompt, n, &["--dump-logits", dump.to_str().unwrap()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "rank 0 failed: {stderr}");
+    for child in workers.0.drain(..) {
+        let o = wait_exit(child, Duration::from_secs(10))?;
+        assert!(o.status.success(), "a worker failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let logits: Vec<Vec<f32>> = serde_json::from_str(&std::fs::read_to_string(&dump)?)?;
+    Ok(Run { tokens: parse_ids(&out.stdout), logits, stderr })
+}
