@@ -313,6 +313,35 @@ fn training_lowers_the_loss_and_saves_peft_adapters_identically_on_one_and_two_r
     Ok(())
 }
 
+/// The ranks' peak micro-batches held at once, from rank 0's report.
+fn peaks(stderr: &str) -> Vec<u32> {
+    let line = stderr.lines().find_map(|l| l.strip_prefix("micro-batches held at once, by rank: ")).expect(stderr);
+    line.split(',').map(|x| x.parse().unwrap()).collect()
+}
+
+#[test]
+fn a_1f1b_window_bounds_the_micro_batches_held_and_changes_no_loss() -> Result<()> {
+    let files = training_files()?;
+    // Four micro-batches across two ranks; the tiny model fits, so the plan says GPipe.
+    let plan = lora_plan(&tiny(2, Some(4096)), &["m4-pro", "m5-pro"], 32, 8, 4, |f, _| f % 2)?;
+    assert_eq!(plan.workload.inflight, Some(4), "GPipe when everything fits");
+    let (ok, gpipe, err) = train(&files, &plan, "gpipe", &["--steps", "3"], None)?;
+    assert!(ok, "{err}");
+    assert!(peaks(&err)[0] >= 2, "GPipe overlaps micro-batches: {err}");
+    for window in [1u32, 2] {
+        let w = window.to_string();
+        let (ok, losses, err) = train(&files, &plan, &format!("w{window}"), &["--steps", "3", "--inflight", &w], None)?;
+        assert!(ok, "{err}");
+        let p = peaks(&err);
+        assert!(p.iter().all(|&x| (1..=window).contains(&x)), "window {window}: peaks {p:?}");
+        for (a, b) in losses.iter().zip(&gpipe) {
+            assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "window {window}: {losses:?} vs GPipe {gpipe:?}");
+        }
+        assert_eq!(losses.len(), 3);
+    }
+    Ok(())
+}
+
 #[test]
 fn a_worker_dying_mid_run_fails_it_and_resume_reaches_the_same_loss() -> Result<()> {
     let files = training_files()?;

@@ -54,9 +54,9 @@ pub struct Roofline;
 /// - SiLU-multiply: `silu` then `mul`: 2 launches, 10 bytes against 6 (1.67x); backward 5, 2x.
 /// - Cross-entropy: upcast, log-softmax, gather: 3 launches, 3x.
 ///
-/// Fused figures follow candle: fused RMSNorm and RoPE forward, `silu` and `mul` apart; its
-/// fused norm and RoPE have no backward, so training uses the differentiable forms, priced
-/// as the eager ones.
+/// Fused figures follow candle: fused RMSNorm and RoPE forward, `silu` and `mul` apart. The
+/// workers' training backward is hand-written (`lemur_worker::backward`); a profile measured
+/// by `lemur-profile` carries its element-wise rates, which win over this table.
 pub fn elementwise_factor(class: EwClass, backward: bool, style: KernelStyle) -> (u32, f64) {
     use EwClass::*;
     match (class, backward, style) {
@@ -110,9 +110,15 @@ impl CostModel for Roofline {
                 // A measured rate for the class (forward kernels) wins over the style table.
                 let measured = match (&machine.elementwise, class, backward) {
                     (Some(e), EwClass::RmsNorm, false) => Some(e.rms_norm_gbps),
-                    (Some(e), EwClass::Rope, false) => Some(e.rope_gbps),
+                    (Some(e), EwClass::RmsNorm, true) => e.rms_norm_backward_gbps,
+                    // RoPE's backward is the opposite rotation: the same kernel.
+                    (Some(e), EwClass::Rope, _) => Some(e.rope_gbps),
                     (Some(e), EwClass::SiluMul, false) => Some(e.silu_mul_gbps),
-                    (Some(e), EwClass::Add, false) => Some(e.add_gbps),
+                    (Some(e), EwClass::SiluMul, true) => e.silu_mul_backward_gbps,
+                    // Forward: the residual add; backward: the sum of a branching gradient.
+                    (Some(e), EwClass::Add, _) => Some(e.add_gbps),
+                    (Some(e), EwClass::CrossEntropy, false) => e.cross_entropy_gbps,
+                    (Some(e), EwClass::CrossEntropy, true) => e.cross_entropy_backward_gbps,
                     _ => None,
                 };
                 match measured {

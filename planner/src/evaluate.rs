@@ -213,3 +213,47 @@ pub fn headline(inst: &Instance, m: &Metrics) -> Headline {
         }
     }
 }
+
+/// Training's pipeline schedule for a placement, chosen to fit memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// `gpipe` (every micro-batch's forward may run before the backwards drain) or `1f1b`
+    /// (a micro-batch enters when one has left: at most one per stage in flight).
+    pub name: &'static str,
+    /// Micro-batches in flight at once.
+    pub inflight: u64,
+    /// Bytes each machine holds under this schedule.
+    pub memory_bytes: Vec<u64>,
+    /// What GPipe would need on each machine, when it does not fit.
+    pub gpipe_memory_bytes: Vec<u64>,
+}
+
+/// GPipe when every machine holds every micro-batch's saved activations (the most overlap,
+/// nothing to throttle), otherwise 1F1B with one micro-batch per stage the placement uses
+/// (what the ILP's memory constraints assumed). `None` for inference.
+pub fn schedule(inst: &Instance, a: &Assignment) -> Option<Schedule> {
+    let Mode::Train { micro_batches, .. } = inst.mode else { return None };
+    let k = inst.num_machines();
+    let memory_at = |inflight: u64| {
+        let mut mem = vec![0u64; k];
+        for (p, ph) in inst.phases.iter().enumerate() {
+            for (id, op) in ph.graph.ops() {
+                mem[a.machine_of(inst, p, id)] += op.weight_bytes + op.state_bytes(inflight);
+            }
+        }
+        mem
+    };
+    let fits = |mem: &[u64]| mem.iter().zip(&inst.machines).all(|(b, m)| *b <= m.profile.memory.usable_bytes);
+    let gpipe = memory_at(micro_batches);
+    if fits(&gpipe) {
+        return Some(Schedule {
+            name: "gpipe",
+            inflight: micro_batches,
+            memory_bytes: gpipe,
+            gpipe_memory_bytes: vec![],
+        });
+    }
+    let used = (0..k).filter(|&m| a.units.iter().flatten().any(|&x| x == m)).count() as u64;
+    let inflight = inst.inflight.min(used.max(1)).min(micro_batches);
+    Some(Schedule { name: "1f1b", inflight, memory_bytes: memory_at(inflight), gpipe_memory_bytes: gpipe })
+}

@@ -216,6 +216,7 @@ fn build_plan(
         offset += ph.graph.len();
     }
     let head = headline(inst, m);
+    let sched = crate::evaluate::schedule(inst, a);
     let per_machine = names
         .iter()
         .enumerate()
@@ -227,7 +228,7 @@ fn build_plan(
                 .enumerate()
                 .map(|(p, ph)| (ph.phase_name.to_string(), m.compute_s[p][mi] * 1e3))
                 .collect(),
-            memory_bytes: m.memory_bytes[mi],
+            memory_bytes: sched.as_ref().map_or(m.memory_bytes[mi], |s| s.memory_bytes[mi]),
             memory_capacity_bytes: inst.machines[mi].profile.memory.usable_bytes,
             ingress_bytes: inst
                 .phases
@@ -247,6 +248,7 @@ fn build_plan(
             lora_rank: None,
             lora_targets: None,
             micro_batches: 1,
+            inflight: None,
         },
         Mode::Train { seq, batch, finetune, micro_batches } => {
             let (ft, rank, targets) = match finetune {
@@ -262,6 +264,7 @@ fn build_plan(
                 lora_rank: rank,
                 lora_targets: targets,
                 micro_batches: *micro_batches,
+                inflight: sched.as_ref().map(|s| s.inflight),
             }
         }
     };

@@ -16,7 +16,7 @@ use lemur_protocol::timings::Timings;
 use lemur_protocol::{Curve, Elementwise, MachineProfile, Plan};
 
 use crate::cost::{CostModel, Roofline};
-use crate::graph::{EwClass, Kernel};
+use crate::graph::{EwClass, Finetune, Kernel, LoraSpec};
 use crate::problem::{Instance, InstanceError, Mode, Objective};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum RefineError {
     Instance(#[from] InstanceError),
     #[error(transparent)]
     Cost(#[from] crate::cost::CostError),
-    #[error("the plan is for `{0}`; refinement reads inference plans")]
+    #[error("the plan is for `{0}`; refinement reads inference and training plans")]
     Mode(String),
     #[error("no measured op ran on a machine with profile `{0}`")]
     Nothing(String),
@@ -93,11 +93,23 @@ pub fn refine(profile: &MachineProfile, runs: &[Timings]) -> Result<(MachineProf
 }
 
 fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut Observed) -> Result<(), RefineError> {
-    let mode = match plan.workload.mode.as_str() {
-        "infer" => {
-            Mode::Infer { prompt: plan.workload.seq, gen_tokens: plan.workload.gen_tokens, batch: plan.workload.batch }
-        }
-        other => return Err(RefineError::Mode(other.to_string())),
+    let w = &plan.workload;
+    let mode = match (w.mode.as_str(), w.finetune.as_deref()) {
+        ("infer", _) => Mode::Infer { prompt: w.seq, gen_tokens: w.gen_tokens, batch: w.batch },
+        ("train", Some(ft @ ("lora" | "full"))) => Mode::Train {
+            seq: w.seq,
+            batch: w.batch,
+            finetune: if ft == "full" {
+                Finetune::Full
+            } else {
+                Finetune::Lora(LoraSpec {
+                    rank: w.lora_rank.unwrap_or(16),
+                    targets: w.lora_targets.clone().unwrap_or_default(),
+                })
+            },
+            micro_batches: w.micro_batches,
+        },
+        (other, _) => return Err(RefineError::Mode(other.to_string())),
     };
     let machines: Vec<MachineProfile> = plan.machines.iter().map(|m| m.profile.clone()).collect();
     let inst = Instance::new(&Roofline, &plan.model, plan.dtype, mode, Objective::Latency, &machines, &plan.links)?;
@@ -123,28 +135,38 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
         let op = inst.phases[p].graph.op(id);
         let measured = t.measured_ms * 1e-3;
         let ks = &op.kernels;
-        match ks.as_slice() {
-            [k @ Kernel::Gemm { m, n, k: kk, dtype, .. }] => {
-                let (w, a) = k.bytes_read();
-                let bytes = (w + a + k.bytes_written()) as f64;
-                let size = ((m * n * kk) as f64).cbrt();
-                let rate = profile.gemm.get(dtype).map_or(0.0, |c| c.at(size)) * 1e12;
-                let compute = k.flops() as f64 / rate.max(1.0);
-                let busy = measured - dispatch;
-                if busy < 0.2 * measured {
-                    continue; // dispatch-dominated: says nothing about the rate
-                }
-                if bytes / read_bw > compute {
-                    read.push(bytes / busy);
-                } else {
-                    gemm.entry(*dtype)
-                        .or_default()
-                        .entry(size.round() as u64)
-                        .or_default()
-                        .push(k.flops() as f64 / busy / 1e12);
-                }
-                *used += 1;
+        // One GEMM with element-wise work beside it (the lm head and its loss in training):
+        // the GEMM gets what the element-wise kernels are not predicted to take.
+        let gemms: Vec<&Kernel> = ks.iter().filter(|k| matches!(k, Kernel::Gemm { .. })).collect();
+        let elementwise_only = ks.iter().all(|k| matches!(k, Kernel::Gemm { .. } | Kernel::Elementwise { .. }));
+        if let ([k @ Kernel::Gemm { m, n, k: kk, dtype, .. }], true) = (gemms.as_slice(), elementwise_only) {
+            let others: f64 = ks
+                .iter()
+                .filter(|x| !matches!(x, Kernel::Gemm { .. }))
+                .map(|x| Roofline.kernel_seconds(x, profile))
+                .sum::<Result<f64, _>>()?;
+            let (w, a) = k.bytes_read();
+            let bytes = (w + a + k.bytes_written()) as f64;
+            let size = ((m * n * kk) as f64).cbrt();
+            let rate = profile.gemm.get(dtype).map_or(0.0, |c| c.at(size)) * 1e12;
+            let compute = k.flops() as f64 / rate.max(1.0);
+            let busy = measured - dispatch - others;
+            if busy < 0.2 * measured {
+                continue; // dispatch-dominated: says nothing about the rate
             }
+            if bytes / read_bw > compute {
+                read.push(bytes / busy);
+            } else {
+                gemm.entry(*dtype)
+                    .or_default()
+                    .entry(size.round() as u64)
+                    .or_default()
+                    .push(k.flops() as f64 / busy / 1e12);
+            }
+            *used += 1;
+            continue;
+        }
+        match ks.as_slice() {
             [rest @ .., att @ Kernel::Attention { kv_len, q_len, dtype, .. }] if *q_len > 1 => {
                 let others: f64 = rest.iter().map(|k| Roofline.kernel_seconds(k, profile)).sum::<Result<f64, _>>()?;
                 let busy = measured - others - dispatch;
@@ -154,12 +176,16 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
                 attention.entry(*dtype).or_default().entry(*kv_len).or_default().push(att.flops() as f64 / busy / 1e12);
                 *used += 1;
             }
-            [k @ Kernel::Elementwise { class, backward: false, .. }] => {
-                let name = match class {
-                    EwClass::RmsNorm => "rms_norm",
-                    EwClass::Rope => "rope",
-                    EwClass::SiluMul => "silu_mul",
-                    EwClass::Add => "add",
+            [k @ Kernel::Elementwise { class, backward, .. }] => {
+                let name = match (class, backward) {
+                    (EwClass::RmsNorm, false) => "rms_norm",
+                    (EwClass::RmsNorm, true) => "rms_norm_backward",
+                    (EwClass::Rope, false) => "rope",
+                    (EwClass::SiluMul, false) => "silu_mul",
+                    (EwClass::SiluMul, true) => "silu_mul_backward",
+                    (EwClass::Add, false) => "add",
+                    // A residual's backward passes the gradient through; RoPE's backward
+                    // runs in the same kernel as its forward but says less about it.
                     _ => continue,
                 };
                 let (w, a) = k.bytes_read();
@@ -219,11 +245,22 @@ fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, Ref
             rope_gbps: get("rope").unwrap_or(e.rope_gbps),
             silu_mul_gbps: get("silu_mul").unwrap_or(e.silu_mul_gbps),
             add_gbps: get("add").unwrap_or(e.add_gbps),
+            rms_norm_backward_gbps: get("rms_norm_backward").or(e.rms_norm_backward_gbps),
+            silu_mul_backward_gbps: get("silu_mul_backward").or(e.silu_mul_backward_gbps),
+            cross_entropy_gbps: e.cross_entropy_gbps,
+            cross_entropy_backward_gbps: e.cross_entropy_backward_gbps,
         }),
         None => match (get("rms_norm"), get("rope"), get("silu_mul"), get("add")) {
-            (Some(a), Some(b), Some(c), Some(d)) => {
-                Some(Elementwise { rms_norm_gbps: a, rope_gbps: b, silu_mul_gbps: c, add_gbps: d })
-            }
+            (Some(a), Some(b), Some(c), Some(d)) => Some(Elementwise {
+                rms_norm_gbps: a,
+                rope_gbps: b,
+                silu_mul_gbps: c,
+                add_gbps: d,
+                rms_norm_backward_gbps: get("rms_norm_backward"),
+                silu_mul_backward_gbps: get("silu_mul_backward"),
+                cross_entropy_gbps: None,
+                cross_entropy_backward_gbps: None,
+            }),
             _ => None,
         },
     };

@@ -49,6 +49,14 @@ pub fn summary(p: &Planned) -> String {
         },
     );
     let _ = writeln!(s, "Objective: {}", objective_words(plan.objective.as_str(), plan.workload.mode.as_str()));
+    if let (Some(w), "train") = (plan.workload.inflight, plan.workload.mode.as_str()) {
+        let m = plan.workload.micro_batches;
+        let _ = if w >= m {
+            writeln!(s, "Schedule: GPipe, all {m} micro-batches in flight (every machine holds their activations)")
+        } else {
+            writeln!(s, "Schedule: 1F1B, {w} of {m} micro-batches in flight (GPipe's activations would not fit)")
+        };
+    }
     let _ = writeln!(s);
     let _ = writeln!(s, "Machines:");
     let letter = |i: usize| (b'A' + i as u8) as char;

@@ -29,16 +29,47 @@ fn slowdown(k: &Kernel) -> f64 {
     }
 }
 
-/// The element-wise rates the synthetic machine really has, GB/s.
-fn truth_gbps(class: lemur_planner::graph::EwClass) -> Option<f64> {
+/// The element-wise rates the synthetic machine really has, GB/s (forward, backward).
+fn truth_gbps(class: lemur_planner::graph::EwClass, backward: bool) -> Option<f64> {
     use lemur_planner::graph::EwClass::*;
-    match class {
-        RmsNorm => Some(30.0),
-        Rope => Some(7.0),
-        SiluMul => Some(12.0),
-        Add => Some(50.0),
+    match (class, backward) {
+        (RmsNorm, false) => Some(30.0),
+        (RmsNorm, true) => Some(9.0),
+        (Rope, false) => Some(7.0),
+        (SiluMul, false) => Some(12.0),
+        (SiluMul, true) => Some(4.0),
+        (Add, false) => Some(50.0),
         _ => None,
     }
+}
+
+/// Measured op times (ms) synthesised kernel by kernel from the truth above.
+fn synthesise(inst: &lemur_planner::problem::Instance, prof: &MachineProfile) -> HashMap<usize, f64> {
+    let d = prof.dispatch_s();
+    let mut op_ms = HashMap::new();
+    let mut offset = 0;
+    for ph in &inst.phases {
+        for (id, op) in ph.graph.ops() {
+            let t: f64 = op
+                .kernels
+                .iter()
+                .map(|k| match k {
+                    // Element-wise truth: one launch plus the bytes at a per-class rate.
+                    Kernel::Elementwise { class, backward, .. } if truth_gbps(*class, *backward).is_some() => {
+                        let (w, a) = k.bytes_read();
+                        d + (w + a + k.bytes_written()) as f64 / (truth_gbps(*class, *backward).unwrap() * 1e9)
+                    }
+                    _ => {
+                        let base = Roofline.kernel_seconds(k, prof).unwrap();
+                        d + slowdown(k) * (base - d)
+                    }
+                })
+                .sum();
+            op_ms.insert(offset + id, t * 1e3);
+        }
+        offset += ph.graph.len();
+    }
+    op_ms
 }
 
 #[test]
@@ -54,31 +85,7 @@ fn refined_profile_predicts_what_was_measured() {
     req.objective = Objective::Latency;
     let planned = lemur_planner::plan(&Roofline, &req).unwrap();
     let inst = &planned.instance;
-    // Synthesise measured times kernel by kernel.
-    let d = prof.dispatch_s();
-    let mut op_ms = HashMap::new();
-    let mut offset = 0;
-    for ph in &inst.phases {
-        for (id, op) in ph.graph.ops() {
-            let t: f64 = op
-                .kernels
-                .iter()
-                .map(|k| match k {
-                    // Element-wise truth: one launch plus the bytes at a per-class rate.
-                    Kernel::Elementwise { class, backward: false, .. } if truth_gbps(*class).is_some() => {
-                        let (w, a) = k.bytes_read();
-                        d + (w + a + k.bytes_written()) as f64 / (truth_gbps(*class).unwrap() * 1e9)
-                    }
-                    _ => {
-                        let base = Roofline.kernel_seconds(k, &prof).unwrap();
-                        d + slowdown(k) * (base - d)
-                    }
-                })
-                .sum();
-            op_ms.insert(offset + id, t * 1e3);
-        }
-        offset += ph.graph.len();
-    }
+    let op_ms = synthesise(inst, &prof);
     let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
     let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
     assert!(report.observations.keys().any(|k| k.starts_with("gemm")));
@@ -118,6 +125,54 @@ fn refined_profile_predicts_what_was_measured() {
     let back = lemur_planner::profiles::parse_machine(Path::new("refined.toml"), &text).unwrap();
     assert_eq!(back, refined);
     let _ = Phase::Prefill;
+}
+
+#[test]
+fn training_timings_refine_the_backward_rates_and_the_lm_head() {
+    let prof = profile();
+    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
+    let mut req = PlanRequest::new(
+        model,
+        vec![prof.clone()],
+        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
+    );
+    let lora = lemur_planner::graph::LoraSpec::default();
+    req.mode = Mode::Train { seq: 256, batch: 1, finetune: lemur_planner::Finetune::Lora(lora), micro_batches: 2 };
+    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let inst = &planned.instance;
+    let op_ms = synthesise(inst, &prof);
+    let timings = Timings::train(&planned.plan, &op_ms, 1.0);
+    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
+    let e = refined.elementwise.clone().unwrap();
+    assert_eq!(e.rms_norm_backward_gbps.map(|v| (v * 1e6).round() / 1e6), Some(9.0), "{:?}", report.lines);
+    assert_eq!(e.silu_mul_backward_gbps.map(|v| (v * 1e6).round() / 1e6), Some(4.0));
+    // Backward ops set by one quantity, and the lm head (its GEMM beside the loss), now
+    // predict what was measured.
+    let mut checked = Vec::new();
+    for (id, op) in inst.phases[0].graph.ops() {
+        let gemms = op.kernels.iter().filter(|k| matches!(k, Kernel::Gemm { .. })).count();
+        let only_ew = op.kernels.iter().all(|k| matches!(k, Kernel::Gemm { .. } | Kernel::Elementwise { .. }));
+        let simple_bwd = op.phase == Phase::Backward
+            && matches!(
+                op.kernels.as_slice(),
+                [Kernel::Gemm { .. }]
+                    | [Kernel::Elementwise {
+                        backward: true,
+                        class: lemur_planner::graph::EwClass::RmsNorm | lemur_planner::graph::EwClass::SiluMul,
+                        ..
+                    }]
+            );
+        let head = op.kind == lemur_protocol::OpKind::LmHead && gemms == 1 && only_ew;
+        if simple_bwd || head {
+            let measured = op_ms[&id] * 1e-3;
+            let predicted = Roofline.op_seconds(op, &refined).unwrap();
+            let err = (predicted - measured).abs() / measured;
+            assert!(err < 0.01, "{} ({:?}): predicted {predicted}, measured {measured}", op.label(), op.phase);
+            checked.push(op.label());
+        }
+    }
+    assert!(checked.len() > 10, "checked {checked:?}");
+    assert!(checked.iter().filter(|l| l.contains("lm_head")).count() == 2, "{checked:?}");
 }
 
 #[test]

@@ -51,6 +51,10 @@ pub struct PlanWorkload {
     pub lora_rank: Option<u64>,
     pub lora_targets: Option<Vec<OpKind>>,
     pub micro_batches: u64,
+    /// Training: micro-batches in flight at once (`micro_batches` for GPipe; the stages
+    /// the placement uses for 1F1B), as the planner's memory check assumed. Absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inflight: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -162,6 +162,17 @@ pub struct Elementwise {
     pub rope_gbps: f64,
     pub silu_mul_gbps: f64,
     pub add_gbps: f64,
+    /// The training backward of RMSNorm and SiLU-multiply (the workers' hand-written
+    /// VJPs). RoPE's backward is a RoPE and a residual's a pass-through, priced as forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_backward_gbps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silu_mul_backward_gbps: Option<f64>,
+    /// Training's loss: the softmax over the logits, and its gradient (softmax - one-hot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_entropy_gbps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_entropy_backward_gbps: Option<f64>,
 }
 
 impl Elementwise {
@@ -169,7 +180,20 @@ impl Elementwise {
         positive("elementwise.rms_norm_gbps", self.rms_norm_gbps)?;
         positive("elementwise.rope_gbps", self.rope_gbps)?;
         positive("elementwise.silu_mul_gbps", self.silu_mul_gbps)?;
-        positive("elementwise.add_gbps", self.add_gbps)
+        positive("elementwise.add_gbps", self.add_gbps)?;
+        if let Some(v) = self.rms_norm_backward_gbps {
+            positive("elementwise.rms_norm_backward_gbps", v)?;
+        }
+        for (field, v) in [
+            ("elementwise.silu_mul_backward_gbps", self.silu_mul_backward_gbps),
+            ("elementwise.cross_entropy_gbps", self.cross_entropy_gbps),
+            ("elementwise.cross_entropy_backward_gbps", self.cross_entropy_backward_gbps),
+        ] {
+            if let Some(v) = v {
+                positive(field, v)?;
+            }
+        }
+        Ok(())
     }
 }
 

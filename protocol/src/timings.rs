@@ -25,17 +25,42 @@ pub struct OpTiming {
 pub struct Timings {
     /// The plan the timed run executed (the op ids below are its).
     pub plan: Plan,
-    /// Predicted and measured time to first token and per output token, ms.
-    pub ttft_ms: (f64, f64),
+    /// Inference: predicted and measured time to first token and per output token, ms.
+    #[serde(default)]
+    pub ttft_ms: Option<(f64, f64)>,
+    #[serde(default)]
     pub tpot_ms: Option<(f64, f64)>,
+    /// Training: predicted and measured optimizer step (all micro-batches), ms.
+    #[serde(default)]
+    pub step_ms: Option<(f64, f64)>,
     pub ops: Vec<OpTiming>,
 }
 
 impl Timings {
     /// Pairs the plan's predictions with measured per-op times and step times.
     pub fn new(plan: &Plan, op_ms: &HashMap<usize, f64>, ttft_ms: f64, tpot_ms: Option<f64>) -> Self {
-        let ops = plan
-            .ops
+        Self {
+            plan: plan.clone(),
+            ttft_ms: Some((plan.predicted.ttft_ms.unwrap_or(0.0), ttft_ms)),
+            tpot_ms: plan.predicted.tpot_ms.zip(tpot_ms),
+            step_ms: None,
+            ops: Self::pair(plan, op_ms),
+        }
+    }
+
+    /// A training run's timings: per-op means per micro-batch and the optimizer step.
+    pub fn train(plan: &Plan, op_ms: &HashMap<usize, f64>, step_ms: f64) -> Self {
+        Self {
+            plan: plan.clone(),
+            ttft_ms: None,
+            tpot_ms: None,
+            step_ms: Some((plan.predicted.step_ms.unwrap_or(0.0), step_ms)),
+            ops: Self::pair(plan, op_ms),
+        }
+    }
+
+    fn pair(plan: &Plan, op_ms: &HashMap<usize, f64>) -> Vec<OpTiming> {
+        plan.ops
             .iter()
             .filter_map(|o| {
                 let measured = *op_ms.get(&o.id)?;
@@ -49,20 +74,14 @@ impl Timings {
                     measured_ms: measured,
                 })
             })
-            .collect();
-        Self {
-            plan: plan.clone(),
-            ttft_ms: (plan.predicted.ttft_ms.unwrap_or(0.0), ttft_ms),
-            tpot_ms: plan.predicted.tpot_ms.zip(tpot_ms),
-            ops,
-        }
+            .collect()
     }
 
     /// The validation table: per op kind and phase, per layer, and end to end.
     pub fn table(&self) -> String {
         let err = |p: f64, m: f64| if m > 0.0 { (p - m) / m * 100.0 } else { 0.0 };
         let mut s = String::new();
-        for phase in [Phase::Prefill, Phase::Decode] {
+        for phase in [Phase::Prefill, Phase::Decode, Phase::Forward, Phase::Backward] {
             let ops: Vec<&OpTiming> = self.ops.iter().filter(|o| o.phase == phase).collect();
             if ops.is_empty() {
                 continue;
@@ -98,12 +117,20 @@ impl Timings {
             let (tp, tm): (f64, f64) = ops.iter().fold((0.0, 0.0), |a, o| (a.0 + o.predicted_ms, a.1 + o.measured_ms));
             let _ = writeln!(s, "  sum of ops: predicted {tp:.2} ms, measured {tm:.2} ms ({:+.1}%)", err(tp, tm));
         }
-        let (p, m) = self.ttft_ms;
-        let _ =
-            writeln!(s, "end to end: time to first token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)", err(p, m));
+        if let Some((p, m)) = self.ttft_ms {
+            let _ = writeln!(
+                s,
+                "end to end: time to first token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)",
+                err(p, m)
+            );
+        }
         if let Some((p, m)) = self.tpot_ms {
             let _ =
                 writeln!(s, "end to end: time per token predicted {p:.2} ms, measured {m:.2} ms ({:+.1}%)", err(p, m));
+        }
+        if let Some((p, m)) = self.step_ms {
+            let _ =
+                writeln!(s, "end to end: optimizer step predicted {p:.1} ms, measured {m:.1} ms ({:+.1}%)", err(p, m));
         }
         s
     }

@@ -18,7 +18,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -250,6 +250,9 @@ pub enum Message {
         handover_ms: f64,
         /// With timing on: each op's mean measured time on this rank, ms.
         op_ms: Vec<(usize, f64)>,
+        /// Training: the most micro-batches this rank held at once.
+        #[serde(default)]
+        peak_runs: u32,
     },
     /// Something failed on `rank`.
     Error {

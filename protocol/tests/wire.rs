@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use lemur_protocol::wire::{
     decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, TensorMeta, WireDType,
-    MAGIC,
+    MAGIC, PROTOCOL_VERSION,
 };
 use lemur_protocol::{ModelConfig, Phase, Plan};
 use tokio_util::codec::{Decoder, Encoder};
@@ -94,6 +94,7 @@ fn every_message() -> Vec<Frame> {
             handover_bytes: 9,
             handover_ms: 1.5,
             op_ms: vec![(3, 0.25), (4, 1.5)],
+            peak_runs: 4,
         }),
         Frame::control(Message::Error { rank: 1, message: "boom".into() }),
         Frame::control(Message::Heartbeat { rank: 1, seq: 99 }),
@@ -249,9 +250,11 @@ fn handshake_mismatches_say_who_has_what() {
     let err = Hello::new("cluster-b", 1, "m5-pro").check(&ours, Some(1)).unwrap_err();
     assert!(err.contains("cluster-b") && err.contains("cluster-a"), "{err}");
     let mut old = Hello::new("cluster-a", 1, "m5-pro");
-    old.version = 0;
+    old.version = PROTOCOL_VERSION - 1;
     let err = old.check(&ours, None).unwrap_err();
-    assert!(err.contains("rank 1 speaks 0") && err.contains("rank 0 speaks 1"), "{err}");
+    let (theirs, mine) =
+        (format!("rank 1 speaks {}", PROTOCOL_VERSION - 1), format!("rank 0 speaks {PROTOCOL_VERSION}"));
+    assert!(err.contains(&theirs) && err.contains(&mine), "{err}");
     let mut alien = Hello::new("cluster-a", 1, "x");
     alien.magic = MAGIC + 1;
     assert!(alien.check(&ours, None).unwrap_err().contains("magic"));

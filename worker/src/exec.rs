@@ -40,13 +40,10 @@ pub struct Executor {
     pub device: Device,
     pub dtype: DType,
     weights: HashMap<(OpKind, Option<u32>), OpWeights>,
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     /// KV caches by (request, layer).
     pub kv: HashMap<(u64, u32), KvCache>,
-    /// Training: use differentiable forms of the fused kernels (candle's fused RMSNorm,
-    /// RoPE and softmax have no backward).
-    pub differentiable: bool,
     /// LoRA adapters by (kind, layer).
     pub adapters: HashMap<(OpKind, Option<u32>), Adapter>,
 }
@@ -69,44 +66,34 @@ pub struct StepInput {
 impl Executor {
     pub fn new(cfg: ModelConfig, device: Device, dtype: DType) -> Result<Self, WorkerError> {
         let (cos, sin) = rope_tables(&cfg, &device, dtype)?;
-        Ok(Self {
-            cfg,
-            device,
-            dtype,
-            weights: HashMap::new(),
-            cos,
-            sin,
-            kv: HashMap::new(),
-            differentiable: false,
-            adapters: HashMap::new(),
-        })
+        Ok(Self { cfg, device, dtype, weights: HashMap::new(), cos, sin, kv: HashMap::new(), adapters: HashMap::new() })
     }
 
     pub fn set_weights(&mut self, kind: OpKind, layer: Option<u32>, w: OpWeights) {
         self.weights.insert((kind, layer), w);
     }
 
-    fn weight(&self, kind: OpKind, layer: Option<u32>) -> Result<&OpWeights, WorkerError> {
+    pub(crate) fn weight(&self, kind: OpKind, layer: Option<u32>) -> Result<&OpWeights, WorkerError> {
         self.weights
             .get(&(kind, layer))
             .ok_or_else(|| WorkerError::Weights(format!("no weights loaded for {kind} of layer {layer:?}")))
     }
 
-    fn linear(&self, kind: OpKind, layer: Option<u32>, x: &Tensor, step: &StepInput) -> Result<Tensor, WorkerError> {
+    /// A linear op with its LoRA adapter (dropout on the adapter's input while training).
+    pub(crate) fn linear(
+        &self,
+        kind: OpKind,
+        layer: Option<u32>,
+        x: &Tensor,
+        step: &StepInput,
+    ) -> Result<Tensor, WorkerError> {
         let y = match self.weight(kind, layer)? {
             OpWeights::Linear(l) => l.forward(x)?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };
         Ok(match self.adapters.get(&(kind, layer)) {
             Some(ad) => {
-                let x = if ad.dropout > 0.0 && step.targets.is_some() {
-                    let seed = step.dropout_seed ^ (u64::from(layer.unwrap_or(0)) << 24) ^ ((kind as u64 + 1) << 48);
-                    let mask =
-                        crate::lora::dropout_mask(x.dims(), ad.dropout, seed, x.device())?.to_dtype(x.dtype())?;
-                    (x * mask)?
-                } else {
-                    x.clone()
-                };
+                let x = self.lora_input(kind, layer, x, ad.dropout, step)?;
                 let low = x.broadcast_matmul(&ad.a.as_tensor().t()?)?.broadcast_matmul(&ad.b.as_tensor().t()?)?;
                 (y + (low * ad.scale)?)?
             }
@@ -117,10 +104,6 @@ impl Executor {
     fn norm(&self, kind: OpKind, layer: Option<u32>, x: &Tensor) -> Result<Tensor, WorkerError> {
         let eps = self.cfg.rms_norm_eps;
         match self.weight(kind, layer)? {
-            OpWeights::Norm(w) if self.differentiable => {
-                let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-                Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
-            }
             OpWeights::Norm(w) => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?),
             _ => Err(WorkerError::Weights(format!("{kind} needs a norm weight"))),
         }
@@ -219,9 +202,6 @@ impl Executor {
         }
         let cos = self.cos.narrow(0, position, s)?;
         let sin = self.sin.narrow(0, position, s)?;
-        if self.differentiable {
-            return Ok(candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)?);
-        }
         Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
     }
 
@@ -243,7 +223,7 @@ impl Executor {
             // Training attends within the sequence; nothing is cached.
             let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
             let mask = window_mask(s, step.position, s, step.position, cfg.sliding_window, &self.device)?;
-            return attention_core(q, k, &v, mask.as_ref(), groups, self.differentiable);
+            return attention_core(q, k, &v, mask.as_ref(), groups);
         }
         let (k_all, v_all, start) = match self.kv.get(&key) {
             Some(c) => (Tensor::cat(&[&c.k, k], 2)?, Tensor::cat(&[&c.v, &v], 2)?, c.start),
@@ -252,7 +232,7 @@ impl Executor {
         let kv_len = k_all.dim(2)?;
         let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
         let mask = window_mask(s, step.position, kv_len, start, cfg.sliding_window, &self.device)?;
-        let out = attention_core(q, &k_all, &v_all, mask.as_ref(), groups, false)?;
+        let out = attention_core(q, &k_all, &v_all, mask.as_ref(), groups)?;
         // Keep what later queries can still see: the last `window` positions.
         let (k_keep, v_keep, start_keep) = match cfg.sliding_window.map(|w| w as usize) {
             Some(w) if kv_len > w => {
@@ -280,8 +260,18 @@ pub fn attention_core(
     v: &Tensor,
     mask: Option<&Tensor>,
     groups: usize,
-    differentiable: bool,
 ) -> Result<Tensor, WorkerError> {
+    Ok(attention_with_probs(q, k, v, mask, groups)?.0)
+}
+
+/// [`attention_core`] and its probabilities `[b, h, s, kv]` (in q's dtype), which training keeps.
+pub fn attention_with_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+) -> Result<(Tensor, Tensor), WorkerError> {
     let (b, h, s, d) = q.dims4()?;
     let kr = repeat_kv(k, groups)?;
     let vr = repeat_kv(v, groups)?;
@@ -291,14 +281,9 @@ pub fn attention_core(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = if differentiable {
-        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
-    let probs = probs.to_dtype(q.dtype())?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
     let out = probs.matmul(&vr)?; // [b, h, s, d]
-    Ok(out.transpose(1, 2)?.reshape((b, s, h * d))?)
+    Ok((out.transpose(1, 2)?.reshape((b, s, h * d))?, probs))
 }
 
 /// Rotary tables `[max_positions, head_dim / 2]`, computed as candle-transformers does.

@@ -13,6 +13,7 @@
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
+pub mod backward;
 pub mod checkpoint;
 pub mod cluster;
 pub mod device;

@@ -110,6 +110,10 @@ pub struct TrainLoop {
     /// Sequences per micro-batch, and micro-batches per optimizer step.
     pub batch: usize,
     pub micro_batches: usize,
+    /// Micro-batches in flight at once: the next one starts when one has finished on every
+    /// rank. `micro_batches` is GPipe (every forward before the backwards drain); the
+    /// number of pipeline stages is 1F1B's bound on saved activations.
+    pub inflight: usize,
     /// Optimizer steps in all, and the first one to run (resuming).
     pub steps: u64,
     pub start_step: u64,
@@ -202,6 +206,10 @@ pub struct Outcome {
     pub lora_grads: AdapterGrads,
     /// Training: every step's mean loss (resumed runs include the earlier steps').
     pub train_losses: Vec<f64>,
+    /// Training: every optimizer step's wall time, seconds (this run's steps only).
+    pub step_seconds: Vec<f64>,
+    /// Training: the most micro-batches each rank held at once, by rank.
+    pub peak_runs: Vec<u32>,
     pub checkpoints: Vec<PathBuf>,
 }
 
@@ -478,6 +486,9 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             handover: HashMap::new(),
             timing,
             op_time: HashMap::new(),
+            first_step_time: HashMap::new(),
+            updates: 0,
+            peak_runs: 0,
         });
         Node { me, n, peers, compute, leader: None, result: result.clone(), shutting_down: false }
     });
@@ -548,7 +559,6 @@ async fn prepare(
         let bytes = ck.load_into(&mut exec, &wanted, Some(&bar))?;
         bar.finish_and_clear();
         if let Some((list, rank, setup)) = adapters {
-            exec.differentiable = setup.targets.is_none();
             for (kind, layer) in list {
                 let (a, b) = crate::lora::init(&ck.config, kind, layer, rank, setup.seed, setup.zero_b, &exec.device)?;
                 let scale = setup.alpha / rank as f64;
@@ -651,6 +661,7 @@ enum Event {
         handover_bytes: u64,
         handover_ms: f64,
         op_ms: Vec<(usize, f64)>,
+        peak_runs: u32,
     },
 }
 
@@ -747,6 +758,13 @@ struct Compute {
     timing: bool,
     /// Per op: total seconds and runs (timing on).
     op_time: HashMap<usize, (f64, u32)>,
+    /// Training: the first step's op times, set aside (warm-up) and used only when the
+    /// run has no other step.
+    first_step_time: HashMap<usize, (f64, u32)>,
+    /// Optimizer steps this process has applied.
+    updates: u64,
+    /// The most training micro-batches held at once.
+    peak_runs: u32,
 }
 
 impl Actor for Compute {
@@ -776,6 +794,7 @@ impl Outbox<'_> {
                 self.try_send(Outbound::Activation { to, from_op, tensors })
             }
             TrainOut::Gradient { to, from_op, to_op, tensors } => self.gradient(to, from_op, to_op, &tensors),
+            TrainOut::Timing { op, seconds } => self.try_send(Outbound::Timing { op, seconds }),
             TrainOut::Loss { loss } => {
                 if self.me == 0 {
                     self.node.do_send(Event::Loss { loss });
@@ -987,6 +1006,10 @@ impl Compute {
             self.adam.insert((*kind, layer), [ma, va, mb, vb]);
         }
         self.acc.clear();
+        if self.updates == 0 {
+            self.first_step_time = std::mem::take(&mut self.op_time);
+        }
+        self.updates += 1;
         // Fault injection for tests (like tikv's fail points): die right after an update.
         if std::env::var("LEMUR_FAILPOINT").is_ok_and(|v| v == format!("exit-after-update:{t}")) {
             tracing::error!(rank = self.me, t, "fail point: exiting");
@@ -1101,6 +1124,7 @@ impl Compute {
                     dropout_seed: request.wrapping_mul(0x9E37_79B9) ^ u64::from(step),
                 };
                 let mut run = TrainRun::new(request, step, input);
+                run.timing = self.timing;
                 for (from_op, ts) in self.early.remove(&(request, step)).unwrap_or_default() {
                     run.deliver_activation(from_op, ts);
                 }
@@ -1108,6 +1132,7 @@ impl Compute {
                     run.deliver_gradient(from_op, to_op, ts);
                 }
                 self.trains.insert((request, step), run);
+                self.peak_runs = self.peak_runs.max(self.trains.len() as u32);
                 self.step_train((request, step))
             }
             Work::Start { request, step, phase, position, tokens } => {
@@ -1210,6 +1235,9 @@ impl Compute {
                 let bytes_sent = self.bytes_sent.remove(&request).unwrap_or(0);
                 let (handover_bytes, handover_ms) = self.handover.remove(&request).unwrap_or_default();
                 self.prefill_started.remove(&request);
+                if self.op_time.is_empty() {
+                    self.op_time = std::mem::take(&mut self.first_step_time);
+                }
                 let mut op_ms: Vec<(usize, f64)> =
                     self.op_time.drain().map(|(op, (s, n))| (op, s * 1e3 / f64::from(n.max(1)))).collect();
                 op_ms.sort_by_key(|x| x.0);
@@ -1220,6 +1248,7 @@ impl Compute {
                     handover_bytes,
                     handover_ms,
                     op_ms,
+                    peak_runs: self.peak_runs,
                 });
                 Ok(())
             }
@@ -1254,12 +1283,16 @@ struct Trainer {
     losses: Vec<f64>,
     /// Micro-batches finished per rank, and each rank's gradient norm once all are in.
     done: HashMap<u32, u32>,
+    /// Ranks that finished each micro-batch, and the micro-batches not yet started.
+    mb_done: HashMap<u32, u32>,
+    pending: std::collections::VecDeque<(u32, WireTensor)>,
     sumsq: HashMap<u32, f64>,
     started: Instant,
     phase: TrainPhase,
     gathered: AdapterGrads,
     gathered_ranks: std::collections::HashSet<u32>,
     all_losses: Vec<f64>,
+    step_seconds: Vec<f64>,
     checkpoints: Vec<PathBuf>,
 }
 
@@ -1274,7 +1307,8 @@ struct LeaderState {
     first: Option<Duration>,
     step_started: Instant,
     decode_times: Vec<Duration>,
-    stats: HashMap<u32, (u64, u64, f64)>,
+    /// Per rank: bytes sent, KV handover bytes and ms, most micro-batches held at once.
+    stats: HashMap<u32, (u64, u64, f64, u32)>,
     op_ms: HashMap<usize, f64>,
     done: bool,
     sampler: Sampler,
@@ -1391,7 +1425,7 @@ impl Node {
         self.compute.do_send(Work::LoadAdapters { tensors: local });
     }
 
-    /// Sends every micro-batch of the current step to every rank.
+    /// Queues the current step's micro-batches and starts as many as may be in flight.
     fn start_train_step(&mut self) {
         let Some(l) = self.leader.as_mut() else { return };
         let Some(t) = l.trainer.as_mut() else { return };
@@ -1400,44 +1434,53 @@ impl Node {
         l.request = request;
         t.losses.clear();
         t.done.clear();
+        t.mb_done.clear();
         t.sumsq.clear();
         t.started = Instant::now();
         let (b, m) = (t.cfg.batch, t.cfg.micro_batches);
         let n = t.cfg.sequences.len().max(1);
-        let mut batches = Vec::new();
+        t.pending.clear();
         for mb in 0..m {
             let rows: Vec<&Vec<u32>> = (0..b).map(|i| &t.cfg.sequences[((s as usize * m + mb) * b + i) % n]).collect();
             let width = rows[0].len();
-            let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-            batches.push((mb as u32, b, width, flat));
+            let data: Vec<u8> = rows.iter().flat_map(|r| r.iter()).flat_map(|t| t.to_le_bytes()).collect();
+            let meta = TensorMeta { dtype: WireDType::U32, shape: vec![b, width] };
+            t.pending.push_back((mb as u32, WireTensor { meta, data: Bytes::from(data) }));
         }
-        for (mb, rows, width, flat) in batches {
-            let data: Vec<u8> = flat.iter().flat_map(|t| t.to_le_bytes()).collect();
-            let meta = TensorMeta { dtype: WireDType::U32, shape: vec![rows, width] };
-            let data = Bytes::from(data);
-            for p in self.peers.values() {
-                let msg = Message::Start {
-                    request_id: request,
-                    step: mb,
-                    phase: Phase::Forward,
-                    tokens: meta.clone(),
-                    position: 0,
-                };
-                p.do_send(Write(Frame { message: msg, tensors: vec![data.clone()] }));
-            }
-            self.compute.do_send(Work::Start {
-                request,
-                step: mb,
-                phase: Phase::Forward,
-                position: 0,
-                tokens: WireTensor { meta, data },
-            });
+        for _ in 0..t.cfg.inflight.clamp(1, m.max(1)) {
+            self.start_next_micro_batch();
         }
     }
 
+    /// Sends the next queued micro-batch of this step to every rank.
+    fn start_next_micro_batch(&mut self) {
+        let Some(l) = self.leader.as_mut() else { return };
+        let request = l.request;
+        let Some((mb, tokens)) = l.trainer.as_mut().and_then(|t| t.pending.pop_front()) else { return };
+        for p in self.peers.values() {
+            let msg = Message::Start {
+                request_id: request,
+                step: mb,
+                phase: Phase::Forward,
+                tokens: tokens.meta.clone(),
+                position: 0,
+            };
+            p.do_send(Write(Frame { message: msg, tensors: vec![tokens.data.clone()] }));
+        }
+        self.compute.do_send(Work::Start { request, step: mb, phase: Phase::Forward, position: 0, tokens });
+    }
+
     /// A rank finished a micro-batch; when every rank finished every one, step the optimizer.
-    fn on_train_done(&mut self, rank: u32, _step: u32, sumsq: f64, ctx: &mut Context<Self>) {
+    fn on_train_done(&mut self, rank: u32, mb: u32, sumsq: f64, ctx: &mut Context<Self>) {
         let n = self.n;
+        let Some(l) = self.leader.as_mut() else { return };
+        let Some(t) = l.trainer.as_mut() else { return };
+        let finished = t.mb_done.entry(mb).or_default();
+        *finished += 1;
+        if *finished == n {
+            // A micro-batch left the pipeline on every rank: admit the next.
+            self.start_next_micro_batch();
+        }
         let Some(l) = self.leader.as_mut() else { return };
         let Some(t) = l.trainer.as_mut() else { return };
         let c = t.done.entry(rank).or_default();
@@ -1471,8 +1514,9 @@ impl Node {
         let tokens = (t.cfg.batch
             * t.cfg.micro_batches
             * t.cfg.sequences.first().map_or(1, |r| r.len().saturating_sub(1))) as u64;
-        let log =
-            StepLog { step: step + 1, loss, lr, grad_norm: norm, tokens, seconds: t.started.elapsed().as_secs_f64() };
+        let seconds = t.started.elapsed().as_secs_f64();
+        t.step_seconds.push(seconds);
+        let log = StepLog { step: step + 1, loss, lr, grad_norm: norm, tokens, seconds };
         if let Some(sink) = &t.cfg.on_step {
             (sink.0)(&log);
         }
@@ -1619,10 +1663,12 @@ impl Node {
             logits: l.logits.clone(),
             handover_bytes: l.stats.values().map(|s| s.1).sum(),
             handover_ms: l.stats.values().map(|s| s.2).fold(0.0, f64::max),
+            peak_runs: (0..self.n).map(|r| l.stats.get(&r).map_or(0, |s| s.3)).collect(),
             op_ms,
             loss: l.loss,
             lora_grads: l.lora_grads.clone(),
             train_losses: l.trainer.as_ref().map(|t| t.all_losses.clone()).unwrap_or_default(),
+            step_seconds: l.trainer.as_ref().map(|t| t.step_seconds.clone()).unwrap_or_default(),
             checkpoints: l.trainer.as_ref().map(|t| t.checkpoints.clone()).unwrap_or_default(),
         };
         self.finish_with(Ok(Some(outcome)), ctx);
@@ -1669,10 +1715,13 @@ impl Handler<Begin> for Node {
             if let Some(l) = self.leader.as_mut() {
                 l.trainer = Some(Trainer {
                     all_losses: tl.prior_losses.clone(),
+                    step_seconds: Vec::new(),
                     cfg: tl,
                     step: start,
                     losses: Vec::new(),
                     done: HashMap::new(),
+                    mb_done: HashMap::new(),
+                    pending: std::collections::VecDeque::new(),
                     sumsq: HashMap::new(),
                     started: Instant::now(),
                     phase: TrainPhase::Running,
@@ -1712,11 +1761,11 @@ impl Handler<Event> for Node {
                     p.do_send(Write(Frame::control(Message::Error { rank: self.me, message })));
                 }
             }
-            Event::Stats { request, bytes_sent, frames_sent, handover_bytes, handover_ms, op_ms } => {
+            Event::Stats { request, bytes_sent, frames_sent, handover_bytes, handover_ms, op_ms, peak_runs } => {
                 if self.me == 0 {
                     if let Some(l) = self.leader.as_mut() {
                         l.op_ms.extend(op_ms);
-                        l.stats.insert(0, (bytes_sent, handover_bytes, handover_ms));
+                        l.stats.insert(0, (bytes_sent, handover_bytes, handover_ms, peak_runs));
                         if l.stats.len() as u32 == self.n {
                             self.complete_request(ctx);
                         }
@@ -1730,6 +1779,7 @@ impl Handler<Event> for Node {
                         handover_bytes,
                         handover_ms,
                         op_ms,
+                        peak_runs,
                     };
                     p.do_send(Write(Frame::control(msg)));
                 }
@@ -1787,10 +1837,10 @@ impl Handler<Inbound> for Node {
                     .collect();
                 self.on_adapters(rank, grads, ctx);
             }
-            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, .. } if self.me == 0 => {
+            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, .. } if self.me == 0 => {
                 if let Some(l) = self.leader.as_mut() {
                     l.op_ms.extend(op_ms);
-                    l.stats.insert(rank, (bytes_sent, handover_bytes, handover_ms));
+                    l.stats.insert(rank, (bytes_sent, handover_bytes, handover_ms, peak_runs));
                     if l.done && l.stats.len() as u32 == self.n {
                         self.complete_request(ctx);
                     }
@@ -1839,6 +1889,7 @@ mod tests {
             sequences: vec![],
             batch: 1,
             micro_batches: 1,
+            inflight: 1,
             steps: 110,
             start_step: 0,
             lr: 1e-3,

@@ -194,7 +194,7 @@ pub fn measure(
                 let v = rand(&[1, kvh, seq, d], dtype, device)?;
                 let mask = crate::exec::window_mask(seq, 0, seq, 0, None, device)?;
                 let s = time_it(device, runs, min_time, || {
-                    let _ = attention_core(&q, &k, &v, mask.as_ref(), h / kvh, false)?;
+                    let _ = attention_core(&q, &k, &v, mask.as_ref(), h / kvh)?;
                     Ok(())
                 })?;
                 let c = attention.entry(pdtype(dtype)?).or_insert(Curve { size: vec![], tflops: vec![] });
@@ -278,10 +278,40 @@ fn measure_elementwise(
         let _ = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
         Ok(())
     })?;
+    // Training's backward kernels (the workers' hand-written VJPs).
+    let norm_bwd = time_it(device, runs, min_time, || {
+        let _ = crate::backward::rms_norm_backward(&x, &w, &y, 1e-5)?;
+        Ok(())
+    })?;
+    let z = rand(&[1, s, h], DType::F32, device)?;
+    let silu_bwd = time_it(device, runs, min_time, || {
+        let _ = crate::backward::silu_mul_backward(&x, &y, &z)?;
+        Ok(())
+    })?;
+    // The loss over logits [rows, vocab] (f32): softmax, then its gradient.
+    let (rows, vocab) = (128, 32000);
+    let logits = rand(&[rows, vocab], DType::F32, device)?;
+    let targets = Tensor::arange(0u32, rows as u32, device)?;
+    let ce = time_it(device, runs, min_time, || {
+        let _ = crate::backward::cross_entropy(&logits, &targets)?;
+        Ok(())
+    })?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let ce_bwd = time_it(device, runs, min_time, || {
+        let _ = crate::backward::cross_entropy_backward(&probs, &targets, 1.0 / rows as f64)?;
+        Ok(())
+    })?;
+    let ce_bytes = (rows * vocab * 4) as f64;
     Ok(Elementwise {
+        cross_entropy_gbps: Some(rate(ce, 2.0 * ce_bytes)),
+        cross_entropy_backward_gbps: Some(rate(ce_bwd, 2.0 * ce_bytes)),
         rms_norm_gbps: rate(norm, 2.0 * bytes),
         rope_gbps: rate(rope, 2.0 * bytes),
         silu_mul_gbps: rate(silu, 3.0 * bytes),
         add_gbps: rate(add, 3.0 * bytes),
+        // Minimal traffic as the planner's graph counts it: x and dy in, dx out; g, u and
+        // dy in, dg and du out.
+        rms_norm_backward_gbps: Some(rate(norm_bwd, 3.0 * bytes)),
+        silu_mul_backward_gbps: Some(rate(silu_bwd, 5.0 * bytes)),
     })
 }

@@ -2,18 +2,19 @@
 //! runs forward ops, then their backward ops in reverse, as activations and gradients
 //! arrive.
 //!
-//! Backward runs op by op as vector-Jacobian products: a forward op records its inputs as
-//! fresh leaf variables; its backward op forms `sum_i <output_i, grad_i>` (the loss itself
-//! for the lm head) and lets candle's autograd differentiate that through the op alone,
-//! which yields the gradients of the op's inputs (sent to the backward ops of their
-//! producers, on whatever rank) and of its LoRA adapters (accumulated here).
+//! Backward runs op by op as vector-Jacobian products written by hand (`backward`): a
+//! forward op keeps its inputs (and, for attention and the lm head, its probabilities);
+//! its backward op sums the gradients its consumers sent, and yields the gradients of the
+//! op's inputs (sent to the backward ops of their producers, on whatever rank) and of its
+//! LoRA adapter (accumulated here).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use lemur_protocol::{OpKind, Phase, Plan};
 
+use crate::backward::Saved;
 use crate::error::WorkerError;
 use crate::exec::{Executor, StepInput};
 use crate::program::Progress;
@@ -152,14 +153,25 @@ impl TrainProgram {
 /// What a training step wants sent.
 #[derive(Debug, Clone)]
 pub enum TrainOut {
-    Activation { to: u32, from_op: usize, tensors: Arc<Vec<Tensor>> },
-    Gradient { to: u32, from_op: usize, to_op: usize, tensors: Vec<Tensor> },
-    Loss { loss: f64 },
-}
-
-struct Saved {
-    inputs: Vec<(usize, Vec<Var>)>,
-    outputs: Vec<Tensor>,
+    Activation {
+        to: u32,
+        from_op: usize,
+        tensors: Arc<Vec<Tensor>>,
+    },
+    Gradient {
+        to: u32,
+        from_op: usize,
+        to_op: usize,
+        tensors: Vec<Tensor>,
+    },
+    Loss {
+        loss: f64,
+    },
+    /// How long op `op` (forward or backward) took, with timing on.
+    Timing {
+        op: usize,
+        seconds: f64,
+    },
 }
 
 /// One micro-batch's forward and backward on one rank.
@@ -173,6 +185,8 @@ pub struct TrainRun {
     next: usize,
     /// LoRA gradients accumulated in this run, by (kind, layer): (dA, dB).
     pub lora_grads: HashMap<(OpKind, u32), (Tensor, Tensor)>,
+    /// Time every op (synchronising the device after each).
+    pub timing: bool,
 }
 
 impl std::fmt::Debug for TrainRun {
@@ -196,6 +210,7 @@ impl TrainRun {
             saved: HashMap::new(),
             next: 0,
             lora_grads: HashMap::new(),
+            timing: false,
         }
     }
 
@@ -229,6 +244,7 @@ impl TrainRun {
                 )
             };
             let fail = |e: WorkerError| WorkerError::Op { op: op.id, label: label(), message: e.to_string() };
+            let started = std::time::Instant::now();
             match op.backward_of {
                 None => {
                     if !op.inputs.iter().all(|i| self.acts.contains_key(i)) {
@@ -243,6 +259,10 @@ impl TrainRun {
                     self.backward(prog, op, f, exec, out).map_err(fail)?;
                 }
             }
+            if self.timing {
+                exec.device.synchronize()?;
+                out(TrainOut::Timing { op: op.id, seconds: started.elapsed().as_secs_f64() });
+            }
             self.next += 1;
         }
         Ok(Progress::Done)
@@ -255,32 +275,21 @@ impl TrainRun {
         exec: &mut Executor,
         out: &mut dyn FnMut(TrainOut),
     ) -> Result<(), WorkerError> {
-        let keep = prog.has_backward.contains_key(&op.id);
-        let mut leaves: Vec<(usize, Vec<Var>)> = Vec::new();
-        let mut ins: Vec<(OpKind, Vec<Tensor>)> = Vec::new();
-        for p in &op.inputs {
-            let kind = prog.ops[prog.index[p]].kind;
-            let vals = &self.acts[p];
-            if keep {
-                let vars = vals.iter().map(Var::from_tensor).collect::<Result<Vec<_>, _>>()?;
-                ins.push((kind, vars.iter().map(|v| v.as_tensor().clone()).collect()));
-                leaves.push((*p, vars));
-            } else {
-                ins.push((kind, vals.to_vec()));
-            }
-        }
+        let ins: Vec<(OpKind, Arc<Vec<Tensor>>)> =
+            op.inputs.iter().map(|p| (prog.ops[prog.index[p]].kind, self.acts[p].clone())).collect();
         let refs: Vec<(OpKind, &[Tensor])> = ins.iter().map(|(k, t)| (*k, t.as_slice())).collect();
-        let outputs = exec.run(op.kind, op.layer, &refs, &self.input)?;
+        let (outputs, extra) = exec.forward_train(op.kind, op.layer, &refs, &self.input)?;
         if op.kind == OpKind::LmHead {
-            out(TrainOut::Loss { loss: f64::from(outputs[0].to_scalar::<f32>()?) });
+            out(TrainOut::Loss { loss: f64::from(outputs[0].to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?) });
         }
-        let detached = Arc::new(outputs.iter().map(Tensor::detach).collect::<Vec<_>>());
+        let outputs = Arc::new(outputs);
         for &to in &op.send_to {
-            out(TrainOut::Activation { to, from_op: op.id, tensors: detached.clone() });
+            out(TrainOut::Activation { to, from_op: op.id, tensors: outputs.clone() });
         }
-        self.acts.insert(op.id, detached);
-        if keep {
-            self.saved.insert(op.id, Saved { inputs: leaves, outputs });
+        self.acts.insert(op.id, outputs);
+        if prog.has_backward.contains_key(&op.id) {
+            let inputs = ins.into_iter().map(|(k, t)| (k, t.as_ref().clone())).collect();
+            self.saved.insert(op.id, Saved { inputs, extra });
         }
         Ok(())
     }
@@ -297,43 +306,37 @@ impl TrainRun {
             .saved
             .remove(&fwd)
             .ok_or_else(|| WorkerError::Plan(format!("op {fwd} kept nothing for its backward")))?;
-        let surrogate = if op.kind == OpKind::LmHead {
-            saved.outputs[0].clone()
+        // The gradient of each output, summed over the consumers' backward ops; the lm
+        // head is the root (d loss / d loss = 1).
+        let grads: Vec<Tensor> = if op.kind == OpKind::LmHead {
+            vec![Tensor::new(1f32, &exec.device)?]
         } else {
-            let mut total: Option<Tensor> = None;
+            let mut total: Vec<Tensor> = Vec::new();
             for c in &op.inputs {
                 let g = self.grads.remove(&(*c, op.id)).unwrap_or_default();
-                for (o, gi) in saved.outputs.iter().zip(&g) {
-                    let term = (o * gi)?.sum_all()?;
-                    total = Some(match total {
-                        Some(t) => (t + term)?,
-                        None => term,
-                    });
-                }
+                total = if total.is_empty() {
+                    g
+                } else {
+                    total.iter().zip(&g).map(|(a, b)| a + b).collect::<Result<_, _>>()?
+                };
             }
-            match total {
-                Some(t) => t,
-                None => return Ok(()), // nothing downstream needs a gradient
+            if total.is_empty() {
+                return Ok(()); // nothing downstream needs a gradient
             }
+            total
         };
-        let grads = surrogate.backward()?;
-        for (p, vars) in &saved.inputs {
-            let Some(&(_, pb, rank)) = op.routes.iter().find(|r| r.0 == *p) else { continue };
-            let g = vars
-                .iter()
-                .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
-                .collect::<Result<Vec<_>, _>>()?;
+        let fwd_inputs = &prog.ops[prog.index[&fwd]].inputs;
+        let g = exec.backward(op.kind, op.layer, &saved, &grads, &self.input)?;
+        for (p, gi) in fwd_inputs.iter().zip(g.inputs) {
+            let (Some(gi), Some(&(_, pb, rank))) = (gi, op.routes.iter().find(|r| r.0 == *p)) else { continue };
             if rank == prog.rank {
-                self.grads.insert((op.id, pb), g);
+                self.grads.insert((op.id, pb), gi);
             } else {
-                out(TrainOut::Gradient { to: rank, from_op: op.id, to_op: pb, tensors: g });
+                out(TrainOut::Gradient { to: rank, from_op: op.id, to_op: pb, tensors: gi });
             }
         }
-        if let (Some(layer), Some(ad)) = (op.layer, exec.adapters.get(&(op.kind, op.layer))) {
-            let ga = grads.get(ad.a.as_tensor()).cloned().map_or_else(|| ad.a.as_tensor().zeros_like(), Ok)?;
-            let gb = grads.get(ad.b.as_tensor()).cloned().map_or_else(|| ad.b.as_tensor().zeros_like(), Ok)?;
-            let e = self.lora_grads.entry((op.kind, layer));
-            match e {
+        if let (Some(layer), Some((ga, gb))) = (op.layer, g.lora) {
+            match self.lora_grads.entry((op.kind, layer)) {
                 std::collections::hash_map::Entry::Occupied(mut o) => {
                     let (a, b) = o.get().clone();
                     o.insert(((a + ga)?, (b + gb)?));

@@ -124,6 +124,9 @@ struct Args {
     max_grad_norm: f64,
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
+    /// Micro-batches in flight at once (default: the plan's schedule, GPipe or 1F1B).
+    #[arg(long)]
+    inflight: Option<u64>,
     /// Checkpoints (PEFT adapters, optimizer state) go here.
     #[arg(long)]
     output_dir: Option<PathBuf>,
@@ -266,7 +269,15 @@ fn run() -> Result<()> {
             eprintln!("KV handover: {} bytes, complete {:.2} ms after prefill began", o.handover_bytes, o.handover_ms);
         }
         if let (Some(path), Some(plan)) = (&args.timings, &plan) {
-            let t = Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3));
+            let t = if plan.workload.mode == "train" {
+                // The median step after the first (warm-up), as for the per-op times.
+                let mut steps = o.step_seconds.get(1..).filter(|s| !s.is_empty()).unwrap_or(&o.step_seconds).to_vec();
+                steps.sort_by(f64::total_cmp);
+                let step_ms = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN) * 1e3;
+                Timings::train(plan, &o.op_ms, step_ms)
+            } else {
+                Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3))
+            };
             eprint!("{}", t.table());
             std::fs::write(path, serde_json::to_string_pretty(&t)?)
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -275,6 +286,8 @@ fn run() -> Result<()> {
             let first = o.train_losses.first().copied().unwrap_or(f64::NAN);
             let last = o.train_losses.last().copied().unwrap_or(f64::NAN);
             eprintln!("trained {} steps: loss {first:.4} -> {last:.4}", o.train_losses.len());
+            let peaks: Vec<String> = o.peak_runs.iter().map(u32::to_string).collect();
+            eprintln!("micro-batches held at once, by rank: {}", peaks.join(","));
             for c in &o.checkpoints {
                 eprintln!("checkpoint: {}", c.display());
             }
@@ -323,6 +336,11 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
         sequences: Vec::new(),
         batch: plan.workload.batch.max(1) as usize,
         micro_batches: plan.workload.micro_batches.max(1) as usize,
+        inflight: args
+            .inflight
+            .or(plan.workload.inflight)
+            .unwrap_or(plan.workload.micro_batches)
+            .clamp(1, plan.workload.micro_batches.max(1)) as usize,
         steps: 1,
         start_step: 0,
         lr: args.lr,
