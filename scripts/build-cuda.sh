@@ -37,9 +37,10 @@ export LIBRARY_PATH=$ROOT/lib64:$ROOT/lib64/stubs
 export RUSTFLAGS="-C link-arg=-Wl,-rpath,/usr/local/cuda/lib64 -L $ROOT/lib64 -L $ROOT/lib64/stubs"
 cargo build --release --target-dir target/cuda -p lemurian --features cuda --bin lemur-profile
 cargo build --release --target-dir target/cuda -p lemur-worker --features cuda --bin lemur-worker
+cargo build --release --target-dir target/cuda -p lemurian --features cuda --example attention_parts
 out=target/cuda/gpu-bins
 rm -rf "$out" && mkdir -p "$out"
-cp target/cuda/release/lemur-worker target/cuda/release/lemur-profile "$out/"
+cp target/cuda/release/lemur-worker target/cuda/release/lemur-profile target/cuda/release/examples/attention_parts "$out/"
 strip "$out"/*
 tar -C target/cuda -cJf target/cuda/gpu-bins.tar.xz gpu-bins
 ls -la target/cuda/gpu-bins.tar.xz

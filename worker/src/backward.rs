@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor, D};
 use lemur_protocol::OpKind;
 
 use crate::error::WorkerError;
-use crate::exec::{attention_with_probs, repeat_kv, window_mask, Executor, OpWeights, StepInput};
+use crate::exec::{attention_with_probs, repeat_kv, Executor, OpWeights, StepInput};
 
 /// What a forward op keeps for its backward: its inputs (by producer kind, as `run`
 /// received them) and op-specific extras (attention probabilities, the lm head's softmax).
@@ -97,8 +97,10 @@ impl Executor {
         let (b, h, s, d) = q.dims4()?;
         let kvh = cfg.num_kv_heads as usize;
         let v = v.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let mask = window_mask(s, step.position, s, step.position, cfg.sliding_window, &self.device)?;
-        attention_with_probs(q, k, &v, mask.as_ref(), h / kvh)
+        let window = cfg.sliding_window.map(|w| w as usize);
+        let vis =
+            crate::fused::Visibility { q_start: step.position, rows_per_group: s, k_start: step.position, window };
+        attention_with_probs(q, k, &v, vis, h / kvh)
     }
 
     /// The backward of a forward op: `grads` are the gradients of its outputs (summed over
@@ -423,7 +425,7 @@ mod tests {
         let v = Var::from_tensor(&rand(&[b, s, kv * d], 6)).unwrap();
         let dout = rand(&[b, s, h * d], 7);
         // Reference: the differentiable forms (repeat, scores, mask, softmax), window 3.
-        let mask = window_mask(s, 0, s, 0, Some(3), &Device::Cpu).unwrap().unwrap();
+        let mask = crate::exec::window_mask(s, 0, s, 0, Some(3), &Device::Cpu).unwrap().unwrap();
         let v4 = v.as_tensor().reshape((b, s, kv, d)).unwrap().transpose(1, 2).unwrap();
         let kr = repeat_kv(k.as_tensor(), h / kv).unwrap();
         let vr = repeat_kv(&v4.contiguous().unwrap(), h / kv).unwrap();

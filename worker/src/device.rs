@@ -17,7 +17,9 @@ pub fn open(name: &str) -> Result<Device, WorkerError> {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             if cfg!(feature = "cuda") {
-                Device::new_cuda(ordinal).map_err(|e| WorkerError::Device(format!("cuda:{ordinal}: {e}")))
+                let dev = Device::new_cuda(ordinal).map_err(|e| WorkerError::Device(format!("cuda:{ordinal}: {e}")))?;
+                single_stream(&dev);
+                Ok(dev)
             } else {
                 Err(WorkerError::Device(
                     "this lemur-worker was built without CUDA (rebuild with --features cuda)".into(),
@@ -36,3 +38,19 @@ pub fn open(name: &str) -> Result<Device, WorkerError> {
         other => Err(WorkerError::Device(format!("unknown device `{other}`: use cpu, cuda or metal"))),
     }
 }
+
+/// A worker runs every kernel of a device on candle's one stream, so the CUDA events
+/// candle records on every tensor use (to order work across streams) only cost time: about
+/// a microsecond or two of host work per kernel, which is what a decode step is made of.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn single_stream(dev: &Device) {
+    if let Device::Cuda(d) = dev {
+        // SAFETY: tensors are created and used on the device's single stream only; nothing
+        // in the worker uses a second stream.
+        unsafe { d.disable_event_tracking() };
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn single_stream(_dev: &Device) {}

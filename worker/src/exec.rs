@@ -13,6 +13,7 @@ use candle_nn::{Embedding, Linear};
 use lemur_protocol::{ModelConfig, OpKind};
 
 use crate::error::WorkerError;
+use crate::fused::{masked_softmax, Visibility};
 use crate::lora::Adapter;
 
 /// The weights one op needs.
@@ -24,13 +25,81 @@ pub enum OpWeights {
     None,
 }
 
-/// The K and V cache of one layer of one request: `[batch, kv_heads, len, head_dim]`, and
-/// the absolute position of its first entry.
+/// The K and V cache of one layer of one request: preallocated buffers
+/// `[batch, kv_heads, capacity, head_dim]` whose first `len` positions are live, appended to
+/// in place; `start` is the absolute position of the first. A sliding window keeps at least
+/// the last `window` positions (the mask hides older ones); the buffer is compacted when full.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub k: Tensor,
-    pub v: Tensor,
+    k: Tensor,
+    v: Tensor,
+    len: usize,
     pub start: usize,
+}
+
+/// Positions a cache grows by at once beyond what it holds.
+const KV_CHUNK: usize = 256;
+
+impl KvCache {
+    /// A cache holding `k` and `v` (`[b, kv_heads, len, d]`) for positions from `start`.
+    pub fn new(k: &Tensor, v: &Tensor, start: usize) -> Result<Self, WorkerError> {
+        let len = k.dim(2)?;
+        let mut c = Self { k: k.clone(), v: v.clone(), len: 0, start };
+        c.reserve(len, 0)?;
+        c.k.slice_set(&k.contiguous()?, 2, 0)?;
+        c.v.slice_set(&v.contiguous()?, 2, 0)?;
+        c.len = len;
+        Ok(c)
+    }
+
+    /// Live keys and values `[b, kv_heads, len, d]` (views into the buffers).
+    pub fn keys(&self) -> Result<Tensor, WorkerError> {
+        Ok(self.k.narrow(2, 0, self.len)?)
+    }
+
+    pub fn values(&self) -> Result<Tensor, WorkerError> {
+        Ok(self.v.narrow(2, 0, self.len)?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// New buffers with room for `more` positions after the last `keep` live ones.
+    fn reserve(&mut self, more: usize, keep: usize) -> Result<(), WorkerError> {
+        let (b, h, _, d) = self.k.dims4()?;
+        let cap = (keep + more).next_multiple_of(KV_CHUNK) + KV_CHUNK;
+        let (k, v) = (
+            Tensor::zeros((b, h, cap, d), self.k.dtype(), self.k.device())?,
+            Tensor::zeros((b, h, cap, d), self.v.dtype(), self.v.device())?,
+        );
+        if keep > 0 {
+            let from = self.len - keep;
+            k.slice_set(&self.k.narrow(2, from, keep)?.contiguous()?, 2, 0)?;
+            v.slice_set(&self.v.narrow(2, from, keep)?.contiguous()?, 2, 0)?;
+            self.start += from;
+        }
+        (self.k, self.v, self.len) = (k, v, keep);
+        Ok(())
+    }
+
+    /// Appends `k` and `v` (`[b, kv_heads, s, d]`); with a window, positions older than it
+    /// may be dropped.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<(), WorkerError> {
+        let s = k.dim(2)?;
+        if self.len + s > self.k.dim(2)? {
+            let keep = window.map_or(self.len, |w| self.len.min(w));
+            self.reserve(s, keep)?;
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += s;
+        Ok(())
+    }
 }
 
 /// What an op computes with: weights by (kind, layer), rotary tables, KV caches.
@@ -186,7 +255,7 @@ impl Executor {
             }
             OpKind::SiluMul => {
                 let (g, u) = (one(&[OpKind::GateProj])?, one(&[OpKind::UpProj])?);
-                vec![(g.silu()? * u)?]
+                vec![crate::fused::silu_mul(g, u)?]
             }
         })
     }
@@ -218,31 +287,23 @@ impl Executor {
         let (b, s, _) = v.dims3()?;
         let d = cfg.head_dim as usize;
         let v = v.reshape((b, s, cfg.num_kv_heads as usize, d))?.transpose(1, 2)?.contiguous()?;
-        let key = (step.request, layer);
+        let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
+        let window = cfg.sliding_window.map(|w| w as usize);
         if step.targets.is_some() {
             // Training attends within the sequence; nothing is cached.
-            let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
-            let mask = window_mask(s, step.position, s, step.position, cfg.sliding_window, &self.device)?;
-            return attention_core(q, k, &v, mask.as_ref(), groups);
+            let vis = Visibility { q_start: step.position, rows_per_group: s, k_start: step.position, window };
+            return attention_core(q, k, &v, vis, groups);
         }
-        let (k_all, v_all, start) = match self.kv.get(&key) {
-            Some(c) => (Tensor::cat(&[&c.k, k], 2)?, Tensor::cat(&[&c.v, &v], 2)?, c.start),
-            None => (k.clone(), v.clone(), step.position),
-        };
-        let kv_len = k_all.dim(2)?;
-        let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
-        let mask = window_mask(s, step.position, kv_len, start, cfg.sliding_window, &self.device)?;
-        let out = attention_core(q, &k_all, &v_all, mask.as_ref(), groups)?;
-        // Keep what later queries can still see: the last `window` positions.
-        let (k_keep, v_keep, start_keep) = match cfg.sliding_window.map(|w| w as usize) {
-            Some(w) if kv_len > w => {
-                let drop = kv_len - w;
-                (k_all.narrow(2, drop, w)?, v_all.narrow(2, drop, w)?, start + drop)
+        let key = (step.request, layer);
+        match self.kv.get_mut(&key) {
+            Some(c) => c.append(k, &v, window)?,
+            None => {
+                self.kv.insert(key, KvCache::new(k, &v, step.position)?);
             }
-            _ => (k_all, v_all, start),
-        };
-        self.kv.insert(key, KvCache { k: k_keep.contiguous()?, v: v_keep.contiguous()?, start: start_keep });
-        Ok(out)
+        }
+        let c = &self.kv[&key];
+        let vis = Visibility { q_start: step.position, rows_per_group: s, k_start: c.start, window };
+        attention_core(q, &c.keys()?, &c.values()?, vis, groups)
     }
 
     /// Drops a request's caches.
@@ -251,17 +312,19 @@ impl Executor {
     }
 }
 
-/// Materialised-score attention: `q [b, h, s, d]` against `k, v [b, h / groups, kv, d]`,
-/// an optional additive mask `[s, kv]`; returns `[b, s, h * d]`. Softmax runs in f32.
-/// (`lemur-profile` times exactly this function for the attention curve.)
+/// Materialised-score attention: `q [b, h, s, d]` against `k, v [b, h / groups, kv, d]`
+/// with `vis` saying which keys each query sees; returns `[b, s, h * d]`. The query heads
+/// of each KV head's group are folded into its rows (`[b, kv_heads, groups * s, d]`), so
+/// K and V are never copied per head; scale, mask and softmax are one fused pass
+/// ([`masked_softmax`]). (`lemur-profile` times exactly this function for the attention curve.)
 pub fn attention_core(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    vis: Visibility,
     groups: usize,
 ) -> Result<Tensor, WorkerError> {
-    Ok(attention_with_probs(q, k, v, mask, groups)?.0)
+    Ok(attention_with_probs(q, k, v, vis, groups)?.0)
 }
 
 /// [`attention_core`] and its probabilities `[b, h, s, kv]` (in q's dtype), which training keeps.
@@ -269,21 +332,17 @@ pub fn attention_with_probs(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    vis: Visibility,
     groups: usize,
 ) -> Result<(Tensor, Tensor), WorkerError> {
     let (b, h, s, d) = q.dims4()?;
-    let kr = repeat_kv(k, groups)?;
-    let vr = repeat_kv(v, groups)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.matmul(&kr.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
-    let out = probs.matmul(&vr)?; // [b, h, s, d]
-    Ok((out.transpose(1, 2)?.reshape((b, s, h * d))?, probs))
+    let kvh = h / groups.max(1);
+    let kv = k.dim(2)?;
+    let q = q.contiguous()?.reshape((b, kvh, groups * s, d))?;
+    let scores = q.matmul(&k.t()?)?; // [b, kv_heads, groups * s, kv]
+    let probs = masked_softmax(&scores, 1.0 / (d as f64).sqrt(), Visibility { rows_per_group: s, ..vis })?;
+    let out = probs.matmul(v)?.reshape((b, h, s, d))?; // [b, h, s, d]
+    Ok((out.transpose(1, 2)?.reshape((b, s, h * d))?, probs.reshape((b, h, s, kv))?))
 }
 
 /// Rotary tables `[max_positions, head_dim / 2]`, computed as candle-transformers does.
@@ -335,4 +394,41 @@ pub fn window_mask(
         return Ok(None);
     }
     Ok(Some(Tensor::from_vec(data, (s, kv_len), device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// K and V `[1, 1, n, 2]` whose entries are their absolute positions.
+    fn positions(from: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (from..from + n).flat_map(|p| [p as f32, -(p as f32)]).collect();
+        Tensor::from_vec(v, (1, 1, n, 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn kv_cache_appends_in_place_grows_and_compacts_to_the_window() {
+        for window in [None, Some(5usize), Some(300)] {
+            let mut c = KvCache::new(&positions(10, 3), &positions(10, 3), 10).unwrap();
+            let mut next = 13;
+            for step in 0..700 {
+                let n = if step % 50 == 0 { 7 } else { 1 };
+                c.append(&positions(next, n), &positions(next, n), window).unwrap();
+                next += n;
+                assert_eq!(c.start + c.len(), next, "window {window:?}");
+                if let Some(w) = window {
+                    assert!(c.len() >= w.min(next - 10), "the window's keys are kept");
+                } else {
+                    assert_eq!(c.start, 10);
+                }
+                let k: Vec<f32> = c.keys().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f32> = (c.start..next).flat_map(|p| [p as f32, -(p as f32)]).collect();
+                assert_eq!(k, want);
+            }
+            // A windowed cache stays bounded.
+            if let Some(w) = window {
+                assert!(c.k.dim(2).unwrap() <= w + 2 * KV_CHUNK + 7, "capacity {}", c.k.dim(2).unwrap());
+            }
+        }
+    }
 }

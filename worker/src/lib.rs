@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod device;
 pub mod error;
 pub mod exec;
+pub mod fused;
 pub mod link;
 pub mod lora;
 pub mod node;

@@ -488,6 +488,8 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             op_time: HashMap::new(),
             first_step_time: HashMap::new(),
             updates: 0,
+            me_addr: None,
+            tick_pending: false,
             peak_runs: 0,
         });
         Node { me, n, peers, compute, leader: None, result: result.clone(), shutting_down: false }
@@ -622,13 +624,46 @@ struct Begin {
 #[derive(Message)]
 #[rtype(result = "()")]
 enum Work {
-    Start { request: u64, step: u32, phase: Phase, position: u64, tokens: WireTensor },
-    Activation { request: u64, step: u32, from_op: usize, to_op: Option<usize>, tensors: Vec<WireTensor> },
-    Kv { request: u64, layer: u32, start: u64, k: WireTensor, v: WireTensor },
-    Finish { request: u64 },
-    Update { t: u64, lr: f64, clip: f64, weight_decay: f64 },
-    Gather { request: u64, what: String },
-    LoadAdapters { tensors: Vec<(String, WireTensor)> },
+    Start {
+        request: u64,
+        step: u32,
+        phase: Phase,
+        position: u64,
+        tokens: WireTensor,
+    },
+    Activation {
+        request: u64,
+        step: u32,
+        from_op: usize,
+        to_op: Option<usize>,
+        tensors: Vec<WireTensor>,
+    },
+    Kv {
+        request: u64,
+        layer: u32,
+        start: u64,
+        k: WireTensor,
+        v: WireTensor,
+    },
+    Finish {
+        request: u64,
+    },
+    Update {
+        t: u64,
+        lr: f64,
+        clip: f64,
+        weight_decay: f64,
+    },
+    Gather {
+        request: u64,
+        what: String,
+    },
+    LoadAdapters {
+        tensors: Vec<(String, WireTensor)>,
+    },
+    /// Run the most urgent ready training op (sent by Compute to itself, so that every
+    /// message that arrived meanwhile is delivered before it chooses).
+    Tick,
 }
 
 /// Compute to node.
@@ -763,6 +798,9 @@ struct Compute {
     first_step_time: HashMap<usize, (f64, u32)>,
     /// Optimizer steps this process has applied.
     updates: u64,
+    /// Its own address, and whether a Tick is already queued.
+    me_addr: Option<Addr<Compute>>,
+    tick_pending: bool,
     /// The most training micro-batches held at once.
     peak_runs: u32,
 }
@@ -879,8 +917,8 @@ impl Outbox<'_> {
                 Ok(())
             }
             Outbound::Kv { to, layer, cache } => {
-                let (mk, dk) = to_wire(&cache.k)?;
-                let (mv, dv) = to_wire(&cache.v)?;
+                let (mk, dk) = to_wire(&cache.keys()?.contiguous()?)?;
+                let (mv, dv) = to_wire(&cache.values()?.contiguous()?)?;
                 let msg = Message::KvHandover {
                     request_id: request,
                     layer,
@@ -936,25 +974,64 @@ impl Compute {
         Ok(())
     }
 
-    fn step_train(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
-        let Some(mut run) = self.trains.remove(&key) else { return Ok(()) };
+    /// Queues a Tick unless one is queued.
+    fn kick(&mut self) {
+        if !self.tick_pending {
+            if let Some(a) = &self.me_addr {
+                a.do_send(Work::Tick);
+                self.tick_pending = true;
+            }
+        }
+    }
+
+    /// Training's scheduler: finishes micro-batches that have run all their ops here, then
+    /// picks the micro-batch to run until it blocks, backward before forward and older
+    /// micro-batches first (1F1B's rule: a backward op frees memory and unblocks the ranks
+    /// upstream), then looks again once the messages that arrived meanwhile are delivered
+    /// (the next Tick queues behind them). Messages only deliver inputs.
+    fn train_tick(&mut self) -> Result<(), WorkerError> {
         let prog = self.prog.clone();
         let Prog::Train(prog) = prog.as_ref() else {
             return Err(WorkerError::Plan("a training step under an inference plan".into()));
         };
+        let finished: Vec<(u64, u32)> =
+            self.trains.iter_mut().filter_map(|(k, r)| r.next_local(prog).is_none().then_some(*k)).collect();
+        for key in finished {
+            self.finish_train_run(key)?;
+        }
+        let best = self
+            .trains
+            .iter_mut()
+            .filter_map(|(k, r)| match r.next_local(prog) {
+                Some((true, backward)) => Some(((!backward, k.0, k.1), *k)),
+                _ => None,
+            })
+            .min();
+        let Some((_, key)) = best else { return Ok(()) };
+        let Some(mut run) = self.trains.remove(&key) else { return Ok(()) };
         let mut exec = self.exec.take().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
         let mut out = self.outbox(key);
-        let progress = run.advance(prog, &mut exec, &mut |o| out.send_train(o));
+        // Until it blocks: one Tick per stretch of ready ops, not per op (a Tick travels
+        // through the actor system's thread, which is busy when the cores are).
+        let progress = run.advance(prog, &mut exec, &mut |o| out.send_train(o), usize::MAX);
         let failed = out.error.take();
         self.exec = Some(exec);
-        let progress = progress?;
+        progress?;
         if let Some(e) = failed {
             return Err(e);
         }
-        if progress == Progress::Blocked {
-            self.trains.insert(key, run);
-            return Ok(());
+        let done = run.next_local(prog).is_none();
+        self.trains.insert(key, run);
+        if done {
+            self.finish_train_run(key)?;
         }
+        self.kick();
+        Ok(())
+    }
+
+    /// A micro-batch ran all its ops here.
+    fn finish_train_run(&mut self, key: (u64, u32)) -> Result<(), WorkerError> {
+        let Some(run) = self.trains.remove(&key) else { return Ok(()) };
         // This micro-batch is done here: fold its gradients into the step's, report the norm.
         for (key, (ga, gb)) in run.lora_grads {
             let merged = match self.acc.remove(&key) {
@@ -1133,7 +1210,8 @@ impl Compute {
                 }
                 self.trains.insert((request, step), run);
                 self.peak_runs = self.peak_runs.max(self.trains.len() as u32);
-                self.step_train((request, step))
+                self.kick();
+                Ok(())
             }
             Work::Start { request, step, phase, position, tokens } => {
                 if phase == Phase::Prefill {
@@ -1155,11 +1233,13 @@ impl Compute {
                 self.step((request, step))
             }
             Work::Activation { request, step, from_op, to_op: Some(to_op), tensors } => {
+                tracing::debug!(request, micro_batch = step, from_op, to_op, "gradient in");
                 let ts = self.decode(&tensors)?;
                 match self.trains.get_mut(&(request, step)) {
                     Some(run) => {
                         run.deliver_gradient(from_op, to_op, ts);
-                        self.step_train((request, step))
+                        self.kick();
+                        Ok(())
                     }
                     None => {
                         self.early_grads.entry((request, step)).or_default().push((from_op, to_op, ts));
@@ -1170,11 +1250,13 @@ impl Compute {
             Work::Activation { request, step, from_op, tensors, .. }
                 if matches!(self.prog.as_ref(), Prog::Train(_)) =>
             {
+                tracing::debug!(request, micro_batch = step, from_op, "activation in");
                 let ts = self.decode(&tensors)?;
                 match self.trains.get_mut(&(request, step)) {
                     Some(run) => {
                         run.deliver_activation(from_op, ts);
-                        self.step_train((request, step))
+                        self.kick();
+                        Ok(())
                     }
                     None => {
                         self.early.entry((request, step)).or_default().push((from_op, ts));
@@ -1202,7 +1284,7 @@ impl Compute {
                 h.0 += bytes;
                 h.1 = h.1.max(since);
                 let ts = self.decode(&[k, v])?;
-                let cache = KvCache { k: ts[0].clone(), v: ts[1].clone(), start: start as usize };
+                let cache = KvCache::new(&ts[0], &ts[1], start as usize)?;
                 if let Some(exec) = self.exec.as_mut() {
                     exec.kv.insert((request, layer), cache);
                 }
@@ -1214,6 +1296,10 @@ impl Compute {
                 Ok(())
             }
             Work::Update { t, lr, clip, weight_decay } => self.update(t, lr, clip, weight_decay),
+            Work::Tick => {
+                self.tick_pending = false;
+                self.train_tick()
+            }
             Work::Gather { request, what } => {
                 let tensors = self.gather(&what)?;
                 self.send_adapters(request, tensors)
@@ -1258,7 +1344,10 @@ impl Compute {
 
 impl Handler<Work> for Compute {
     type Result = ();
-    fn handle(&mut self, w: Work, _ctx: &mut Self::Context) {
+    fn handle(&mut self, w: Work, ctx: &mut Self::Context) {
+        if self.me_addr.is_none() {
+            self.me_addr = Some(ctx.address());
+        }
         if let Err(e) = self.work(w) {
             self.node.do_send(Event::Failed { message: e.to_string() });
         }

@@ -192,9 +192,9 @@ pub fn measure(
                 let q = rand(&[1, h, seq, d], dtype, device)?;
                 let k = rand(&[1, kvh, seq, d], dtype, device)?;
                 let v = rand(&[1, kvh, seq, d], dtype, device)?;
-                let mask = crate::exec::window_mask(seq, 0, seq, 0, None, device)?;
+                let vis = crate::fused::Visibility { q_start: 0, rows_per_group: seq, k_start: 0, window: None };
                 let s = time_it(device, runs, min_time, || {
-                    let _ = attention_core(&q, &k, &v, mask.as_ref(), h / kvh)?;
+                    let _ = attention_core(&q, &k, &v, vis, h / kvh)?;
                     Ok(())
                 })?;
                 let c = attention.entry(pdtype(dtype)?).or_insert(Curve { size: vec![], tflops: vec![] });
@@ -263,7 +263,7 @@ fn measure_elementwise(
         Ok(())
     })?;
     let silu = time_it(device, runs, min_time, || {
-        let _ = (x.silu()? * &y)?;
+        let _ = crate::fused::silu_mul(&x, &y)?;
         Ok(())
     })?;
     let add = time_it(device, runs, min_time, || {

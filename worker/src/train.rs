@@ -222,14 +222,33 @@ impl TrainRun {
         self.grads.insert((from_op, to_op), tensors);
     }
 
-    /// Runs every local op whose inputs are ready, in plan order.
+    /// This rank's next op in plan order: `None` when every op has run, else whether its
+    /// inputs are in and whether it is a backward op.
+    pub fn next_local(&mut self, prog: &TrainProgram) -> Option<(bool, bool)> {
+        while self.next < prog.ops.len() && prog.ops[self.next].rank != prog.rank {
+            self.next += 1;
+        }
+        let op = prog.ops.get(self.next)?;
+        let ready = match op.backward_of {
+            None => op.inputs.iter().all(|i| self.acts.contains_key(i)),
+            Some(_) => op.inputs.iter().all(|c| self.grads.contains_key(&(*c, op.id))),
+        };
+        Some((ready, op.backward_of.is_some()))
+    }
+
+    /// Runs local ops whose inputs are ready, in plan order, at most `max_ops` of them.
     pub fn advance(
         &mut self,
         prog: &TrainProgram,
         exec: &mut Executor,
         out: &mut dyn FnMut(TrainOut),
+        max_ops: usize,
     ) -> Result<Progress, WorkerError> {
+        let mut ran = 0;
         while self.next < prog.ops.len() {
+            if ran == max_ops {
+                return Ok(Progress::Blocked);
+            }
             let op = &prog.ops[self.next];
             if op.rank != prog.rank {
                 self.next += 1;
@@ -264,6 +283,7 @@ impl TrainRun {
                 out(TrainOut::Timing { op: op.id, seconds: started.elapsed().as_secs_f64() });
             }
             self.next += 1;
+            ran += 1;
         }
         Ok(Progress::Done)
     }
