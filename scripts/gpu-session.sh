@@ -124,10 +124,10 @@ with open('$S/data.jsonl','w') as f:
     RAYON_NUM_THREADS=8 taskset -c 0-7 "$B/lemur-worker" --rank 0 --cluster "$S/t1.toml" --plan "$1" --model "$S/l150" \
       --train "$S/data.jsonl" --steps 4 --loss-log "$2" "${@:3}" 2>&1 >/dev/null | grep -E "end to end|sum of ops" || true
   }
-  two() { # plan log
-    RAYON_NUM_THREADS=8 taskset -c 8-15 "$B/lemur-worker" --rank 1 --cluster "$S/t2.toml" --wait 120 2>/dev/null &
+  two() { # plan log [threads per worker]
+    RAYON_NUM_THREADS=${3:-8} taskset -c 8-15 "$B/lemur-worker" --rank 1 --cluster "$S/t2.toml" --wait 120 2>/dev/null &
     sleep 1
-    RAYON_NUM_THREADS=8 taskset -c 0-7 "$B/lemur-worker" --rank 0 --cluster "$S/t2.toml" --plan "$1" --model "$S/l150" \
+    RAYON_NUM_THREADS=${3:-8} taskset -c 0-7 "$B/lemur-worker" --rank 0 --cluster "$S/t2.toml" --plan "$1" --model "$S/l150" \
       --train "$S/data.jsonl" --steps 4 --loss-log "$2" 2>&1 >/dev/null | grep -E "held" || true
     wait
   }
@@ -147,6 +147,10 @@ with open('$S/data.jsonl','w') as f:
     plan "$S/r8" host-8-cores,host-8-cores "$S/r2.json"
     two "$S/r2.json" "$S/l2.jsonl"
     echo "median step $(median "$S/l2.jsonl") s"
+    # Seven compute threads per worker leave each a core for its I/O thread.
+    echo "== refined profile: two workers, 7 compute threads each"
+    two "$S/r2.json" "$S/l3.jsonl" 7
+    echo "median step $(median "$S/l3.jsonl") s"
   } | tee "$OUT/train-cpu.txt"
   ;;
 *) echo "unknown part $PART" >&2; exit 2 ;;

@@ -661,8 +661,8 @@ enum Work {
     LoadAdapters {
         tensors: Vec<(String, WireTensor)>,
     },
-    /// Run the most urgent ready training op (sent by Compute to itself, so that every
-    /// message that arrived meanwhile is delivered before it chooses).
+    /// Run the most urgent ready training micro-batch until it blocks (sent by Compute to
+    /// itself, so that every message that arrived meanwhile is delivered before it chooses).
     Tick,
 }
 
