@@ -100,7 +100,9 @@ impl CostModel for Roofline {
             Kernel::Gemm { m, n, k, dtype, .. } => {
                 let size = ((m * n * k) as f64).cbrt();
                 let rate = curve(machine, "gemm", dtype)?.at(size) * 1e12;
-                dispatch + (kernel.flops() as f64 / rate).max(streamed / read_bw)
+                // A measured matrix-vector rate for the dtype wins over the plain read rate.
+                let stream_bw = machine.bandwidth.gemv_gbps.get(&dtype).map_or(read_bw, |g| g * 1e9);
+                dispatch + (kernel.flops() as f64 / rate).max(streamed / stream_bw)
             }
             Kernel::Attention { kv_len, dtype, .. } => {
                 let rate = curve(machine, "attention", dtype)?.at(kv_len as f64) * 1e12;

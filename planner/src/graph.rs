@@ -21,7 +21,8 @@ pub enum EwClass {
     Rope,
     SiluMul,
     Add,
-    /// Copying K and V up to the number of query heads (grouped-query attention).
+    /// Summing the query heads' dK and dV back onto their KV head (grouped-query
+    /// attention's backward).
     RepeatKv,
     /// Softmax cross-entropy over the logits (training only).
     CrossEntropy,
@@ -370,22 +371,19 @@ impl Builder<'_> {
                 phase,
                 vec![self.ew(EwClass::Rope, rope_bytes + 2 * s * m.head_dim * dt.bytes(), rope_bytes)],
             ));
-            // Attention: repeat K and V over the query groups, then the materialised-score kernel.
-            let groups = m.num_heads / m.num_kv_heads;
+            // Attention: the materialised-score kernel. Each KV head's group of query heads
+            // is folded into the rows of one product, so K and V are read once, not copied
+            // per query head.
             let kv_read = 2 * b * t_kv * kvd * dt.bytes();
-            let mut att_kernels = Vec::new();
-            if groups > 1 {
-                att_kernels.push(self.ew(EwClass::RepeatKv, kv_read, kv_read * groups));
-            }
-            att_kernels.push(Kernel::Attention {
+            let att_kernels = vec![Kernel::Attention {
                 bh: b * m.num_heads,
                 q_len: s,
                 kv_len: t_kv,
                 head_dim: m.head_dim,
                 gemms: 2,
                 dtype: dt,
-                read_bytes: self.act(t, qd) + kv_read * groups,
-            });
+                read_bytes: self.act(t, qd) + kv_read,
+            }];
             let mut att = Op::new(OpKind::Attention, ly, phase, att_kernels);
             // A cache that drops what falls out of the sliding window holds at most a window.
             let held = m.sliding_window.map_or(ctx, |w| ctx.min(w));

@@ -4,9 +4,9 @@
 //! Each measured op of the profile's machine is priced kernel by kernel as the cost model
 //! does; what the measurement says about the one quantity that decided the op's time is
 //! recorded: the GEMM rate at the op's equivalent size (compute-bound GEMMs), the read
-//! bandwidth (memory-bound GEMMs: decode), the attention rate at its key length, or the
-//! element-wise rate of its kernel class. Ops whose time is mostly dispatch overhead say
-//! nothing about a rate and are skipped. Medians of those observations replace or extend
+//! bandwidth or the dtype's matrix-vector rate (memory-bound GEMMs: decode), the attention
+//! rate at its key length, or the element-wise rate of its kernel class. Ops whose time is
+//! mostly dispatch overhead say nothing about a rate and are skipped. Medians of those observations replace or extend
 //! the profile's curves and rates. Re-priced with the refined profile, an op whose time is
 //! set by one such quantity predicts what was measured.
 
@@ -75,6 +75,8 @@ struct Observed {
     gemm: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>>,
     attention: BTreeMap<lemur_protocol::DType, BTreeMap<u64, Vec<f64>>>,
     read: Vec<f64>,
+    /// Memory-bound GEMMs of a dtype whose matrix-vector rate the profile has.
+    gemv: BTreeMap<lemur_protocol::DType, Vec<f64>>,
     ew: BTreeMap<&'static str, Vec<f64>>,
     used: usize,
 }
@@ -126,7 +128,7 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
         plan.machines.iter().filter(|m| m.profile.name == profile.name).map(|m| m.name.as_str()).collect();
     let dispatch = profile.dispatch_s();
     let read_bw = profile.bandwidth.read_gbps * 1e9;
-    let Observed { gemm, attention, read, ew, used } = obs;
+    let Observed { gemm, attention, read, gemv, ew, used } = obs;
     for t in &timings.ops {
         if !on_profile.contains(&t.machine.as_str()) || t.measured_ms <= 0.0 {
             continue;
@@ -154,8 +156,14 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
             if busy < 0.2 * measured {
                 continue; // dispatch-dominated: says nothing about the rate
             }
-            if bytes / read_bw > compute {
-                read.push(bytes / busy);
+            let stream_bw = profile.bandwidth.gemv_gbps.get(dtype).map_or(read_bw, |g| g * 1e9);
+            if bytes / stream_bw > compute {
+                // Memory-bound: the dtype's matrix-vector rate where the profile has one.
+                if profile.bandwidth.gemv_gbps.contains_key(dtype) {
+                    gemv.entry(*dtype).or_default().push(bytes / busy);
+                } else {
+                    read.push(bytes / busy);
+                }
             } else {
                 gemm.entry(*dtype)
                     .or_default()
@@ -226,7 +234,7 @@ fn refine_curves(
 }
 
 fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, RefineReport), RefineError> {
-    let Observed { gemm, attention, read, ew, .. } = obs;
+    let Observed { gemm, attention, read, gemv, ew, .. } = obs;
     let mut out = profile.clone();
     let mut report = RefineReport::default();
     refine_curves("gemm", "N=", &mut out.gemm, &gemm, &mut report);
@@ -236,6 +244,13 @@ fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, Ref
         report.observations.insert("read bandwidth".into(), read.len());
         report.lines.push(format!("read bandwidth: {:.1} -> {new:.1} GB/s", out.bandwidth.read_gbps));
         out.bandwidth.read_gbps = new;
+    }
+    for (dt, v) in &gemv {
+        let new = median(v.clone()) / 1e9;
+        report.observations.insert(format!("gemv {dt}"), v.len());
+        let old = out.bandwidth.gemv_gbps.get(dt).copied().unwrap_or(0.0);
+        report.lines.push(format!("matrix-vector {dt}: {old:.1} -> {new:.1} GB/s"));
+        out.bandwidth.gemv_gbps.insert(*dt, new);
     }
     let get = |name: &str| ew.get(name).map(|v| median(v.clone()));
     let current = out.elementwise.clone();

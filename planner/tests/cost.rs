@@ -37,6 +37,23 @@ fn matrix_vector_products_run_at_memory_speed() {
 }
 
 #[test]
+fn a_measured_matrix_vector_rate_prices_that_dtype_only() {
+    let mut m = profiles().machine("m4-pro").unwrap().clone();
+    let f16 = m.gemm[&DType::F16].clone();
+    m.gemm.insert(DType::Bf16, f16);
+    m.bandwidth.gemv_gbps.insert(DType::Bf16, 20.0);
+    let gemv = |dtype: DType| {
+        let w = 4096 * 4096 * dtype.bytes();
+        let k = Kernel::Gemm { batch: 1, m: 1, n: 4096, k: 4096, dtype, weight_bytes: w };
+        (Roofline.kernel_seconds(&k, &m).unwrap(), (w + 2 * 4096 * dtype.bytes()) as f64)
+    };
+    let (t, bytes) = gemv(DType::Bf16);
+    assert!(close(t, bytes / 20e9 + 10e-6), "bf16 streams at its measured 20 GB/s");
+    let (t, bytes) = gemv(DType::F16);
+    assert!(close(t, bytes / 253e9 + 10e-6), "f16 still at the read bandwidth");
+}
+
+#[test]
 fn elementwise_pays_launches_and_passes() {
     let set = profiles();
     let m4 = set.machine("m4-pro").unwrap();

@@ -128,6 +128,40 @@ fn refined_profile_predicts_what_was_measured() {
 }
 
 #[test]
+fn decode_refines_the_dtypes_matrix_vector_rate_where_the_profile_has_one() {
+    let mut prof = profile();
+    prof.bandwidth.gemv_gbps.insert(lemur_protocol::DType::F16, 100.0);
+    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
+    let mut req = PlanRequest::new(
+        model,
+        vec![prof.clone()],
+        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
+    );
+    req.mode = Mode::Infer { prompt: 128, gen_tokens: 8, batch: 1 };
+    req.objective = Objective::Latency;
+    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let op_ms = synthesise(&planned.instance, &prof);
+    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
+    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
+    assert!(report.observations.contains_key("gemv f16"), "{:?}", report.observations);
+    assert!(!report.observations.contains_key("read bandwidth"));
+    assert_eq!(refined.bandwidth.read_gbps, prof.bandwidth.read_gbps);
+    // Decode's projections (memory-bound, one kernel each) now predict what was measured.
+    let decode = &planned.instance.phases[1];
+    let offset = planned.instance.phases[0].graph.len();
+    let mut checked = 0;
+    for (id, op) in decode.graph.ops() {
+        if let [Kernel::Gemm { m: 1, .. }] = op.kernels.as_slice() {
+            let measured = op_ms[&(offset + id)] * 1e-3;
+            let predicted = Roofline.op_seconds(op, &refined).unwrap();
+            assert!((predicted - measured).abs() / measured < 0.01, "{}: {predicted} vs {measured}", op.label());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 14, "checked {checked}");
+}
+
+#[test]
 fn training_timings_refine_the_backward_rates_and_the_lm_head() {
     let prof = profile();
     let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };

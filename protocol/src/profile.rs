@@ -150,6 +150,11 @@ pub struct Peak {
 pub struct Bandwidth {
     pub read_gbps: f64,
     pub copy_gbps: f64,
+    /// The rate a matrix-vector product streams its weight, by dtype (decode's GEMMs).
+    /// Where present it prices memory-bound GEMMs of that dtype instead of `read_gbps`:
+    /// on a CPU, candle's bf16 matrix-vector product streams far slower than its f32 one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gemv_gbps: BTreeMap<DType, f64>,
 }
 
 /// Measured throughput of element-wise kernels, GB/s of their minimal traffic (what a
@@ -266,6 +271,9 @@ impl MachineProfile {
         }
         positive("bandwidth.read_gbps", self.bandwidth.read_gbps)?;
         positive("bandwidth.copy_gbps", self.bandwidth.copy_gbps)?;
+        for (dt, v) in &self.bandwidth.gemv_gbps {
+            positive(&format!("bandwidth.gemv_gbps.{dt}"), *v)?;
+        }
         for (section, curves) in [("gemm", &self.gemm), ("attention", &self.attention)] {
             if curves.is_empty() {
                 return Err(FieldError::new(section, "needs a curve for at least one dtype"));

@@ -28,8 +28,18 @@ pub struct ProfileOptions {
 pub enum Task {
     Dispatch,
     Bandwidth,
-    Gemm { dtype: DType, n: usize },
-    Attention { dtype: DType, seq: usize },
+    Gemm {
+        dtype: DType,
+        n: usize,
+    },
+    /// A matrix-vector product in `dtype`: how decode streams weights.
+    Gemv {
+        dtype: DType,
+    },
+    Attention {
+        dtype: DType,
+        seq: usize,
+    },
     Elementwise,
 }
 
@@ -43,6 +53,7 @@ impl Task {
                 Task::Bandwidth => 1.5,
                 Task::Gemm { n, .. } if cpu => 0.3 + (*n as f64 / 1024.0).powi(3) * 0.4,
                 Task::Gemm { .. } => 0.5,
+                Task::Gemv { .. } => 0.6,
                 Task::Attention { seq, .. } if cpu => 0.3 + (*seq as f64 / 512.0).powi(2) * 0.3,
                 Task::Attention { .. } => 0.5,
                 Task::Elementwise => 1.5,
@@ -67,6 +78,7 @@ pub fn tasks(device: &Device, opts: &ProfileOptions) -> Vec<Task> {
     };
     let mut t = vec![Task::Dispatch, Task::Bandwidth];
     for &dt in &opts.dtypes {
+        t.push(Task::Gemv { dtype: dt });
         t.extend(gemm.iter().map(|&n| Task::Gemm { dtype: dt, n }));
         t.extend(att.iter().map(|&seq| Task::Attention { dtype: dt, seq }));
     }
@@ -131,6 +143,7 @@ pub fn measure(
     let mut dispatch_s = 0.0;
     let mut read_gbps = 0.0;
     let mut copy_gbps = 0.0;
+    let mut gemv_gbps: BTreeMap<PDType, f64> = BTreeMap::new();
     let mut gemm: BTreeMap<PDType, Curve> = BTreeMap::new();
     let mut attention: BTreeMap<PDType, Curve> = BTreeMap::new();
     let mut elementwise = None;
@@ -172,6 +185,17 @@ pub fn measure(
                 })?;
                 read_gbps = (bytes / read).max((n * k * 4) as f64 / gemv) / 1e9;
                 copy_gbps = 2.0 * bytes / copy / 1e9;
+            }
+            Task::Gemv { dtype } => {
+                // A 7B-sized projection (Mistral's MLP: 4096 x 14336) one token at a time.
+                let (n, k) = if opts.quick { (4096, 4096) } else { (14336, 4096) };
+                let w = candle_nn::Linear::new(rand(&[n, k], dtype, device)?, None);
+                let x = rand(&[1, 1, k], dtype, device)?;
+                let s = time_it(device, runs, min_time, || {
+                    let _ = candle_core::Module::forward(&w, &x)?;
+                    Ok(())
+                })?;
+                gemv_gbps.insert(pdtype(dtype)?, (n * k * dtype.size_in_bytes()) as f64 / s / 1e9);
             }
             Task::Gemm { dtype, n } => {
                 // As the workers run a projection: a [1, n, n] activation through a linear
@@ -235,7 +259,7 @@ pub fn measure(
         dispatch_overhead_us: dispatch_s * 1e6,
         memory: Memory { total_bytes: total, usable_bytes: usable, max_alloc_bytes: usable },
         peak: None,
-        bandwidth: Bandwidth { read_gbps, copy_gbps },
+        bandwidth: Bandwidth { read_gbps, copy_gbps, gemv_gbps },
         elementwise,
         gemm,
         attention,
