@@ -107,11 +107,13 @@ impl CustomOp1 for MaskedSoftmax {
             candle_core::bail!("masked softmax needs contiguous scores")
         };
         let run = |src: &[f32]| -> Vec<f32> {
+            use rayon::prelude::*;
             let mut out = vec![0f32; src.len()];
-            for (i, (s, d)) in src.chunks(kv).zip(out.chunks_mut(kv)).enumerate() {
+            // Rows are independent: spread them over the cores, as candle's softmax does.
+            out.par_chunks_mut(kv).zip(src.par_chunks(kv)).enumerate().for_each(|(i, (d, s))| {
                 let (lo, hi) = self.vis.range(i % rows_per_head, kv);
                 softmax_row(s, d, self.scale, lo, hi);
-            }
+            });
             out
         };
         let out = match storage {
