@@ -80,7 +80,8 @@ struct Args {
     #[arg(long)]
     dump_logits: Option<PathBuf>,
     /// Rank 0: time every op on every rank and write predicted against measured times
-    /// (JSON) here; the validation table goes to stderr.
+    /// (JSON) here; the validation table goes to stderr. Training: forward and backward
+    /// ops (means per micro-batch after the first step) and the optimizer step.
     #[arg(long)]
     timings: Option<PathBuf>,
     /// Rank 0: run the request this many times; the times reported are medians over the
