@@ -19,6 +19,13 @@ fn profile() -> MachineProfile {
     p
 }
 
+/// A two-layer llama-150m-shaped request on `prof` alone (mode set by the caller).
+fn request(prof: &MachineProfile) -> PlanRequest {
+    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
+    let links = ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links;
+    PlanRequest::new(model, vec![prof.clone()], links)
+}
+
 /// The slowdown applied to a kernel's busy time (time beyond dispatch).
 fn slowdown(k: &Kernel) -> f64 {
     match k {
@@ -75,12 +82,7 @@ fn synthesise(inst: &lemur_planner::problem::Instance, prof: &MachineProfile) ->
 #[test]
 fn refined_profile_predicts_what_was_measured() {
     let prof = profile();
-    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
-    let mut req = PlanRequest::new(
-        model,
-        vec![prof.clone()],
-        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
-    );
+    let mut req = request(&prof);
     req.mode = Mode::Infer { prompt: 256, gen_tokens: 8, batch: 1 };
     req.objective = Objective::Latency;
     let planned = lemur_planner::plan(&Roofline, &req).unwrap();
@@ -131,12 +133,7 @@ fn refined_profile_predicts_what_was_measured() {
 fn decode_refines_the_dtypes_matrix_vector_rate_where_the_profile_has_one() {
     let mut prof = profile();
     prof.bandwidth.gemv_gbps.insert(lemur_protocol::DType::F16, 100.0);
-    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
-    let mut req = PlanRequest::new(
-        model,
-        vec![prof.clone()],
-        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
-    );
+    let mut req = request(&prof);
     req.mode = Mode::Infer { prompt: 128, gen_tokens: 8, batch: 1 };
     req.objective = Objective::Latency;
     let planned = lemur_planner::plan(&Roofline, &req).unwrap();
@@ -164,12 +161,7 @@ fn decode_refines_the_dtypes_matrix_vector_rate_where_the_profile_has_one() {
 #[test]
 fn training_timings_refine_the_backward_rates_and_the_lm_head() {
     let prof = profile();
-    let model = ModelConfig { num_layers: 2, ..ModelConfig::preset("llama-150m-shaped").unwrap() };
-    let mut req = PlanRequest::new(
-        model,
-        vec![prof.clone()],
-        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
-    );
+    let mut req = request(&prof);
     let lora = lemur_planner::graph::LoraSpec::default();
     req.mode = Mode::Train { seq: 256, batch: 1, finetune: lemur_planner::Finetune::Lora(lora), micro_batches: 2 };
     let planned = lemur_planner::plan(&Roofline, &req).unwrap();
@@ -214,11 +206,8 @@ fn refinement_without_matching_ops_is_an_error() {
     let prof = profile();
     let mut other = prof.clone();
     other.name = "elsewhere".into();
-    let mut req = PlanRequest::new(
-        ModelConfig::tiny(),
-        vec![other],
-        ProfileSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap().links,
-    );
+    let mut req = request(&other);
+    req.model = ModelConfig::tiny();
     req.mode = Mode::Infer { prompt: 8, gen_tokens: 2, batch: 1 };
     let planned = lemur_planner::plan(&Roofline, &req).unwrap();
     let op_ms: HashMap<usize, f64> = planned.plan.ops.iter().map(|o| (o.id, 1.0)).collect();

@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor, D};
 use lemur_protocol::OpKind;
 
 use crate::error::WorkerError;
-use crate::exec::{attention_with_probs, repeat_kv, Executor, OpWeights, StepInput};
+use crate::exec::{attention_inputs, attention_with_probs, repeat_kv, Executor, OpWeights, StepInput};
 
 /// What a forward op keeps for its backward: its inputs (by producer kind, as `run`
 /// received them) and op-specific extras (attention probabilities, the lm head's softmax).
@@ -205,6 +205,24 @@ impl Executor {
         })
     }
 
+    /// This micro-batch's dropout mask for the adapter on `kind` of `layer`, shaped like
+    /// `x`, or `None` when nothing is dropped (no dropout, or not training).
+    fn lora_mask(
+        &self,
+        kind: OpKind,
+        layer: Option<u32>,
+        x: &Tensor,
+        dropout: f64,
+        step: &StepInput,
+    ) -> Result<Option<Tensor>, WorkerError> {
+        if dropout > 0.0 && step.targets.is_some() {
+            let seed = dropout_seed(step, kind, layer);
+            Ok(Some(crate::lora::dropout_mask(x.dims(), dropout, seed, x.device())?.to_dtype(x.dtype())?))
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The adapter's input: `x` with this micro-batch's dropout mask applied (training).
     pub(crate) fn lora_input(
         &self,
@@ -214,13 +232,10 @@ impl Executor {
         dropout: f64,
         step: &StepInput,
     ) -> Result<Tensor, WorkerError> {
-        if dropout > 0.0 && step.targets.is_some() {
-            let seed = dropout_seed(step, kind, layer);
-            let mask = crate::lora::dropout_mask(x.dims(), dropout, seed, x.device())?.to_dtype(x.dtype())?;
-            Ok((x * mask)?)
-        } else {
-            Ok(x.clone())
-        }
+        Ok(match self.lora_mask(kind, layer, x, dropout, step)? {
+            Some(mask) => (x * mask)?,
+            None => x.clone(),
+        })
     }
 
     /// `dx` of a linear op and its adapter's `(dA, dB)`.
@@ -241,12 +256,7 @@ impl Executor {
         let mut lora = None;
         if let Some(ad) = self.adapters.get(&(kind, layer)) {
             let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
-            let xd = if ad.dropout > 0.0 && step.targets.is_some() {
-                let seed = dropout_seed(step, kind, layer);
-                Some(crate::lora::dropout_mask(x2.dims(), ad.dropout, seed, x.device())?.to_dtype(x.dtype())?)
-            } else {
-                None
-            };
+            let xd = self.lora_mask(kind, layer, &x2, ad.dropout, step)?;
             let xm = match &xd {
                 Some(m) => (&x2 * m)?,
                 None => x2.clone(),
@@ -275,24 +285,6 @@ impl Executor {
         let dx = candle_nn::rotary_emb::rope(&dy.contiguous()?, &cos, &sin)?;
         Ok(dx.transpose(1, 2)?.reshape((b, s, h * d))?)
     }
-}
-
-/// Attention's inputs: rotated q and k from the rope op, raw v from v_proj.
-fn attention_inputs<'a>(
-    inputs: &[(OpKind, &'a [Tensor])],
-) -> Result<(&'a Tensor, &'a Tensor, &'a Tensor), WorkerError> {
-    let qk = inputs
-        .iter()
-        .find(|(k, _)| *k == OpKind::Rope)
-        .map(|(_, t)| *t)
-        .filter(|t| t.len() == 2)
-        .ok_or_else(|| WorkerError::Plan("attention lacks rotated q and k".into()))?;
-    let v = inputs
-        .iter()
-        .find(|(k, _)| *k == OpKind::VProj)
-        .and_then(|(_, t)| t.first())
-        .ok_or_else(|| WorkerError::Plan("attention lacks v".into()))?;
-    Ok((&qk[0], &qk[1], v))
 }
 
 /// Mean cross-entropy of `logits [n, vocab]` (f32) against `targets [n]`, and the softmax

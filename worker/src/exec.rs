@@ -233,15 +233,9 @@ impl Executor {
                 ]
             }
             OpKind::Attention => {
-                let qk = inputs
-                    .iter()
-                    .find(|(k, _)| *k == OpKind::Rope)
-                    .map(|(_, t)| *t)
-                    .filter(|t| t.len() == 2)
-                    .ok_or_else(|| WorkerError::Plan("attention lacks rotated q and k".into()))?;
-                let v = one(&[OpKind::VProj])?;
+                let (q, k, v) = attention_inputs(inputs)?;
                 let layer = layer.ok_or_else(|| WorkerError::Plan("attention without a layer".into()))?;
-                vec![self.attention(&qk[0], &qk[1], v, layer, step)?]
+                vec![self.attention(q, k, v, layer, step)?]
             }
             OpKind::AttnResidual => {
                 let o = one(&[OpKind::OProj])?;
@@ -310,6 +304,24 @@ impl Executor {
     pub fn finish(&mut self, request: u64) {
         self.kv.retain(|(r, _), _| *r != request);
     }
+}
+
+/// Attention's inputs: rotated q and k from the rope op, raw v from v_proj.
+pub(crate) fn attention_inputs<'a>(
+    inputs: &[(OpKind, &'a [Tensor])],
+) -> Result<(&'a Tensor, &'a Tensor, &'a Tensor), WorkerError> {
+    let qk = inputs
+        .iter()
+        .find(|(k, _)| *k == OpKind::Rope)
+        .map(|(_, t)| *t)
+        .filter(|t| t.len() == 2)
+        .ok_or_else(|| WorkerError::Plan("attention lacks rotated q and k".into()))?;
+    let v = inputs
+        .iter()
+        .find(|(k, _)| *k == OpKind::VProj)
+        .and_then(|(_, t)| t.first())
+        .ok_or_else(|| WorkerError::Plan("attention lacks an input from [VProj]".into()))?;
+    Ok((&qk[0], &qk[1], v))
 }
 
 /// Materialised-score attention: `q [b, h, s, d]` against `k, v [b, h / groups, kv, d]`

@@ -217,13 +217,14 @@ impl CustomOp2 for SiluMul {
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    //! The CUDA kernel: one warp per score row, f32 arithmetic, bf16 or f32 storage.
+    //! The CUDA kernels: the masked softmax (one warp per score row) and SiLU-multiply
+    //! (a grid-stride loop), f32 arithmetic, bf16 or f32 storage.
 
     use super::MaskedSoftmax;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{CudaStorage, Layout, Shape};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
     use std::sync::OnceLock;
 
     const SRC: &str = r#"
@@ -303,6 +304,58 @@ extern "C" __global__ void masked_softmax_bf16(const unsigned short* s, unsigned
         .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
+    /// The masked softmax kernel's scalar arguments, in its signature's order.
+    struct SoftmaxArgs {
+        rows: i64,
+        kv: i64,
+        rows_per_head: i64,
+        q0: i64,
+        rpg: i64,
+        k0: i64,
+        w: i64,
+        scale: f32,
+    }
+
+    /// Runs the masked softmax kernel `name` (the f32 or bf16 instance) on `src`.
+    fn masked_softmax_t<T: DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        src: &CudaView<'_, T>,
+        len: usize,
+        cfg: LaunchConfig,
+        a: &SoftmaxArgs,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(name, "lemur_fused", ptx()?)?;
+        // SAFETY: written in full by the kernel below.
+        let out = unsafe { dev.alloc::<T>(len) }?;
+        let mut b = func.builder();
+        b.arg(src).arg(&out).arg(&a.rows).arg(&a.kv).arg(&a.rows_per_head);
+        b.arg(&a.q0).arg(&a.rpg).arg(&a.k0).arg(&a.w).arg(&a.scale);
+        // SAFETY: the arguments match the kernel's signature (bf16 is passed as its 16-bit
+        // pattern); one warp per row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    /// Runs the SiLU-multiply kernel `name` (the f32 or bf16 instance) over `n` elements.
+    fn silu_mul_t<T: DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        g: &CudaView<'_, T>,
+        u: &CudaView<'_, T>,
+        n: i64,
+        cfg: LaunchConfig,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(name, "lemur_fused", ptx()?)?;
+        // SAFETY: written in full by the kernel below.
+        let out = unsafe { dev.alloc::<T>(n as usize) }?;
+        let mut b = func.builder();
+        b.arg(g).arg(u).arg(&out).arg(&n);
+        // SAFETY: the arguments match the kernel's signature (grid-stride loop over n).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
     pub(super) fn silu_mul(
         g: &CudaStorage,
         gl: &Layout,
@@ -317,29 +370,12 @@ extern "C" __global__ void masked_softmax_bf16(const unsigned short* s, unsigned
         };
         let blocks = (n as u64).div_ceil(256).min(65_535) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let ptx = ptx()?;
         let slice = match (&g.slice, &u.slice) {
             (CudaStorageSlice::F32(g), CudaStorageSlice::F32(u)) => {
-                let (g, u) = (g.slice(g0..g1), u.slice(u0..u1));
-                let func = dev.get_or_load_custom_func("silu_mul_f32", "lemur_fused", ptx)?;
-                // SAFETY: written in full by the kernel below.
-                let out = unsafe { dev.alloc::<f32>(n as usize) }?;
-                let mut b = func.builder();
-                b.arg(&g).arg(&u).arg(&out).arg(&n);
-                // SAFETY: the arguments match the kernel's signature (grid-stride loop over n).
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::F32(out)
+                CudaStorageSlice::F32(silu_mul_t(&dev, "silu_mul_f32", &g.slice(g0..g1), &u.slice(u0..u1), n, cfg)?)
             }
             (CudaStorageSlice::BF16(g), CudaStorageSlice::BF16(u)) => {
-                let (g, u) = (g.slice(g0..g1), u.slice(u0..u1));
-                let func = dev.get_or_load_custom_func("silu_mul_bf16", "lemur_fused", ptx)?;
-                // SAFETY: written in full by the kernel below.
-                let out = unsafe { dev.alloc::<half::bf16>(n as usize) }?;
-                let mut b = func.builder();
-                b.arg(&g).arg(&u).arg(&out).arg(&n);
-                // SAFETY: as above; bf16 is passed as its 16-bit pattern.
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::BF16(out)
+                CudaStorageSlice::BF16(silu_mul_t(&dev, "silu_mul_bf16", &g.slice(g0..g1), &u.slice(u0..u1), n, cfg)?)
             }
             _ => candle_core::bail!("silu_mul on CUDA takes two f32 or two bf16 tensors"),
         };
@@ -366,48 +402,24 @@ extern "C" __global__ void masked_softmax_bf16(const unsigned short* s, unsigned
         // One warp per row, eight rows per block.
         let blocks = (rows as u64).div_ceil(8) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let ptx = ptx()?;
+        let args = SoftmaxArgs { rows, kv, rows_per_head, q0, rpg, k0, w, scale: op.scale };
         let slice = match &storage.slice {
-            CudaStorageSlice::F32(src) => {
-                let src = src.slice(start..end);
-                let func = dev.get_or_load_custom_func("masked_softmax_f32", "lemur_fused", ptx)?;
-                // SAFETY: written in full by the kernel below.
-                let out = unsafe { dev.alloc::<f32>(shape.elem_count()) }?;
-                let mut b = func.builder();
-                b.arg(&src)
-                    .arg(&out)
-                    .arg(&rows)
-                    .arg(&kv)
-                    .arg(&rows_per_head)
-                    .arg(&q0)
-                    .arg(&rpg)
-                    .arg(&k0)
-                    .arg(&w)
-                    .arg(&op.scale);
-                // SAFETY: the arguments match the kernel's signature; one warp per row.
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::F32(out)
-            }
-            CudaStorageSlice::BF16(src) => {
-                let src = src.slice(start..end);
-                let func = dev.get_or_load_custom_func("masked_softmax_bf16", "lemur_fused", ptx)?;
-                // SAFETY: written in full by the kernel below.
-                let out = unsafe { dev.alloc::<half::bf16>(shape.elem_count()) }?;
-                let mut b = func.builder();
-                b.arg(&src)
-                    .arg(&out)
-                    .arg(&rows)
-                    .arg(&kv)
-                    .arg(&rows_per_head)
-                    .arg(&q0)
-                    .arg(&rpg)
-                    .arg(&k0)
-                    .arg(&w)
-                    .arg(&op.scale);
-                // SAFETY: as above; bf16 is passed as its 16-bit pattern.
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::BF16(out)
-            }
+            CudaStorageSlice::F32(src) => CudaStorageSlice::F32(masked_softmax_t(
+                &dev,
+                "masked_softmax_f32",
+                &src.slice(start..end),
+                shape.elem_count(),
+                cfg,
+                &args,
+            )?),
+            CudaStorageSlice::BF16(src) => CudaStorageSlice::BF16(masked_softmax_t(
+                &dev,
+                "masked_softmax_bf16",
+                &src.slice(start..end),
+                shape.elem_count(),
+                cfg,
+                &args,
+            )?),
             _ => candle_core::bail!("masked softmax on CUDA takes f32 or bf16"),
         };
         Ok((CudaStorage { slice, device: dev }, shape))
