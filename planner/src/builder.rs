@@ -97,6 +97,7 @@ impl Planner {
 
     /// Solves for the placement with the roofline cost model.
     pub fn plan(&self) -> Result<Planned, PlannerError> {
+        self.profiles.check_links(&self.req.machines.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())?;
         Ok(plan(&Roofline, &self.req)?)
     }
 }

@@ -195,7 +195,7 @@ pub struct LoraSpec {
 
 impl Default for LoraSpec {
     fn default() -> Self {
-        Self { rank: 16, targets: vec![OpKind::QProj, OpKind::VProj] }
+        Self { rank: lemur_protocol::DEFAULT_LORA_RANK, targets: vec![OpKind::QProj, OpKind::VProj] }
     }
 }
 
@@ -644,16 +644,7 @@ impl Builder<'_> {
     }
 }
 
-/// (input features, output features) of a linear op.
+/// (input features, output features) of a linear op ([`ModelConfig::linear_dims`]).
 pub fn linear_dims(m: &ModelConfig, kind: OpKind) -> (u64, u64) {
-    let h = m.hidden_size;
-    match kind {
-        OpKind::QProj => (h, m.q_dim()),
-        OpKind::KProj | OpKind::VProj => (h, m.kv_dim()),
-        OpKind::OProj => (m.q_dim(), h),
-        OpKind::GateProj | OpKind::UpProj => (h, m.intermediate_size),
-        OpKind::DownProj => (m.intermediate_size, h),
-        OpKind::LmHead => (h, m.vocab_size),
-        other => panic!("{other} is not a linear op"),
-    }
+    m.linear_dims(kind)
 }

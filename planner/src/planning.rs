@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lemur_protocol::plan::{MachineUse, PlanBaseline, PlanEdge, PlanMachine, PlanOp, PlanWorkload, Predicted};
-use lemur_protocol::{DType, LinkProfile, MachineProfile, ModelConfig, Plan, PLAN_FORMAT_VERSION};
+use lemur_protocol::{
+    DType, FinetuneKind, LinkProfile, MachineProfile, ModelConfig, Plan, WorkloadMode, PLAN_FORMAT_VERSION,
+};
 
 use crate::baselines::{baselines, warm_start, Baseline, Score};
 use crate::cost::CostModel;
@@ -22,6 +24,8 @@ pub enum PlanningError {
     Ilp(#[from] crate::ilp::IlpError),
     #[error("{0}")]
     DoesNotFit(String),
+    #[error("solver option `{field}`: {problem}")]
+    Options { field: &'static str, problem: String },
 }
 
 /// A planning request: the programmatic face of `lemur-plan`.
@@ -71,6 +75,14 @@ pub struct Planned {
 /// Plans `req` with cost model `cost`.
 pub fn plan(cost: &impl CostModel, req: &PlanRequest) -> Result<Planned, PlanningError> {
     let t0 = Instant::now();
+    if !(req.ilp.time_limit_s.is_finite() && req.ilp.time_limit_s > 0.0) {
+        let problem = format!("must be a finite number of seconds above 0, not {}", req.ilp.time_limit_s);
+        return Err(PlanningError::Options { field: "time_limit_s", problem });
+    }
+    if !(0.0..=1.0).contains(&req.ilp.rel_gap) {
+        let problem = format!("must be a relative gap in [0, 1], not {}", req.ilp.rel_gap);
+        return Err(PlanningError::Options { field: "rel_gap", problem });
+    }
     let inst = Instance::new(cost, &req.model, req.dtype, req.mode.clone(), req.objective, &req.machines, &req.links)?;
     tracing::info!(
         machines = inst.num_machines(),
@@ -240,7 +252,7 @@ fn build_plan(
         .collect();
     let workload = match &req.mode {
         Mode::Infer { prompt, gen_tokens, batch } => PlanWorkload {
-            mode: "infer".into(),
+            mode: WorkloadMode::Infer,
             seq: *prompt,
             batch: *batch,
             gen_tokens: *gen_tokens,
@@ -252,15 +264,15 @@ fn build_plan(
         },
         Mode::Train { seq, batch, finetune, micro_batches } => {
             let (ft, rank, targets) = match finetune {
-                Finetune::Full => ("full", None, None),
-                Finetune::Lora(l) => ("lora", Some(l.rank), Some(l.targets.clone())),
+                Finetune::Full => (FinetuneKind::Full, None, None),
+                Finetune::Lora(l) => (FinetuneKind::Lora, Some(l.rank), Some(l.targets.clone())),
             };
             PlanWorkload {
-                mode: "train".into(),
+                mode: WorkloadMode::Train,
                 seq: *seq,
                 batch: *batch,
                 gen_tokens: 0,
-                finetune: Some(ft.into()),
+                finetune: Some(ft),
                 lora_rank: rank,
                 lora_targets: targets,
                 micro_batches: *micro_batches,

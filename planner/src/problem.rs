@@ -154,13 +154,14 @@ impl Instance {
             Mode::Infer { prompt, gen_tokens, batch } => {
                 positive("the prompt length", *prompt)?;
                 positive("the batch", *batch)?;
-                let context = prompt + gen_tokens;
-                if context > model.max_position_embeddings {
+                let context = prompt.checked_add(*gen_tokens).filter(|&c| c <= model.max_position_embeddings);
+                let Some(context) = context else {
                     return Err(InstanceError::Workload(format!(
-                        "prompt + generated tokens = {context} exceeds the model's {} positions",
+                        "prompt ({prompt}) + generated tokens ({gen_tokens}) exceeds the model's {} positions",
                         model.max_position_embeddings
                     )));
-                }
+                };
+                fits_in_sizes(model, dtype, *batch, context)?;
                 let pre =
                     OpGraph::build(model, dtype, Workload::Prefill { batch: *batch, seq: *prompt, context: *prompt });
                 // Decode is priced at the average context length of the generation.
@@ -187,6 +188,25 @@ impl Instance {
                 positive("the sequence length", *seq)?;
                 positive("the batch", *batch)?;
                 positive("the number of micro-batches", *micro_batches)?;
+                if *seq > model.max_position_embeddings {
+                    return Err(InstanceError::Workload(format!(
+                        "the sequence length ({seq}) exceeds the model's {} positions",
+                        model.max_position_embeddings
+                    )));
+                }
+                fits_in_sizes(model, dtype, batch.saturating_mul(*micro_batches), *seq)?;
+                if let Finetune::Lora(l) = finetune {
+                    let widest = model.hidden_size.min(model.intermediate_size);
+                    if l.rank == 0 || l.rank > widest {
+                        return Err(InstanceError::Workload(format!(
+                            "the LoRA rank must be between 1 and {widest} (the model's narrowest projection), not {}",
+                            l.rank
+                        )));
+                    }
+                    if l.targets.is_empty() {
+                        return Err(InstanceError::Workload("LoRA needs at least one target projection".into()));
+                    }
+                }
                 let g = OpGraph::build(
                     model,
                     dtype,
@@ -311,5 +331,23 @@ impl PhaseData {
             }
         }
         Ok(Self { phase_name: name, graph, costs, weight, unit_of, units, tensors })
+    }
+}
+
+/// Whether the largest tensors of a workload (`tokens` = batch x context rows of logits,
+/// MLP activations and KV) have byte counts that fit in a u64 with room to add them up:
+/// a user's batch or length near u64::MAX is an error here, not a wrapped size later.
+fn fits_in_sizes(model: &ModelConfig, dtype: DType, batch: u64, context: u64) -> Result<(), InstanceError> {
+    let widest = model.vocab_size.max(model.intermediate_size).max(model.hidden_size);
+    let bytes = batch
+        .checked_mul(context)
+        .and_then(|t| t.checked_mul(widest))
+        .and_then(|e| e.checked_mul(dtype.bytes().max(4)))
+        .and_then(|b| b.checked_mul(4 * model.num_layers.max(1)));
+    match bytes {
+        Some(b) if b < 1 << 62 => Ok(()),
+        _ => Err(InstanceError::Workload(format!(
+            "a batch of {batch} x {context} tokens is too large to size (its tensors would exceed 2^62 bytes)"
+        ))),
     }
 }

@@ -25,6 +25,10 @@ pub enum ProfileError {
     UnknownMachine { name: String, available: String },
     #[error("no link joins `{a}` and `{b}`; add a [[link]] to {LINKS_FILE} (\"*\" matches any machine)")]
     NoLink { a: String, b: String },
+    #[error(
+        "{file}: no link joins `{a}` and `{b}`: {detail}; add a [[link]] between them (\"*\" matches any machine)"
+    )]
+    NoLinkIn { a: String, b: String, file: PathBuf, detail: String },
 }
 
 /// Every machine profile and link found in a directory.
@@ -33,6 +37,8 @@ pub struct ProfileSet {
     /// Machine profiles with the file each came from, sorted by name.
     pub machines: Vec<(MachineProfile, PathBuf)>,
     pub links: Vec<LinkProfile>,
+    /// Where the links came from (or would have: the file may be missing).
+    pub links_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -104,7 +110,51 @@ impl ProfileSet {
             return Err(ProfileError::Empty { dir: dir.to_path_buf() });
         }
         machines.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        Ok(Self { machines, links })
+        Ok(Self { machines, links, links_file: Some(dir.join(LINKS_FILE)) })
+    }
+
+    /// Checks that every pair of `names` (a cluster's machines) is joined by a link, with
+    /// an error that names the links file and says what it lacks: the file itself, or a
+    /// link, listing the names in it that are no machine of these profiles.
+    pub fn check_links(&self, names: &[&str]) -> Result<(), ProfileError> {
+        for (i, a) in names.iter().enumerate() {
+            for b in &names[i + 1..] {
+                if find_link(&self.links, a, b).is_ok() {
+                    continue;
+                }
+                let Some(file) = self.links_file.clone() else {
+                    return Err(ProfileError::NoLink { a: a.to_string(), b: b.to_string() });
+                };
+                let detail = if !file.exists() {
+                    "the file does not exist".to_string()
+                } else if self.links.is_empty() {
+                    "it has no [[link]] entries".to_string()
+                } else {
+                    let known = |n: &str| n == "*" || self.machines.iter().any(|(m, _)| m.name == n);
+                    let mut unknown: Vec<&str> = self
+                        .links
+                        .iter()
+                        .flat_map(|l| l.between.iter())
+                        .map(String::as_str)
+                        .filter(|n| !known(n))
+                        .collect();
+                    unknown.sort();
+                    unknown.dedup();
+                    let pairs: Vec<String> = self
+                        .links
+                        .iter()
+                        .map(|l| format!("{} ({} - {})", l.name, l.between[0], l.between[1]))
+                        .collect();
+                    let mut d = format!("its links are {}", pairs.join(", "));
+                    if !unknown.is_empty() {
+                        d += &format!("; `{}` name no machine profile here", unknown.join("`, `"));
+                    }
+                    d
+                };
+                return Err(ProfileError::NoLinkIn { a: a.to_string(), b: b.to_string(), file, detail });
+            }
+        }
+        Ok(())
     }
 
     /// The profile named `name`.

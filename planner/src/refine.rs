@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use lemur_protocol::timings::Timings;
 use lemur_protocol::{Curve, Elementwise, MachineProfile, Plan};
+use lemur_protocol::{FinetuneKind, WorkloadMode};
 
 use crate::cost::{CostModel, Roofline};
 use crate::graph::{EwClass, Finetune, Kernel, LoraSpec};
@@ -96,22 +97,21 @@ pub fn refine(profile: &MachineProfile, runs: &[Timings]) -> Result<(MachineProf
 
 fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut Observed) -> Result<(), RefineError> {
     let w = &plan.workload;
-    let mode = match (w.mode.as_str(), w.finetune.as_deref()) {
-        ("infer", _) => Mode::Infer { prompt: w.seq, gen_tokens: w.gen_tokens, batch: w.batch },
-        ("train", Some(ft @ ("lora" | "full"))) => Mode::Train {
+    let mode = match (w.mode, w.finetune) {
+        (WorkloadMode::Infer, _) => Mode::Infer { prompt: w.seq, gen_tokens: w.gen_tokens, batch: w.batch },
+        (WorkloadMode::Train, Some(ft)) => Mode::Train {
             seq: w.seq,
             batch: w.batch,
-            finetune: if ft == "full" {
-                Finetune::Full
-            } else {
-                Finetune::Lora(LoraSpec {
-                    rank: w.lora_rank.unwrap_or(16),
+            finetune: match ft {
+                FinetuneKind::Full => Finetune::Full,
+                FinetuneKind::Lora => Finetune::Lora(LoraSpec {
+                    rank: w.lora_rank_or_default(),
                     targets: w.lora_targets.clone().unwrap_or_default(),
-                })
+                }),
             },
             micro_batches: w.micro_batches,
         },
-        (other, _) => return Err(RefineError::Mode(other.to_string())),
+        (WorkloadMode::Train, None) => return Err(RefineError::Mode("train without `finetune`".into())),
     };
     let machines: Vec<MachineProfile> = plan.machines.iter().map(|m| m.profile.clone()).collect();
     let inst = Instance::new(&Roofline, &plan.model, plan.dtype, mode, Objective::Latency, &machines, &plan.links)?;

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use lemur_protocol::{OpKind, Phase};
+use lemur_protocol::{OpKind, Phase, WorkloadMode};
 
 use crate::planning::Planned;
 
@@ -34,22 +34,22 @@ pub fn summary(p: &Planned) -> String {
         plan.model.name,
         plan.dtype,
         plan.workload.mode,
-        match plan.workload.mode.as_str() {
-            "infer" => format!("prompt {} + {} generated", plan.workload.seq, plan.workload.gen_tokens),
-            _ => format!("seq {}", plan.workload.seq),
+        match plan.workload.mode {
+            WorkloadMode::Infer => format!("prompt {} + {} generated", plan.workload.seq, plan.workload.gen_tokens),
+            WorkloadMode::Train => format!("seq {}", plan.workload.seq),
         },
         match &plan.workload.finetune {
             Some(f) => format!("{f} fine-tuning, batch {}", plan.workload.batch),
             None => format!("batch {}", plan.workload.batch),
         },
-        if plan.workload.mode == "train" {
+        if plan.workload.mode == WorkloadMode::Train {
             format!(", {} micro-batches", plan.workload.micro_batches)
         } else {
             String::new()
         },
     );
     let _ = writeln!(s, "Objective: {}", objective_words(plan.objective.as_str(), plan.workload.mode.as_str()));
-    if let (Some(w), "train") = (plan.workload.inflight, plan.workload.mode.as_str()) {
+    if let (Some(w), WorkloadMode::Train) = (plan.workload.inflight, plan.workload.mode) {
         let m = plan.workload.micro_batches;
         let _ = if w >= m {
             writeln!(s, "Schedule: GPipe, all {m} micro-batches in flight (every machine holds their activations)")

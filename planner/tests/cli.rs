@@ -69,7 +69,7 @@ fn plan_writes_json_and_svg() {
         assert!(summary.contains(needle), "summary lacks {needle}:\n{summary}");
     }
     let plan = lemur_protocol::Plan::from_json(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(plan.workload.mode, "train");
+    assert_eq!(plan.workload.mode, lemur_protocol::WorkloadMode::Train);
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("m5-pro"));
 
@@ -135,4 +135,130 @@ fn model_from_a_hugging_face_directory() {
     let out = lemur_plan(&["--model", dir.path().to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("config.json"), "{err}");
+}
+
+/// Runs lemur-plan with `args` (and `--profiles DIR` when given) and returns (success, stderr).
+fn plan_stderr(profiles: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+    let out = Command::new(env!("CARGO_BIN_EXE_lemur-plan"))
+        .arg("--profiles")
+        .arg(profiles.unwrap_or(&shipped))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("lemur-plan runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn every_bad_flag_is_refused_naming_it_and_what_is_allowed() {
+    const MAX: &str = "18446744073709551615";
+    // (arguments, what the message must say)
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--gen-tokens", "18446744073709551610"], &["generated tokens (18446744073709551610)", "32768 positions"]),
+        (&["--seq", MAX], &["32768 positions"]),
+        (&["--batch", "9223372036854775807"], &["too large"]),
+        (&["--mode", "train", "--lora", "--batch", "4611686018427387904"], &["too large"]),
+        (&["--mode", "train", "--seq", "40000"], &["sequence length (40000)", "32768 positions"]),
+        (&["--batch", "0"], &["--batch", "at least 1"]),
+        (&["--batch", "-3"], &["--batch"]),
+        (&["--batch", "1.5"], &["--batch", "whole number"]),
+        (&["--seq", "0"], &["--seq", "at least 1"]),
+        (&["--micro-batches", "0"], &["--micro-batches", "at least 1"]),
+        (&["--lora-rank", "0"], &["--lora-rank", "at least 1"]),
+        (&["--mode", "train", "--lora", "--lora-rank", "100000"], &["LoRA rank", "between 1 and 4096"]),
+        (&["--gap", "nan"], &["--gap", "[0, 1]"]),
+        (&["--gap", "-0.1"], &["--gap", "[0, 1]"]),
+        (&["--gap", "2"], &["--gap", "[0, 1]"]),
+        (&["--time-limit", "0"], &["--time-limit", "above 0"]),
+        (&["--time-limit", "inf"], &["--time-limit", "finite"]),
+        (&["--time-limit", "NaN"], &["--time-limit"]),
+        (&["--time-limit", ""], &["--time-limit"]),
+        (&["--dtype", "f8"], &["--dtype", "f16, bf16 or f32", "f8"]),
+        (&["--dtype", ""], &["--dtype"]),
+        (&["--lora-targets", "q_proj,attention"], &["--lora-targets", "attention", "not a projection"]),
+        (&["--lora-targets", ""], &["--lora-targets", "not a projection"]),
+        (&["--machines", ""], &["no machine profile named ``", "m4-pro, m5-pro"]),
+        (&["--machines", "m4-pro,,m5-pro"], &["no machine profile named ``"]),
+        (&["--model", ""], &["--model", "neither a preset"]),
+        (&["--model", "/nonexistent/config.json"], &["/nonexistent/config.json"]),
+        (&["--mode", "bogus"], &["--mode", "infer", "train"]),
+        (&["--objective", "speed"], &["--objective", "latency", "throughput"]),
+        (
+            &["--out", "/nonexistent/dir/plan.json", "--model", "tiny", "--seq", "16", "--gen-tokens", "2"],
+            &["/nonexistent/dir/plan.json"],
+        ),
+    ];
+    for (args, says) in cases {
+        let (ok, err) = plan_stderr(None, args, &[]);
+        assert!(!ok, "{args:?} was accepted");
+        for s in *says {
+            assert!(err.contains(s), "{args:?}: the message lacks `{s}`:\n{err}");
+        }
+        assert!(!err.contains("panicked") && !err.contains("HiGHS error"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn errors_are_one_message_without_a_backtrace_unless_asked() {
+    // RUST_BACKTRACE=1 is common among Rust users; it must not turn errors into stack traces.
+    let (ok, err) = plan_stderr(None, &["--mode", "train"], &[("RUST_BACKTRACE", "1")]);
+    assert!(!ok);
+    assert!(err.starts_with("error: ") && err.contains("GB short"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    assert!(err.lines().count() <= 6, "{err}");
+    // Asked for, it comes.
+    for (args, env) in [(&["--mode", "train"][..], &[("LEMUR_BACKTRACE", "1")][..]), (&["--mode", "train", "-v"], &[])]
+    {
+        let (_, err) = plan_stderr(None, args, env);
+        assert!(err.starts_with("error: ") && err.contains("Stack backtrace"), "{args:?} {env:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_profile_directories_and_links_files_are_named() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+    let dir = tempfile::tempdir().unwrap();
+    for m in ["m4-pro.toml", "m5-pro.toml"] {
+        std::fs::copy(shipped.join(m), dir.path().join(m)).unwrap();
+    }
+    let links = dir.path().join("links.toml");
+    let link = |between: &str| {
+        format!("[[link]]\nname = \"tb\"\nbetween = {between}\nbandwidth_gbps = 3.5\nlatency_us = 50.0\n")
+    };
+    // (links.toml, or None for no file; what the message must say)
+    let cases: [(Option<String>, &[&str]); 5] = [
+        (None, &["links.toml", "no link joins `m4-pro` and `m5-pro`", "does not exist"]),
+        (
+            Some(link("[\"m4-max\", \"m9\"]")),
+            &["links.toml", "`m4-max`, `m9` name no machine profile", "tb (m4-max - m9)"],
+        ),
+        (Some(link("[\"m4-pro\", \"m5-pro\", \"m5-max\"]")), &["links.toml", "exactly two machines", "got 3"]),
+        (Some(link("[\"m4-pro\"]")), &["links.toml", "exactly two machines", "got 1"]),
+        (Some("link = []\n".to_string()), &["links.toml", "no [[link]] entries"]),
+    ];
+    for (text, says) in cases {
+        match &text {
+            Some(t) => std::fs::write(&links, t).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&links);
+            }
+        }
+        let (ok, err) = plan_stderr(Some(dir.path()), &["--model", "tiny", "--seq", "16", "--gen-tokens", "2"], &[]);
+        assert!(!ok, "{text:?} was accepted");
+        for s in says {
+            assert!(err.contains(s), "{text:?}: the message lacks `{s}`:\n{err}");
+        }
+    }
+    // One machine needs no link at all.
+    let _ = std::fs::remove_file(&links);
+    let (ok, err) = plan_stderr(
+        Some(dir.path()),
+        &["--machines", "m4-pro", "--model", "tiny", "--seq", "16", "--gen-tokens", "2"],
+        &[],
+    );
+    assert!(ok, "{err}");
+    // A file where the directory belongs.
+    let (ok, err) = plan_stderr(Some(&dir.path().join("m4-pro.toml")), &[], &[]);
+    assert!(!ok && err.contains("m4-pro.toml"), "{err}");
 }

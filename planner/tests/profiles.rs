@@ -114,7 +114,7 @@ fn duplicate_names_and_empty_dirs_are_errors() {
 
 #[test]
 fn no_link_between_two_machines_is_an_error() {
-    let set = ProfileSet { machines: vec![], links: vec![] };
+    let set = ProfileSet { machines: vec![], links: vec![], links_file: None };
     let err = set.link("m4-pro", "m5-pro").unwrap_err().to_string();
     assert!(err.contains("m4-pro") && err.contains("m5-pro"), "{err}");
 }

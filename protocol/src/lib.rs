@@ -10,9 +10,11 @@
 //! - [`gguf`]: a bounds-checked GGUF header reader (model shape, tokenizer metadata).
 //! - [`timings`]: predicted against measured op times, and the validation table.
 //! - [`error`]: [`FieldError`], a validation error that names the field at fault.
+//! - [`cli`]: what every binary shares: logging to stderr and `error: ...` reports.
 //!
 //! Only this crate defines what goes on the wire or into a file another process reads.
 
+pub mod cli;
 pub mod error;
 pub mod gguf;
 pub mod model;
@@ -25,5 +27,5 @@ pub mod wire;
 pub use error::FieldError;
 pub use model::ModelConfig;
 pub use op::{OpKind, Phase};
-pub use plan::{Plan, PlanError, PLAN_FORMAT_VERSION};
+pub use plan::{FinetuneKind, Plan, PlanError, WorkloadMode, DEFAULT_LORA_RANK, PLAN_FORMAT_VERSION};
 pub use profile::{Bandwidth, Curve, DType, Elementwise, KernelStyle, LinkProfile, MachineProfile, Memory, Peak};

@@ -34,6 +34,21 @@ pub struct ModelConfig {
 pub const PRESETS: &[&str] = &["mistral-7b", "tiny", "tiny-3layer", "llama-1b-shaped", "llama-150m-shaped"];
 
 impl ModelConfig {
+    /// (input features, output features) of a linear op; the one definition planner and
+    /// workers share. Kinds that are not projections (norms, attention) get the lm head's.
+    pub fn linear_dims(&self, kind: crate::OpKind) -> (u64, u64) {
+        use crate::OpKind::*;
+        let h = self.hidden_size;
+        match kind {
+            QProj => (h, self.q_dim()),
+            KProj | VProj => (h, self.kv_dim()),
+            OProj => (self.q_dim(), h),
+            GateProj | UpProj => (h, self.intermediate_size),
+            DownProj => (self.intermediate_size, h),
+            _ => (h, self.vocab_size),
+        }
+    }
+
     /// Mistral-7B v0.1, as published in its `config.json`.
     pub fn mistral_7b() -> Self {
         Self {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{DType, LinkProfile, MachineProfile, ModelConfig, OpKind, Phase};
 
 /// The plan format this build reads and writes.
-pub const PLAN_FORMAT_VERSION: u32 = 1;
+pub const PLAN_FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,15 +39,14 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanWorkload {
-    /// `infer` or `train`.
-    pub mode: String,
+    pub mode: WorkloadMode,
     /// Prompt length (infer) or sequence length (train).
     pub seq: u64,
     pub batch: u64,
     /// Tokens generated (infer).
     pub gen_tokens: u64,
-    /// `full` or `lora` (train).
-    pub finetune: Option<String>,
+    /// What training updates (train).
+    pub finetune: Option<FinetuneKind>,
     pub lora_rank: Option<u64>,
     pub lora_targets: Option<Vec<OpKind>>,
     pub micro_batches: u64,
@@ -55,6 +54,60 @@ pub struct PlanWorkload {
     /// the placement uses for 1F1B), as the planner's memory check assumed. Absent: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inflight: Option<u64>,
+}
+
+/// What a plan runs: generation, or fine-tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadMode {
+    /// Prefill a prompt, then decode tokens.
+    Infer,
+    /// Forward and backward over training sequences.
+    Train,
+}
+
+impl WorkloadMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadMode::Infer => "infer",
+            WorkloadMode::Train => "train",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What fine-tuning updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuneKind {
+    /// Every weight.
+    Full,
+    /// Low-rank adapters on some projections; the base weights stay frozen.
+    Lora,
+}
+
+impl std::fmt::Display for FinetuneKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FinetuneKind::Full => "full",
+            FinetuneKind::Lora => "lora",
+        })
+    }
+}
+
+/// The LoRA rank when nothing says otherwise (PEFT's common choice, `lemur-plan --lora-rank`'s default).
+pub const DEFAULT_LORA_RANK: u64 = 16;
+
+impl PlanWorkload {
+    /// The LoRA rank of a LoRA training plan ([`DEFAULT_LORA_RANK`] if the plan omits it).
+    pub fn lora_rank_or_default(&self) -> u64 {
+        self.lora_rank.unwrap_or(DEFAULT_LORA_RANK)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -297,11 +297,21 @@ impl MachineProfile {
 pub struct LinkProfile {
     pub name: String,
     /// The two machine names it joins; `"*"` matches any machine.
+    #[serde(deserialize_with = "exactly_two")]
     pub between: [String; 2],
     /// Sustained bandwidth for point-to-point tensor transfers, GB/s.
     pub bandwidth_gbps: f64,
     /// One-way latency of a message, microseconds.
     pub latency_us: f64,
+}
+
+/// `between` as written: a list of exactly two names (serde alone would let a third
+/// through unnoticed in some formats, and its own message does not say what is allowed).
+fn exactly_two<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[String; 2], D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    let n = names.len();
+    <[String; 2]>::try_from(names)
+        .map_err(|_| serde::de::Error::custom(format!("`between` must name exactly two machines (or \"*\"), got {n}")))
 }
 
 impl LinkProfile {

@@ -18,7 +18,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -132,6 +132,26 @@ pub struct TrainSetup {
     pub dropout: f64,
 }
 
+/// What a `Gather` asks each rank for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gather {
+    /// The adapter gradients accumulated over this step's micro-batches (gradient checks).
+    Grads,
+    /// The adapters' parameters with their AdamW moments (checkpoints).
+    State,
+}
+
+/// Which run of work a tensor belongs to: inference's (request, step), or training's
+/// (optimizer step, micro-batch). Both key the same maps on a rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    /// The request (inference) or the optimizer step (training).
+    pub request: u64,
+    /// The step within the request (prefill 0, then one per token), or the micro-batch.
+    pub step: u32,
+}
+
 /// Every message workers exchange. Messages with tensors list their metadata here; the
 /// bytes travel after the header (see the module docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,16 +188,30 @@ pub enum Message {
         tokens: TensorMeta,
         position: u64,
     },
-    /// The output of op `from_op` for step `step`, sent to a rank that consumes it.
-    /// In training, a gradient travels from a backward op to the backward op of one of
-    /// its producers: `to_op` names which (an activation goes to every local consumer).
+    /// The output of op `from_op`, sent to a rank that consumes it (every local consumer
+    /// there reads it). Inference: step `step` of request `request_id`. Training: micro-batch
+    /// `step` of optimizer step `request_id` (see [`RunKey`]).
     Activation {
         request_id: u64,
         step: u32,
         from_op: usize,
-        #[serde(default)]
-        to_op: Option<usize>,
         tensors: Vec<TensorMeta>,
+    },
+    /// Training: the gradient of op `from_op`'s backward with respect to one input of its
+    /// forward op, for the backward op `to_op` of that input's producer.
+    Gradient {
+        opt_step: u64,
+        micro_batch: u32,
+        from_op: usize,
+        to_op: usize,
+        tensors: Vec<TensorMeta>,
+    },
+    /// Rank 0 to every rank: run the forward and backward of one training micro-batch
+    /// (`tokens`: batch x (seq + 1) ids, inputs and next-token targets).
+    StartMicroBatch {
+        opt_step: u64,
+        micro_batch: u32,
+        tokens: TensorMeta,
     },
     /// After prefill: the K and V cache of `layer` (first entry at absolute position
     /// `start`), for the rank that decodes it.
@@ -195,38 +229,37 @@ pub enum Message {
     },
     /// Training: the loss of one micro-batch, from the rank with the lm head to rank 0.
     Loss {
-        request_id: u64,
-        step: u32,
+        opt_step: u64,
+        micro_batch: u32,
         loss: f64,
     },
     /// Training: a rank's LoRA tensors (gradients or parameters) by PEFT name, to rank 0.
     Adapters {
         rank: u32,
-        request_id: u64,
+        opt_step: u64,
         names: Vec<String>,
         tensors: Vec<TensorMeta>,
     },
     /// Training: a rank has run one micro-batch's backward; `sumsq` is the squared norm of
     /// its accumulated adapter gradients so far (complete once every micro-batch is in).
-    TrainDone {
+    MicroBatchDone {
         rank: u32,
-        request_id: u64,
-        step: u32,
+        opt_step: u64,
+        micro_batch: u32,
         sumsq: f64,
     },
-    /// Training: apply AdamW step `t` to the accumulated gradients times `clip`, then clear them.
+    /// Training: apply AdamW step `t` (1-based: the optimizer steps taken, this one
+    /// included) to the accumulated gradients times `clip`, then clear them.
     Update {
-        request_id: u64,
         t: u64,
         lr: f64,
         clip: f64,
         weight_decay: f64,
     },
-    /// Training: send rank 0 the adapters (`what` = `grads`, or `state`: parameters with
-    /// their AdamW moments) as an `Adapters` message.
+    /// Training: send rank 0 the adapters as an `Adapters` message.
     Gather {
-        request_id: u64,
-        what: String,
+        opt_step: u64,
+        what: Gather,
     },
     /// Training or inference with adapters: set these adapter tensors (PEFT names; moments
     /// carry `.exp_avg` / `.exp_avg_sq` suffixes).
@@ -273,8 +306,9 @@ impl Message {
     /// Metadata of the tensors that follow this message's header.
     pub fn tensor_metas(&self) -> Vec<&TensorMeta> {
         match self {
-            Message::Start { tokens, .. } => vec![tokens],
+            Message::Start { tokens, .. } | Message::StartMicroBatch { tokens, .. } => vec![tokens],
             Message::Activation { tensors, .. }
+            | Message::Gradient { tensors, .. }
             | Message::KvHandover { tensors, .. }
             | Message::Adapters { tensors, .. }
             | Message::LoadAdapters { tensors, .. } => tensors.iter().collect(),
@@ -292,11 +326,13 @@ impl Message {
             Message::Ready { .. } => "ready",
             Message::Start { .. } => "start",
             Message::Activation { .. } => "activation",
+            Message::Gradient { .. } => "gradient",
+            Message::StartMicroBatch { .. } => "start_micro_batch",
             Message::KvHandover { .. } => "kv_handover",
             Message::Logits { .. } => "logits",
             Message::Loss { .. } => "loss",
             Message::Adapters { .. } => "adapters",
-            Message::TrainDone { .. } => "train_done",
+            Message::MicroBatchDone { .. } => "micro_batch_done",
             Message::Update { .. } => "update",
             Message::Gather { .. } => "gather",
             Message::LoadAdapters { .. } => "load_adapters",

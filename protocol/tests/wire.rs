@@ -59,8 +59,16 @@ fn every_message() -> Vec<Frame> {
             tensors: vec![tok_b],
         },
         Frame {
-            message: Message::Activation { request_id: 7, step: 3, from_op: 42, to_op: Some(9), tensors: vec![a, b] },
+            message: Message::Activation { request_id: 7, step: 3, from_op: 42, tensors: vec![a.clone(), b.clone()] },
+            tensors: vec![a_b.clone(), b_b.clone()],
+        },
+        Frame {
+            message: Message::Gradient { opt_step: 7, micro_batch: 3, from_op: 42, to_op: 9, tensors: vec![a, b] },
             tensors: vec![a_b, b_b],
+        },
+        {
+            let (t, t_b) = tensor(WireDType::U32, &[2, 9], 10);
+            Frame { message: Message::StartMicroBatch { opt_step: 7, micro_batch: 1, tokens: t }, tensors: vec![t_b] }
         },
         Frame {
             message: Message::KvHandover { request_id: 7, layer: 1, start: 0, tensors: vec![k, v] },
@@ -68,10 +76,11 @@ fn every_message() -> Vec<Frame> {
         },
         Frame { message: Message::Logits { request_id: 7, step: 1, logits: l }, tensors: vec![l_b] },
         Frame::control(Message::Finish { request_id: 7 }),
-        Frame::control(Message::Loss { request_id: 7, step: 2, loss: 3.25 }),
-        Frame::control(Message::TrainDone { rank: 1, request_id: 7, step: 1, sumsq: 0.5 }),
-        Frame::control(Message::Update { request_id: 7, t: 3, lr: 2e-4, clip: 0.9, weight_decay: 0.01 }),
-        Frame::control(Message::Gather { request_id: 7, what: "state".into() }),
+        Frame::control(Message::Loss { opt_step: 7, micro_batch: 2, loss: 3.25 }),
+        Frame::control(Message::MicroBatchDone { rank: 1, opt_step: 7, micro_batch: 1, sumsq: 0.5 }),
+        Frame::control(Message::Update { t: 3, lr: 2e-4, clip: 0.9, weight_decay: 0.01 }),
+        Frame::control(Message::Gather { opt_step: 7, what: lemur_protocol::wire::Gather::State }),
+        Frame::control(Message::Gather { opt_step: 7, what: lemur_protocol::wire::Gather::Grads }),
         {
             let (g, g_b) = tensor(WireDType::F32, &[4, 8], 9);
             Frame {
@@ -82,7 +91,7 @@ fn every_message() -> Vec<Frame> {
         {
             let (g, g_b) = tensor(WireDType::F32, &[16, 64], 8);
             Frame {
-                message: Message::Adapters { rank: 1, request_id: 7, names: vec!["lora_A".into()], tensors: vec![g] },
+                message: Message::Adapters { rank: 1, opt_step: 7, names: vec!["lora_A".into()], tensors: vec![g] },
                 tensors: vec![g_b],
             }
         },
@@ -105,7 +114,6 @@ fn every_message() -> Vec<Frame> {
                 request_id: 1,
                 step: 0,
                 from_op: 0,
-                to_op: None,
                 tensors: vec![TensorMeta { dtype: WireDType::F32, shape: vec![0, 4] }],
             },
             tensors: vec![Bytes::new()],

@@ -7,12 +7,14 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lemurian::planner::profiles::parse_machine;
 use lemurian::planner::refine::refine;
+use lemurian::protocol::cli::parse;
 use lemurian::protocol::timings::Timings;
 use lemurian::protocol::MachineProfile;
 use lemurian::worker::profiler::{measure, tasks, ProfileOptions};
@@ -24,7 +26,7 @@ use lemurian::worker::profiler::{measure, tasks, ProfileOptions};
 /// profile in the schema of `profiles/`. `link` measures a link; `refine` folds a timed
 /// run's measurements back into a profile.
 #[derive(Debug, Parser)]
-#[command(name = "lemur-profile", version, about, long_about)]
+#[command(name = "lemur-profile", version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -44,14 +46,17 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     dtype: Vec<String>,
     /// Memory in GB, for devices that do not report theirs.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive)]
     memory_gb: Option<f64>,
     /// The device's theoretical peak TFLOP/s (spec sheet), to report achieved against it.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive)]
     peak_tflops: Option<f64>,
     /// The device's theoretical memory bandwidth GB/s (spec sheet).
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive)]
     peak_gbps: Option<f64>,
+    /// On failure, also print the error's backtrace (as LEMUR_BACKTRACE=1 does).
+    #[arg(short, long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,12 +104,12 @@ fn profile_toml(p: &MachineProfile, header: &str) -> Result<String> {
     Ok(format!("{header}{}", toml::to_string_pretty(p)?))
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> ExitCode {
     let args = Args::parse();
+    lemurian::protocol::cli::main(args.verbose, || run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     match args.cmd {
         Some(Cmd::Link { listen, peer, name, out }) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -17,7 +17,7 @@ fn activation(elems: usize) -> Frame {
     let meta = TensorMeta { dtype: WireDType::F32, shape: vec![1, elems] };
     let data = Bytes::from(vec![7u8; elems * 4]);
     Frame {
-        message: Message::Activation { request_id: 1, step: 0, from_op: 3, to_op: None, tensors: vec![meta] },
+        message: Message::Activation { request_id: 1, step: 0, from_op: 3, tensors: vec![meta] },
         tensors: vec![data],
     }
 }

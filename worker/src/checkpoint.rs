@@ -11,7 +11,7 @@ use lemur_protocol::OpKind;
 use serde::{Deserialize, Serialize};
 
 use crate::error::WorkerError;
-use crate::node::AdapterGrads;
+use crate::lora::AdapterTensors as AdapterGrads;
 
 /// Suffixes of the AdamW moments of an adapter tensor.
 pub const EXP_AVG: &str = ".exp_avg";
@@ -139,4 +139,85 @@ pub fn read(dir: &Path) -> Result<(AdapterConfig, AdapterGrads, Option<TrainerSt
         Err(_) => None,
     };
     Ok((AdapterConfig { rank, alpha, targets, base_model }, tensors, state))
+}
+
+/// Where a resumed run starts: the newest checkpoint in an output directory.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub path: PathBuf,
+    pub state: TrainerState,
+    pub tensors: AdapterGrads,
+}
+
+/// The newest checkpoint in `dir`, checked against the adapters the run trains (rank and
+/// targets must match; alpha may differ, as PEFT allows).
+pub fn resume(dir: &Path, want: &AdapterConfig) -> Result<Resume, WorkerError> {
+    let path = latest(dir).ok_or_else(|| io(dir, "no checkpoint-N with a trainer_state.json to resume from"))?;
+    let (cfg, tensors, state) = read(&path)?;
+    if cfg.rank != want.rank || cfg.targets != want.targets {
+        return Err(io(
+            &path,
+            format!(
+                "adapters of rank {} on {:?}; the plan asks for rank {} on {:?}",
+                cfg.rank, cfg.targets, want.rank, want.targets
+            ),
+        ));
+    }
+    let state = state.ok_or_else(|| io(&path, "no trainer_state.json"))?;
+    Ok(Resume { path, state, tensors })
+}
+
+/// Appends one JSON line per optimizer step to a loss log (`loss.jsonl`).
+#[derive(Debug, Clone)]
+pub struct LossLog {
+    pub path: PathBuf,
+}
+
+impl LossLog {
+    pub fn append(&self, step: &impl Serialize) -> Result<(), WorkerError> {
+        use std::io::Write;
+        let line = serde_json::to_string(step).map_err(|e| io(&self.path, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| io(&self.path, e))?;
+        writeln!(f, "{line}").map_err(|e| io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rank: usize) -> AdapterConfig {
+        AdapterConfig { rank, alpha: 16.0, targets: vec![OpKind::QProj, OpKind::VProj], base_model: "m".into() }
+    }
+
+    #[test]
+    fn resume_takes_the_newest_checkpoint_and_checks_its_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = resume(dir.path(), &cfg(4)).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint"), "{e}");
+        let name = crate::lora::peft_name(OpKind::QProj, 0, "lora_A");
+        let tensors = AdapterGrads::from([(name.clone(), (vec![4, 2], vec![0.5; 8]))]);
+        for step in [10, 20] {
+            write(dir.path(), &cfg(4), &TrainerState { step, losses: vec![1.0; step as usize] }, &tensors).unwrap();
+        }
+        let r = resume(dir.path(), &cfg(4)).unwrap();
+        assert!(r.path.ends_with("checkpoint-20"), "{}", r.path.display());
+        assert_eq!(r.state.step, 20);
+        assert_eq!(r.tensors[&name], (vec![4, 2], vec![0.5; 8]));
+        let e = resume(dir.path(), &cfg(8)).unwrap_err().to_string();
+        assert!(e.contains("rank 4") && e.contains("rank 8") && e.contains("checkpoint-20"), "{e}");
+    }
+
+    #[test]
+    fn the_loss_log_gets_one_line_per_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LossLog { path: dir.path().join("loss.jsonl") };
+        log.append(&serde_json::json!({"step": 1, "loss": 2.5})).unwrap();
+        log.append(&serde_json::json!({"step": 2, "loss": 2.0})).unwrap();
+        let text = std::fs::read_to_string(&log.path).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["loss"], 2.0);
+    }
 }

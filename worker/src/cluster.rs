@@ -13,7 +13,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use lemur_protocol::wire::RankInfo;
@@ -49,7 +49,7 @@ impl Cluster {
     pub fn load(path: &Path) -> Result<Self, WorkerError> {
         let err = |m: String| WorkerError::Cluster { path: path.display().to_string(), message: m };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let f: ClusterFile = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        let f: ClusterFile = toml::from_str(&text).map_err(|e| err(toml_message(&text, &e)))?;
         Self::from_parts(
             f.id,
             f.rank.into_iter().map(|r| RankInfo { rank: r.rank, addr: r.addr, machine: r.machine }).collect(),
@@ -74,9 +74,7 @@ impl Cluster {
                     r.rank
                 ));
             }
-            r.addr
-                .parse::<SocketAddr>()
-                .map_err(|e| format!("rank {}: field `addr`: `{}` is not host:port ({e})", r.rank, r.addr))?;
+            check_addr(&r.addr).map_err(|e| format!("rank {}: field `addr`: `{}` {e}", r.rank, r.addr))?;
             if r.machine.trim().is_empty() {
                 return Err(format!("rank {}: field `machine` must not be empty", r.rank));
             }
@@ -122,5 +120,81 @@ impl Cluster {
             s += &format!("\n[[rank]]\nrank = {}\naddr = \"{}\"\nmachine = \"{}\"\n", r.rank, r.addr, r.machine);
         }
         s
+    }
+}
+
+/// A toml error as `line L, column C: message` (toml's own text spans several lines).
+pub fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg.to_string(),
+    }
+}
+
+/// `host:port`: an IP address (IPv6 in brackets) or a host name, and a port 1..=65535.
+fn check_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("is not host:port (no port)".into());
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("is not host:port (`{port}` is not a port 1..65535)")),
+    }
+    if host.starts_with('[') || host.parse::<IpAddr>().is_ok() {
+        return Err("is not host:port (IPv6 addresses go in brackets: [::1]:7070)".into());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!("is not host:port (`{host}` is not a host name or IP address)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_ip_or_host_name_with_a_port() {
+        for ok in ["127.0.0.1:7070", "[::1]:7070", "localhost:7070", "mac-mini.local:7070", "10.0.0.2:1"] {
+            assert!(check_addr(ok).is_ok(), "{ok}: {:?}", check_addr(ok));
+        }
+        // (address, what the message must say)
+        let bad = [
+            ("localhost", "no port"),
+            ("localhost:0", "not a port"),
+            ("localhost:70000", "not a port"),
+            ("localhost:http", "not a port"),
+            (":7070", "not a host name"),
+            ("::1:7070", "brackets"),
+            ("my_host:7070", "not a host name"),
+            ("a..b:7070", "not a host name"),
+        ];
+        for (addr, says) in bad {
+            let e = check_addr(addr).unwrap_err();
+            assert!(e.contains(says), "{addr}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_toml_is_reported_with_its_line() {
+        let text = "id = \"desk\"\n[[rank]]\nrank = 0\naddr = 127.0.0.1:7070\n";
+        let e = toml::from_str::<ClusterFile>(text).unwrap_err();
+        let m = toml_message(text, &e);
+        assert!(m.starts_with("line 4, column 13: expected newline"), "{m}");
     }
 }

@@ -9,6 +9,9 @@ pub enum WorkerError {
     File { path: String, message: String },
     #[error("the plan cannot run here: {0}")]
     Plan(String),
+    /// A request (prompt, token ids, lengths) that the model cannot take.
+    #[error("request: {0}")]
+    Request(String),
     #[error("op {op} ({label}): {message}")]
     Op { op: usize, label: String, message: String },
     #[error("weights: {0}")]

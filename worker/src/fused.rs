@@ -432,7 +432,7 @@ mod tests {
     use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::random_model::Rng::new(seed);
+        let mut rng = crate::rng::Rng::new(seed);
         let n: usize = shape.iter().product();
         Tensor::from_vec((0..n).map(|_| 3.0 * rng.uniform()).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
     }

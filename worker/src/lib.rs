@@ -1,31 +1,40 @@
 //! Lemurian's worker: executes its rank's share of a plan.
 //!
-//! A tour:
-//! - [`cluster`]: `cluster.toml`, which rank listens where as which machine.
-//! - [`weights`]: a Hugging Face checkpoint, memory-mapped; only this rank's tensors load.
-//! - [`exec`]: the candle arithmetic of every op kind, RoPE, GQA attention with causal and
-//!   sliding-window masks, the KV cache.
-//! - [`program`]: the plan from one rank's point of view, and the step runner that executes
-//!   local ops as their inputs arrive.
-//! - [`node`]: networking and the actix actors (peers, compute, node) that run a rank.
-//! - [`device`]: cpu, cuda and metal behind cargo features.
-//! - [`random_model`]: deterministic random checkpoints for tests, examples and benchmarks.
+//! A tour, from the arithmetic up:
+//! - Compute, no I/O: [`exec`] (the candle arithmetic of every op kind: RoPE, GQA attention
+//!   with causal and sliding-window masks, the KV cache), [`fused`] (kernels added to
+//!   candle's, CPU reference and CUDA), [`backward`] (the hand-written backward of every op),
+//!   [`lora`] (adapters, initialisation, PEFT names, dropout masks), [`rng`].
+//! - One rank's view of a plan, and the plain state machines that run it as inputs arrive
+//!   and return what to send (no actors): [`program`] (inference: a step of prefill or
+//!   decode, KV handovers) and [`train`] (a training micro-batch: forward, then backward).
+//! - [`runtime`]: set-up over a [`runtime::Transport`] (TCP, or the in-memory
+//!   [`runtime::memnet`] with fault injection), the actix actors over the state machines,
+//!   the optimizer, and rank 0's request and training loops.
+//! - Files: [`cluster`] (`cluster.toml`), [`weights`] (checkpoints: safetensors, GGUF),
+//!   [`checkpoint`] (PEFT adapter checkpoints, resuming), [`dataset`] (JSONL training
+//!   data), [`tokenizer`]; [`sampling`] turns logits into tokens.
+//! - Measuring: [`profiler`] (`lemur-profile`'s device measurements), [`link`].
+//! - [`device`]: cpu, cuda and metal behind cargo features; [`tensor_wire`]: tensors to and
+//!   from wire bytes; [`random_model`]: deterministic random checkpoints for tests.
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
 pub mod backward;
 pub mod checkpoint;
 pub mod cluster;
+pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod exec;
 pub mod fused;
 pub mod link;
 pub mod lora;
-pub mod node;
 pub mod profiler;
 pub mod program;
 pub mod random_model;
+pub mod rng;
+pub mod runtime;
 pub mod sampling;
 pub mod tensor_wire;
 pub mod tokenizer;

@@ -78,7 +78,7 @@ pub async fn probe(addr: &str, machine: &str, rounds: usize, frames: usize) -> R
     let data = Bytes::from(vec![1u8; elems * 4]);
     let t0 = Instant::now();
     for _ in 0..frames {
-        let msg = Message::Activation { request_id: 0, step: 0, from_op: 0, to_op: None, tensors: vec![meta.clone()] };
+        let msg = Message::Activation { request_id: 0, step: 0, from_op: 0, tensors: vec![meta.clone()] };
         net.send(Frame { message: msg, tensors: vec![data.clone()] }).await?;
     }
     net.send(Frame::control(Message::Heartbeat { rank: 0, seq: u64::MAX })).await?;

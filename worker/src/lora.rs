@@ -5,7 +5,11 @@ use candle_core::{Device, Tensor, Var};
 use lemur_protocol::{ModelConfig, OpKind};
 
 use crate::error::WorkerError;
-use crate::random_model::Rng;
+use crate::rng::Rng;
+
+/// Adapter tensors by PEFT name (`...lora_A.weight`, with `.exp_avg` / `.exp_avg_sq` for
+/// AdamW moments): shape and f32 values, as checkpoints and rank 0 hold them.
+pub type AdapterTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// One adapter: `y += scale * (dropout(x) A^T) B^T`, A `[r, in]`, B `[out, r]`.
 #[derive(Debug, Clone)]
@@ -27,18 +31,10 @@ pub fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> Resu
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-/// Input and output features of a linear op.
+/// Input and output features of a linear op ([`ModelConfig::linear_dims`]).
 pub fn dims(cfg: &ModelConfig, kind: OpKind) -> (usize, usize) {
-    let h = cfg.hidden_size as usize;
-    let (i, o) = match kind {
-        OpKind::QProj => (h, cfg.q_dim() as usize),
-        OpKind::KProj | OpKind::VProj => (h, cfg.kv_dim() as usize),
-        OpKind::OProj => (cfg.q_dim() as usize, h),
-        OpKind::GateProj | OpKind::UpProj => (h, cfg.intermediate_size as usize),
-        OpKind::DownProj => (cfg.intermediate_size as usize, h),
-        _ => (h, cfg.vocab_size as usize),
-    };
-    (i, o)
+    let (i, o) = cfg.linear_dims(kind);
+    (i as usize, o as usize)
 }
 
 /// The initial A and B of the adapter on `kind` of `layer`: A uniform with PEFT's Kaiming

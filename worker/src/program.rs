@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use lemur_protocol::{OpKind, Phase, Plan};
+use lemur_protocol::{OpKind, Phase, Plan, WorkloadMode};
 
 use crate::error::WorkerError;
 use crate::exec::{Executor, StepInput};
@@ -50,11 +50,8 @@ impl Program {
     /// Builds a rank's program; `rank_of_machine` maps the plan's machines to ranks.
     pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
         plan.validate().map_err(|e| WorkerError::Plan(e.to_string()))?;
-        if plan.workload.mode != "infer" {
-            return Err(WorkerError::Plan(format!(
-                "this worker runs inference plans; the plan is for `{}`",
-                plan.workload.mode
-            )));
+        if plan.workload.mode != WorkloadMode::Infer {
+            return Err(WorkerError::Plan(format!("not an inference plan (mode `{}`)", plan.workload.mode)));
         }
         let rank_of = |machine: &str, op: usize| {
             rank_of_machine.get(machine).copied().ok_or_else(|| {
@@ -158,13 +155,17 @@ impl Program {
     }
 }
 
-/// Something the runner wants sent.
+/// Something a step or micro-batch runner wants sent, inference and training alike.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// Op `from_op`'s output, to `to`.
     Activation { to: u32, from_op: usize, tensors: Arc<Vec<Tensor>> },
-    /// The lm head's logits, to rank 0 (or kept, on rank 0).
+    /// Training: the gradient from backward op `from_op` for backward op `to_op` on `to`.
+    Gradient { to: u32, from_op: usize, to_op: usize, tensors: Vec<Tensor> },
+    /// The lm head's logits, to rank 0.
     Logits { logits: Tensor },
+    /// Training: a micro-batch's loss, to rank 0.
+    Loss { loss: f64 },
     /// A layer's KV cache after prefill, to the rank that decodes it.
     Kv { to: u32, layer: u32, cache: crate::exec::KvCache },
     /// How long op `op` took (with timing on).

@@ -10,24 +10,7 @@ use lemur_protocol::ModelConfig;
 
 use crate::error::WorkerError;
 
-/// xorshift64*: small, fast, deterministic.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
+pub use crate::rng::Rng;
 
 /// Writes `config.json` and `model.safetensors` (f32) for `cfg` to `dir`: projections
 /// uniform with variance that keeps activations O(1), norm weights around 1 but not 1 (so

@@ -1,7 +1,7 @@
 //! Choosing the next token from logits: greedy by default; temperature, top-k and top-p
 //! (nucleus) sampling with a seeded generator, so the same seed gives the same output.
 
-use crate::random_model::Rng;
+use crate::rng::Rng;
 
 /// How to pick tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,12 +12,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use lemur_protocol::{OpKind, Phase, Plan};
+use lemur_protocol::{FinetuneKind, OpKind, Phase, Plan, WorkloadMode};
 
 use crate::backward::Saved;
 use crate::error::WorkerError;
 use crate::exec::{Executor, StepInput};
-use crate::program::Progress;
+use crate::program::{Outbound, Progress};
 
 /// One op of a training plan.
 #[derive(Debug, Clone)]
@@ -51,10 +51,10 @@ pub struct TrainProgram {
 impl TrainProgram {
     pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
         plan.validate().map_err(|e| WorkerError::Plan(e.to_string()))?;
-        if plan.workload.mode != "train" {
+        if plan.workload.mode != WorkloadMode::Train {
             return Err(WorkerError::Plan(format!("not a training plan (mode `{}`)", plan.workload.mode)));
         }
-        if plan.workload.finetune.as_deref() != Some("lora") {
+        if plan.workload.finetune != Some(FinetuneKind::Lora) {
             return Err(WorkerError::Plan("this worker trains LoRA adapters; the plan is for full fine-tuning".into()));
         }
         let by_id: HashMap<usize, &lemur_protocol::plan::PlanOp> = plan.ops.iter().map(|o| (o.id, o)).collect();
@@ -130,7 +130,7 @@ impl TrainProgram {
             ops,
             index,
             has_backward: backward,
-            lora_rank: plan.workload.lora_rank.unwrap_or(16) as usize,
+            lora_rank: plan.workload.lora_rank_or_default() as usize,
             lora_targets: plan.workload.lora_targets.clone().unwrap_or_default(),
         })
     }
@@ -148,30 +148,6 @@ impl TrainProgram {
             .filter_map(|o| o.layer.map(|l| (o.kind, l)))
             .collect()
     }
-}
-
-/// What a training step wants sent.
-#[derive(Debug, Clone)]
-pub enum TrainOut {
-    Activation {
-        to: u32,
-        from_op: usize,
-        tensors: Arc<Vec<Tensor>>,
-    },
-    Gradient {
-        to: u32,
-        from_op: usize,
-        to_op: usize,
-        tensors: Vec<Tensor>,
-    },
-    Loss {
-        loss: f64,
-    },
-    /// How long op `op` (forward or backward) took, with timing on.
-    Timing {
-        op: usize,
-        seconds: f64,
-    },
 }
 
 /// One micro-batch's forward and backward on one rank.
@@ -241,7 +217,7 @@ impl TrainRun {
         &mut self,
         prog: &TrainProgram,
         exec: &mut Executor,
-        out: &mut dyn FnMut(TrainOut),
+        out: &mut dyn FnMut(Outbound),
         max_ops: usize,
     ) -> Result<Progress, WorkerError> {
         let mut ran = 0;
@@ -280,7 +256,7 @@ impl TrainRun {
             }
             if self.timing {
                 exec.device.synchronize()?;
-                out(TrainOut::Timing { op: op.id, seconds: started.elapsed().as_secs_f64() });
+                out(Outbound::Timing { op: op.id, seconds: started.elapsed().as_secs_f64() });
             }
             self.next += 1;
             ran += 1;
@@ -293,18 +269,18 @@ impl TrainRun {
         prog: &TrainProgram,
         op: &TrainOp,
         exec: &mut Executor,
-        out: &mut dyn FnMut(TrainOut),
+        out: &mut dyn FnMut(Outbound),
     ) -> Result<(), WorkerError> {
         let ins: Vec<(OpKind, Arc<Vec<Tensor>>)> =
             op.inputs.iter().map(|p| (prog.ops[prog.index[p]].kind, self.acts[p].clone())).collect();
         let refs: Vec<(OpKind, &[Tensor])> = ins.iter().map(|(k, t)| (*k, t.as_slice())).collect();
         let (outputs, extra) = exec.forward_train(op.kind, op.layer, &refs, &self.input)?;
         if op.kind == OpKind::LmHead {
-            out(TrainOut::Loss { loss: f64::from(outputs[0].to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?) });
+            out(Outbound::Loss { loss: f64::from(outputs[0].to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?) });
         }
         let outputs = Arc::new(outputs);
         for &to in &op.send_to {
-            out(TrainOut::Activation { to, from_op: op.id, tensors: outputs.clone() });
+            out(Outbound::Activation { to, from_op: op.id, tensors: outputs.clone() });
         }
         self.acts.insert(op.id, outputs);
         if prog.has_backward.contains_key(&op.id) {
@@ -320,7 +296,7 @@ impl TrainRun {
         op: &TrainOp,
         fwd: usize,
         exec: &mut Executor,
-        out: &mut dyn FnMut(TrainOut),
+        out: &mut dyn FnMut(Outbound),
     ) -> Result<(), WorkerError> {
         let saved = self
             .saved
@@ -352,7 +328,7 @@ impl TrainRun {
             if rank == prog.rank {
                 self.grads.insert((op.id, pb), gi);
             } else {
-                out(TrainOut::Gradient { to: rank, from_op: op.id, to_op: pb, tensors: gi });
+                out(Outbound::Gradient { to: rank, from_op: op.id, to_op: pb, tensors: gi });
             }
         }
         if let (Some(layer), Some((ga, gb))) = (op.layer, g.lora) {

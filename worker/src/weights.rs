@@ -96,6 +96,12 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor, WorkerError> {
 impl Checkpoint {
     /// Opens a Hugging Face directory or a GGUF file (or a directory holding one).
     pub fn open(path: &Path) -> Result<Self, WorkerError> {
+        if !path.exists() {
+            return Err(file_err(path, "no such file or directory (a GGUF file or a Hugging Face directory)"));
+        }
+        if path.is_file() && path.extension().is_none_or(|x| x != "gguf") {
+            return Err(file_err(path, "a file that is not .gguf: give a GGUF file or a Hugging Face directory"));
+        }
         if let Some(file) = gguf_file_of(path) {
             return Self::open_gguf(&file);
         }

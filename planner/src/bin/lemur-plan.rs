@@ -1,6 +1,7 @@
 //! `lemur-plan`: plan a model's work across measured machines (thin over `lemur_planner`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -8,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use lemur_planner::costs_report::costs_report;
 use lemur_planner::ilp::IlpOptions;
 use lemur_planner::{load_model, plan, Finetune, LoraSpec, Mode, Objective, PlanRequest, ProfileSet, Roofline};
+use lemur_protocol::cli::parse;
 use lemur_protocol::{DType, MachineProfile, OpKind};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -33,7 +35,7 @@ enum ObjectiveArg {
 /// and solves an ILP (HiGHS) for the placement of every op. Prints the plan with its
 /// predicted times, the baselines it beats, and the proven bound and gap.
 #[derive(Debug, Parser)]
-#[command(name = "lemur-plan", version, about, long_about)]
+#[command(name = "lemur-plan", version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// Directory of machine profiles (`*.toml`) and `links.toml`.
     #[arg(long, default_value = "profiles")]
@@ -52,22 +54,22 @@ struct Args {
     #[arg(long, value_enum)]
     objective: Option<ObjectiveArg>,
     /// Prompt length (infer) or sequence length (train and --costs). Default: 2048 for infer, 512 for train.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::at_least_one::<u64>)]
     seq: Option<u64>,
     /// Sequences per batch (per micro-batch when training).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse::at_least_one::<u64>)]
     batch: u64,
     /// Tokens generated per request (infer).
     #[arg(long, default_value_t = 256)]
     gen_tokens: u64,
     /// Micro-batches per optimizer step (train).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = parse::at_least_one::<u64>)]
     micro_batches: u64,
     /// Train LoRA adapters instead of every weight (also prices --costs' backward as LoRA).
     #[arg(long)]
     lora: bool,
     /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse::at_least_one::<u64>)]
     lora_rank: u64,
     /// Projections that carry LoRA adapters.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
@@ -76,10 +78,10 @@ struct Args {
     #[arg(long, default_value = "f16")]
     dtype: String,
     /// Seconds the solver may take in all.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = parse::positive)]
     time_limit: f64,
     /// Stop when the solver's relative gap is below this.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = parse::fraction)]
     gap: f64,
     /// Write the plan (JSON) here.
     #[arg(long)]
@@ -93,6 +95,9 @@ struct Args {
     /// Print the predicted forward and backward time of one decoder layer on each machine instead of planning.
     #[arg(long)]
     costs: bool,
+    /// On failure, also print the error's backtrace (as LEMUR_BACKTRACE=1 does).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 /// Writes to stdout; a closed pipe (`| head`) ends the program quietly.
@@ -104,14 +109,14 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> ExitCode {
     let args = Args::parse();
+    lemur_protocol::cli::main(args.verbose, || run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     let set = ProfileSet::load(&args.profiles)?;
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model).context("--model")?;
     let Some(dtype) = DType::parse(&args.dtype) else {
         bail!("--dtype must be f16, bf16 or f32, not `{}`", args.dtype)
     };
@@ -120,6 +125,7 @@ fn main() -> Result<()> {
     } else {
         args.machines.iter().map(|n| set.machine(n)).collect::<Result<_, _>>()?
     };
+    set.check_links(&machines.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())?;
     let mut targets = Vec::new();
     for t in &args.lora_targets {
         match OpKind::parse(t) {
@@ -155,9 +161,6 @@ fn main() -> Result<()> {
         Some(ObjectiveArg::Throughput) => Objective::Throughput,
         None => default_objective,
     };
-    if !args.time_limit.is_finite() || args.time_limit <= 0.0 {
-        bail!("--time-limit must be positive");
-    }
     let mut req = PlanRequest::new(model, machines.into_iter().cloned().collect(), set.links.clone());
     req.dtype = dtype;
     req.mode = mode;

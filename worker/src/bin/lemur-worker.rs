@@ -7,20 +7,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use lemur_protocol::cli::parse;
 use lemur_protocol::timings::Timings;
 use lemur_protocol::wire::TrainSetup;
-use lemur_protocol::Plan;
-use lemur_worker::checkpoint::AdapterConfig;
+use lemur_protocol::{Plan, WorkloadMode};
+use lemur_worker::checkpoint::{AdapterConfig, LossLog};
 use lemur_worker::cluster::Cluster;
-use lemur_worker::node::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
+use lemur_worker::runtime::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
-use lemur_worker::weights::{gguf_file_of, parse_dtype};
+use lemur_worker::weights::{gguf_file_of, parse_dtype, Checkpoint};
 
 /// Run one rank of a Lemurian cluster.
 ///
@@ -28,7 +31,7 @@ use lemur_worker::weights::{gguf_file_of, parse_dtype};
 /// Rank 0 is the leader: it connects to every rank, sends the plan, and drives a request:
 /// it prints the generated token ids on stdout, comma separated, and timings on stderr.
 #[derive(Debug, Parser)]
-#[command(name = "lemur-worker", version, about, long_about)]
+#[command(name = "lemur-worker", version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// This process's rank in the cluster file.
     #[arg(long)]
@@ -56,16 +59,16 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Vec<u32>,
     /// Rank 0: how many tokens to generate at most.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = parse::at_least_one::<usize>)]
     max_new_tokens: usize,
     /// Rank 0: stop at this token id (default: the tokenizer's end of sequence, with --prompt).
     #[arg(long)]
     eos: Option<u32>,
     /// Rank 0: sampling temperature; 0 is greedy (the default).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse::non_negative)]
     temperature: f64,
     /// Rank 0: keep the smallest set of tokens whose probability reaches this.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse::above_zero_to_one)]
     top_p: f64,
     /// Rank 0: keep the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
@@ -86,20 +89,20 @@ struct Args {
     timings: Option<PathBuf>,
     /// Rank 0: run the request this many times; the times reported are medians over the
     /// warm runs (all but the first).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse::at_least_one::<usize>)]
     repeat: usize,
     /// Rank 0, training plans: run --prompt-ids as one training sequence (forward and
     /// backward) and write the loss and every rank's LoRA gradients (JSON) here.
     #[arg(long)]
     grad_check: Option<PathBuf>,
     /// LoRA alpha (the adapters' scale is alpha / rank).
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = 32.0, value_parser = parse::positive)]
     lora_alpha: f64,
     /// Seed of the adapters' initialisation.
     #[arg(long, default_value_t = 0)]
     lora_seed: u64,
     /// LoRA dropout on the adapters' input while training.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse::below_one)]
     lora_dropout: f64,
     /// Initialise B randomly instead of PEFT's zeros (for gradient checks).
     #[arg(long)]
@@ -109,24 +112,25 @@ struct Args {
     #[arg(long)]
     train: Option<PathBuf>,
     /// Optimizer steps (default: one pass over the data).
-    #[arg(long)]
+    #[arg(long, value_parser = parse::at_least_one::<u64>)]
     steps: Option<u64>,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, value_parser = parse::positive)]
     lr: f64,
     /// Linear warm-up steps before the cosine decay.
     #[arg(long, default_value_t = 0)]
     warmup: u64,
     /// Where the cosine decay ends, as a fraction of the peak.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = parse::fraction)]
     min_lr_ratio: f64,
     /// Clip the global gradient norm (over every rank) to this.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse::positive)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = 0.0)]
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0, value_parser = parse::non_negative)]
     weight_decay: f64,
     /// Micro-batches in flight at once (default: the plan's schedule, GPipe or 1F1B).
-    #[arg(long)]
+    #[arg(long, value_parser = parse::at_least_one::<u64>)]
     inflight: Option<u64>,
     /// Checkpoints (PEFT adapters, optimizer state) go here.
     #[arg(long)]
@@ -145,36 +149,90 @@ struct Args {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Seconds a rank waits for rank 0 before giving up.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = parse::at_least_one::<u64>)]
     wait: u64,
+    /// On failure, also print the error's backtrace (as LEMUR_BACKTRACE=1 does).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
-fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run() {
-        eprintln!("lemur-worker: error: {e:#}");
-        std::process::exit(1);
+/// Flags only rank 0 reads: the plan, the model, the request and the training loop. Other
+/// ranks take all of it from rank 0, so one given to them is a mistake worth naming.
+const LEADER_ONLY: &[&str] = &[
+    "plan",
+    "model",
+    "prompt",
+    "chat",
+    "prompt_ids",
+    "max_new_tokens",
+    "eos",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "dtype",
+    "dump_logits",
+    "timings",
+    "repeat",
+    "grad_check",
+    "lora_alpha",
+    "lora_seed",
+    "lora_dropout",
+    "lora_random_b",
+    "train",
+    "steps",
+    "lr",
+    "warmup",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "weight_decay",
+    "inflight",
+    "output_dir",
+    "save_every",
+    "resume",
+    "loss_log",
+    "adapter",
+];
+
+fn main() -> ExitCode {
+    // Test builds only: fail points named in the FAILPOINTS environment variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The flags given on the command line (not defaults) that this rank would ignore.
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let pick = |ids: &[&str]| -> Vec<String> {
+        ids.iter().copied().filter(|id| given(id)).map(|id| format!("--{}", id.replace('_', "-"))).collect()
+    };
+    let ignored = if args.rank == 0 { pick(&["wait"]) } else { pick(LEADER_ONLY) };
+    lemur_protocol::cli::main(args.verbose, || run(args, &ignored))
+}
+
+fn run(args: Args, ignored: &[String]) -> Result<()> {
+    if !ignored.is_empty() {
+        let whom = if args.rank == 0 {
+            "ranks other than 0 (rank 0 is the leader and waits for no one)"
+        } else {
+            "rank 0 only: other ranks take the plan, model and settings from rank 0"
+        };
+        bail!(
+            "{} given to rank {}: {} applies to {whom}",
+            ignored.join(", "),
+            args.rank,
+            if ignored.len() == 1 { "it" } else { "each" }
+        );
     }
-}
-
-fn run() -> Result<()> {
-    let args = Args::parse();
     let cluster = Cluster::load(&args.cluster)?;
     cluster.get(args.rank)?;
-    let device = lemur_worker::device::open(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let device = lemur_worker::device::open(&args.device).context("--device")?;
+    let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let mut tok: Option<Arc<Tok>> = None;
     let job = if args.rank == 0 {
         let plan_path = args.plan.as_ref().context("rank 0 needs --plan")?;
         let text = std::fs::read_to_string(plan_path).with_context(|| format!("reading {}", plan_path.display()))?;
         let plan = Plan::from_json(&text).with_context(|| format!("{}", plan_path.display()))?;
-        let plan_is_train = plan.workload.mode == "train";
-        if !(0.0..1.0).contains(&args.lora_dropout) {
-            bail!("--lora-dropout must be in [0, 1)");
-        }
+        let plan_is_train = plan.workload.mode == WorkloadMode::Train;
         if plan_is_train && args.grad_check.is_none() && args.train.is_none() {
             bail!("a training plan needs --train DATA.jsonl (or --grad-check FILE)");
         }
@@ -182,12 +240,22 @@ fn run() -> Result<()> {
             bail!("--train needs a training plan (lemur-plan --mode train --lora)");
         }
         let model_dir = args.model.clone().context("rank 0 needs --model")?;
+        // The checkpoint first: a missing path or a corrupt config.json is reported as
+        // such, not as a tokenizer missing from it.
+        let checkpoint = Checkpoint::open(&model_dir).context("--model")?;
+        checkpoint.check_plan_model(&plan.model).with_context(|| format!("--plan {}", plan_path.display()))?;
         let (prompt, eos, on_token) = match &args.prompt {
             _ if args.train.is_some() => (Vec::new(), None, None),
             Some(text) => {
+                if text.trim().is_empty() {
+                    bail!("--prompt is empty: give some text (or token ids with --prompt-ids)");
+                }
                 let t = Arc::new(load_tokenizer(&model_dir)?);
                 let text = if args.chat { t.chat(text)? } else { text.clone() };
                 let ids = t.encode(&text)?;
+                if ids.is_empty() {
+                    bail!("--prompt: the text encodes to no tokens; give at least one character");
+                }
                 let streamer = Arc::new(Mutex::new(Streamer::default()));
                 let (t2, s2) = (t.clone(), streamer.clone());
                 let sink = TokenSink(Arc::new(move |id| {
@@ -249,9 +317,10 @@ fn run() -> Result<()> {
     } else {
         None
     };
-    let timeouts = Timeouts { wait_for_leader: Duration::from_secs(args.wait), ..Timeouts::default() };
     let plan = job.as_ref().map(|j| j.plan.clone());
-    let outcome = run_node(NodeConfig { rank: args.rank, cluster, device, job, timeouts })?;
+    let mut cfg = NodeConfig::new(args.rank, cluster, device, job);
+    cfg.timeouts = Timeouts { wait_for_leader: Duration::from_secs(args.wait), ..Timeouts::default() };
+    let outcome = run_node(cfg)?;
     if let Some(o) = outcome {
         if tok.is_some() {
             println!();
@@ -270,12 +339,8 @@ fn run() -> Result<()> {
             eprintln!("KV handover: {} bytes, complete {:.2} ms after prefill began", o.handover_bytes, o.handover_ms);
         }
         if let (Some(path), Some(plan)) = (&args.timings, &plan) {
-            let t = if plan.workload.mode == "train" {
-                // The median step after the first (warm-up), as for the per-op times.
-                let mut steps = o.step_seconds.get(1..).filter(|s| !s.is_empty()).unwrap_or(&o.step_seconds).to_vec();
-                steps.sort_by(f64::total_cmp);
-                let step_ms = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN) * 1e3;
-                Timings::train(plan, &o.op_ms, step_ms)
+            let t = if plan.workload.mode == WorkloadMode::Train {
+                Timings::train(plan, &o.op_ms, o.median_step_ms())
             } else {
                 Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3))
             };
@@ -328,7 +393,7 @@ fn load_tokenizer(model: &Path) -> Result<Tok> {
 /// The training loop rank 0 drives: data, schedule, checkpoints, progress.
 fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Result<TrainLoop> {
     let adapter_config = AdapterConfig {
-        rank: plan.workload.lora_rank.unwrap_or(16) as usize,
+        rank: plan.workload.lora_rank_or_default() as usize,
         alpha: args.lora_alpha,
         targets: plan.workload.lora_targets.clone().unwrap_or_default(),
         base_model: model.display().to_string(),
@@ -369,7 +434,7 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
     let data = args.train.as_ref().context("--train DATA.jsonl")?;
     let seq = plan.workload.seq as usize;
     let tok = load_tokenizer(model).ok();
-    let sequences = read_sequences(data, seq + 1, tok.as_ref())?;
+    let sequences = lemur_worker::dataset::read_sequences(data, seq + 1, tok.as_ref())?;
     let per_step = base.batch * base.micro_batches;
     if sequences.len() < per_step {
         bail!(
@@ -383,24 +448,11 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
     let mut lp = TrainLoop { sequences, steps, ..base };
     if args.resume {
         let dir = args.output_dir.as_ref().context("--resume needs --output-dir")?;
-        let ckpt =
-            lemur_worker::checkpoint::latest(dir).with_context(|| format!("no checkpoint in {}", dir.display()))?;
-        let (cfg, tensors, state) = lemur_worker::checkpoint::read(&ckpt)?;
-        if cfg.rank != lp.adapter_config.rank || cfg.targets != lp.adapter_config.targets {
-            bail!(
-                "{}: adapters of rank {} on {:?}; the plan asks for rank {} on {:?}",
-                ckpt.display(),
-                cfg.rank,
-                cfg.targets,
-                lp.adapter_config.rank,
-                lp.adapter_config.targets
-            );
-        }
-        let state = state.with_context(|| format!("{}: no trainer_state.json", ckpt.display()))?;
-        eprintln!("resuming from {} (step {})", ckpt.display(), state.step);
-        lp.start_step = state.step;
-        lp.prior_losses = state.losses;
-        lp.resume = Some(tensors);
+        let r = lemur_worker::checkpoint::resume(dir, &lp.adapter_config)?;
+        eprintln!("resuming from {} (step {})", r.path.display(), r.state.step);
+        lp.start_step = r.state.step;
+        lp.prior_losses = r.state.losses;
+        lp.resume = Some(r.tensors);
     }
     let log_path = args.loss_log.clone().or_else(|| args.output_dir.as_ref().map(|d| d.join("loss.jsonl")));
     if let Some(d) = &args.output_dir {
@@ -409,7 +461,7 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
     let bar = indicatif::ProgressBar::new(lp.steps);
     bar.set_style(indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} step {pos}/{len} {msg}")?);
     bar.set_position(lp.start_step);
-    let log = Arc::new(Mutex::new(log_path));
+    let log = log_path.map(|path| LossLog { path });
     lp.on_step = Some(StepSink(Arc::new(move |s: &StepLog| {
         bar.set_position(s.step);
         bar.set_message(format!(
@@ -418,46 +470,9 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
             s.lr,
             s.tokens as f64 / s.seconds.max(1e-9)
         ));
-        if let Ok(guard) = log.lock() {
-            if let Some(p) = guard.as_ref() {
-                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
-                    let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
-                }
-            }
+        if let Some(Err(e)) = log.as_ref().map(|l| l.append(s)) {
+            tracing::warn!(error = %e, "loss log");
         }
     })));
     Ok(lp)
-}
-
-/// Training sequences of `width` tokens from a JSONL file: documents joined by the
-/// end-of-sequence token and cut into consecutive windows (packing; no padding).
-fn read_sequences(path: &Path, width: usize, tok: Option<&Tok>) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut stream: Vec<u32> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let ids: Vec<u32> = if let Some(ids) = v.get("input_ids").and_then(|x| x.as_array()) {
-            ids.iter()
-                .map(|x| {
-                    x.as_u64()
-                        .map(|n| n as u32)
-                        .with_context(|| format!("{}:{}: `input_ids` holds a non-integer", path.display(), i + 1))
-                })
-                .collect::<Result<_>>()?
-        } else if let Some(t) = v.get("text").and_then(|x| x.as_str()) {
-            let tok =
-                tok.with_context(|| format!("{}:{}: `text` needs the model's tokenizer", path.display(), i + 1))?;
-            let mut ids = tok.encode(t)?;
-            ids.extend(tok.eos);
-            ids
-        } else {
-            bail!("{}:{}: each line needs `text` or `input_ids`", path.display(), i + 1);
-        };
-        stream.extend(ids);
-    }
-    Ok(stream.chunks_exact(width).map(<[u32]>::to_vec).collect())
 }

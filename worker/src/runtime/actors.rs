@@ -1,0 +1,148 @@
+//! The messages between a rank's actors, the [`Peer`] actor (one per connection) and the
+//! [`Router`] every actor sends frames through.
+//!
+//! A frame for rank r goes to r's `Peer`, which writes it; a frame for this rank itself
+//! goes to this rank's `Node` as if it had arrived from a peer. So rank 0 runs the same
+//! handlers for its own logits, losses and stats as for any other rank's.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use actix::io::{SinkWrite, WriteHandler};
+use actix::prelude::*;
+use lemur_protocol::wire::{Frame, FrameError, Message};
+
+use super::leader::Node;
+use super::transport::FrameSink;
+use super::Timeouts;
+use crate::error::WorkerError;
+
+/// A frame that arrived from rank `from` (this rank itself for its own sends).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Inbound {
+    pub from: u32,
+    pub frame: Frame,
+}
+
+/// A connection is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct PeerDown {
+    pub rank: u32,
+    pub reason: String,
+}
+
+/// Write this frame to the peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Write(pub Frame);
+
+/// Stop this rank at once, as a crash would: no goodbyes (fail points).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Crash(pub String);
+
+/// Where frames go: peers by rank, and this rank's own node.
+#[derive(Clone)]
+pub(super) struct Router {
+    pub me: u32,
+    pub peers: HashMap<u32, Addr<Peer>>,
+    pub node: Addr<Node>,
+}
+
+impl Router {
+    /// Sends `frame` to rank `to`; to this rank itself, through its node's inbox.
+    pub fn send(&self, to: u32, frame: Frame) -> Result<(), WorkerError> {
+        if to == self.me {
+            self.node.do_send(Inbound { from: self.me, frame });
+            return Ok(());
+        }
+        let peer =
+            self.peers.get(&to).ok_or_else(|| WorkerError::Peer { rank: to, message: "not connected".into() })?;
+        peer.do_send(Write(frame));
+        Ok(())
+    }
+
+    /// Sends `frame` to every rank, this one included.
+    pub fn broadcast(&self, frame: &Frame) {
+        for p in self.peers.values() {
+            p.do_send(Write(frame.clone()));
+        }
+        self.node.do_send(Inbound { from: self.me, frame: frame.clone() });
+    }
+
+    /// Sends `frame` to every other rank.
+    pub fn to_peers(&self, frame: &Frame) {
+        for p in self.peers.values() {
+            p.do_send(Write(frame.clone()));
+        }
+    }
+}
+
+/// One connection to another rank: reads frames (a stream), writes them (a sink), sends a
+/// heartbeat every interval and declares the peer dead after `peer_dead` of silence or a
+/// broken connection.
+pub(super) struct Peer {
+    pub rank: u32,
+    pub me: u32,
+    pub node: Addr<Node>,
+    pub sink: SinkWrite<Frame, FrameSink>,
+    pub last_seen: Instant,
+    pub seq: u64,
+    pub t: Timeouts,
+}
+
+impl Actor for Peer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.t.heartbeat_interval, |act, ctx| {
+            act.seq += 1;
+            let _ = act.sink.write(Frame::control(Message::Heartbeat { rank: act.me, seq: act.seq }));
+            if act.last_seen.elapsed() > act.t.peer_dead {
+                act.node.do_send(PeerDown {
+                    rank: act.rank,
+                    reason: format!("no heartbeat for {:.1} s", act.last_seen.elapsed().as_secs_f64()),
+                });
+                ctx.stop();
+            }
+        });
+    }
+}
+
+impl StreamHandler<Result<Frame, FrameError>> for Peer {
+    fn handle(&mut self, item: Result<Frame, FrameError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(frame) => {
+                self.last_seen = Instant::now();
+                if !matches!(frame.message, Message::Heartbeat { .. }) {
+                    self.node.do_send(Inbound { from: self.rank, frame });
+                }
+            }
+            Err(e) => {
+                self.node.do_send(PeerDown { rank: self.rank, reason: format!("bad frame: {e}") });
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        self.node.do_send(PeerDown { rank: self.rank, reason: "closed the connection".into() });
+        ctx.stop();
+    }
+}
+
+impl WriteHandler<FrameError> for Peer {
+    fn error(&mut self, err: FrameError, _ctx: &mut Self::Context) -> Running {
+        self.node.do_send(PeerDown { rank: self.rank, reason: format!("write failed: {err}") });
+        Running::Stop
+    }
+}
+
+impl Handler<Write> for Peer {
+    type Result = ();
+    fn handle(&mut self, msg: Write, _ctx: &mut Self::Context) {
+        let _ = self.sink.write(msg.0);
+    }
+}

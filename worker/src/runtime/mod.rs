@@ -1,0 +1,166 @@
+//! A rank's runtime: connections, the actors that run a plan, and rank 0's loops.
+//!
+//! A tour, in the order a run goes through it:
+//! - [`job`]: what a caller hands a rank ([`NodeConfig`], [`Job`], [`TrainLoop`]) and what
+//!   rank 0 gets back ([`Outcome`]).
+//! - [`transport`]: the [`Transport`] trait: [`Tcp`] in production, and [`memnet`], an
+//!   in-memory network with fault injection for tests.
+//! - `setup`: handshakes, the plan from rank 0, weights loaded, every rank ready; every
+//!   read with a deadline.
+//! - `actors`: the messages between actors, the `Peer` actor (one per connection,
+//!   heartbeats) and the `Router`: a frame for this rank itself goes through the same
+//!   handlers as one from any other rank.
+//! - `compute`: the `Compute` actor: candle on its own thread, thin over the runners in
+//!   [`crate::program`] and [`crate::train`], with training's scheduler; `optimizer`: AdamW
+//!   and the adapters by PEFT name, plain code.
+//! - `leader`: the `Node` actor, routing frames and on rank 0 driving a request; `trainer`:
+//!   rank 0's training loop (micro-batch window, gradient norm, optimizer steps, checkpoints).
+//!
+//! Flow control is by step: rank 0 starts step n + 1 only after step n's logits, and admits
+//! a training micro-batch only when one has left every rank.
+
+mod actors;
+mod compute;
+pub mod job;
+mod leader;
+pub mod memnet;
+mod optimizer;
+mod setup;
+mod trainer;
+pub mod transport;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use actix::io::SinkWrite;
+use actix::prelude::*;
+use candle_core::Device;
+use lemur_protocol::{OpKind, Plan, WorkloadMode};
+
+pub use job::{AdapterGrads, Job, Outcome, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
+pub use optimizer::{AdamW, AdapterState};
+pub use transport::{Conn, Tcp, Transport};
+
+use crate::cluster::Cluster;
+use crate::error::WorkerError;
+use crate::program::Program;
+use crate::train::TrainProgram;
+use actors::{Peer, Router};
+use compute::Compute;
+use leader::{Begin, Node, Shared};
+
+/// Everything a rank needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub rank: u32,
+    pub cluster: Cluster,
+    pub device: Device,
+    /// Rank 0 only.
+    pub job: Option<Job>,
+    pub timeouts: Timeouts,
+    /// How ranks reach each other ([`Tcp`] unless testing).
+    pub transport: Arc<dyn Transport>,
+}
+
+impl NodeConfig {
+    /// A rank over TCP with the default timeouts.
+    pub fn new(rank: u32, cluster: Cluster, device: Device, job: Option<Job>) -> Self {
+        Self { rank, cluster, device, job, timeouts: Timeouts::default(), transport: Arc::new(Tcp) }
+    }
+}
+
+/// A rank's view of the plan: inference or training.
+pub(crate) enum Prog {
+    Infer(Program),
+    Train(TrainProgram),
+}
+
+impl Prog {
+    fn new(plan: &Plan, rank: u32, cluster: &Cluster) -> Result<Self, WorkerError> {
+        let map = cluster.rank_of_machine();
+        Ok(match plan.workload.mode {
+            WorkloadMode::Train => Prog::Train(TrainProgram::new(plan, rank, &map)?),
+            WorkloadMode::Infer => Prog::Infer(Program::new(plan, rank, &map)?),
+        })
+    }
+
+    fn local_weights(&self) -> HashSet<(OpKind, Option<u32>)> {
+        match self {
+            Prog::Infer(p) => p.local_weights(),
+            Prog::Train(p) => p.local_weights(),
+        }
+    }
+}
+
+/// Runs a rank until its work is done. Rank 0 returns the request's outcome.
+pub fn run_node(cfg: NodeConfig) -> Result<Option<Outcome>, WorkerError> {
+    let system = actix::System::new();
+    let result: Shared = Arc::new(Mutex::new(None));
+    let res = result.clone();
+    system.block_on(async move {
+        if let Err(e) = start(cfg, res.clone()).await {
+            *res.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
+            System::current().stop();
+        }
+    });
+    system.run()?;
+    let out = result.lock().unwrap_or_else(|p| p.into_inner()).take();
+    out.unwrap_or_else(|| Err(WorkerError::Wire("the runtime stopped without a result".into())))
+}
+
+/// Set-up, then the actors: a `Peer` per connection, `Compute` on its own thread, the `Node`.
+async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
+    let me = cfg.rank;
+    let n = cfg.cluster.ranks.len() as u32;
+    let ready = setup::connect_and_load(&cfg).await?;
+    let t = cfg.timeouts;
+    let prog = Arc::new(ready.prog);
+    let timing = ready.timing;
+    let mut conns = ready.conns;
+    let node = Node::create(|ctx| {
+        let node_addr = ctx.address();
+        let mut peers = HashMap::new();
+        for (r, conn) in conns.drain() {
+            let node = node_addr.clone();
+            let peer = Peer::create(move |pctx| {
+                Peer::add_stream(conn.reader, pctx);
+                Peer {
+                    rank: r,
+                    me,
+                    node,
+                    sink: SinkWrite::new(conn.writer, pctx),
+                    last_seen: Instant::now(),
+                    seq: 0,
+                    t,
+                }
+            });
+            peers.insert(r, peer);
+        }
+        let router = Router { me, peers, node: node_addr };
+        let cell = Arc::new(Mutex::new(Some(ready.exec)));
+        let (prog2, router2, id) = (prog.clone(), router.clone(), cfg.cluster.id.clone());
+        let compute = SyncArbiter::start(1, move || {
+            let exec = cell.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut c = Compute::new(me, prog2.clone(), router2.clone(), timing);
+            c.exec = exec;
+            c.cluster_id = id.clone();
+            c
+        });
+        Node { me, n, router, compute, leader: None, result: result.clone(), shutting_down: false }
+    });
+    if me == 0 {
+        let job = cfg.job.ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
+        node.do_send(Begin {
+            train_loop: job.train_loop,
+            adapters: job.adapters,
+            repeat: job.repeat.max(1),
+            prompt: job.prompt,
+            max_new_tokens: job.max_new_tokens,
+            eos: job.eos,
+            sampling: job.sampling,
+            on_token: job.on_token,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! Set-up, before any actor runs: connections with versioned handshakes, the plan from
+//! rank 0, weights loaded, every rank ready. Every read has a deadline.
+//!
+//! Rank 0 checks the plan and the checkpoint, connects to every rank and sends `Setup`;
+//! rank s >= 1 listens, accepts ranks below it and connects to ranks above it. Each rank
+//! validates the plan, loads only its weights (and LoRA adapters) and reports `Ready`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::DType;
+use futures::{SinkExt, StreamExt};
+use lemur_protocol::wire::{Frame, Hello, Message, TrainSetup};
+use lemur_protocol::{Plan, DEFAULT_LORA_RANK};
+
+use super::transport::{Conn, Listener, Transport};
+use super::{NodeConfig, Prog, Timeouts};
+use crate::error::WorkerError;
+use crate::exec::Executor;
+use crate::tensor_wire::{candle_dtype, wire_dtype};
+use crate::weights::Checkpoint;
+
+/// What set-up leaves for the actors: the connections by rank, the rank's program and
+/// executor, and what rank 0 must know of the run.
+pub(super) struct Ready {
+    pub conns: HashMap<u32, Conn>,
+    pub prog: Prog,
+    pub exec: Executor,
+    pub timing: bool,
+}
+
+/// Reads one frame within `limit`; the error names the peer and what was awaited.
+pub(super) async fn read_frame(conn: &mut Conn, limit: Duration, what: &str, peer: &str) -> Result<Frame, WorkerError> {
+    match tokio::time::timeout(limit, conn.reader.next()).await {
+        Err(_) => Err(WorkerError::Wire(format!("{peer}: no {what} within {:.0} s", limit.as_secs_f64()))),
+        Ok(None) => Err(WorkerError::Wire(format!("{peer}: closed the connection before {what}"))),
+        Ok(Some(r)) => Ok(r?),
+    }
+}
+
+/// Connects to rank `expect` at `addr`, retrying until the connect timeout, and shakes hands.
+async fn dial(
+    net: &dyn Transport,
+    from: &str,
+    addr: &str,
+    ours: &Hello,
+    expect: u32,
+    t: &Timeouts,
+) -> Result<Conn, WorkerError> {
+    let deadline = Instant::now() + t.connect;
+    let mut conn = loop {
+        match net.connect(from, addr).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(addr, error = %e, "peer not up yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(WorkerError::Peer { rank: expect, message: format!("cannot connect to {addr}: {e}") })
+            }
+        }
+    };
+    conn.writer.send(Frame::control(Message::Hello(ours.clone()))).await?;
+    let peer = format!("rank {expect} at {addr}");
+    let refused = |message: String| WorkerError::Peer { rank: expect, message };
+    match read_frame(&mut conn, t.handshake, "handshake", &peer).await?.message {
+        Message::Hello(h) => h.check(ours, Some(expect)).map_err(refused)?,
+        Message::Refused { reason } => return Err(refused(format!("refused us: {reason}"))),
+        other => return Err(refused(format!("sent `{}` instead of a handshake", other.name()))),
+    }
+    Ok(conn)
+}
+
+/// Accepts one connection and shakes hands; returns the peer's rank and the connection.
+async fn accept_one(
+    listener: &mut dyn Listener,
+    ours: &Hello,
+    n: u32,
+    t: &Timeouts,
+) -> Result<(u32, Conn), WorkerError> {
+    let mut conn = listener.accept().await?;
+    let from = conn.remote.clone();
+    let frame = read_frame(&mut conn, t.handshake, "handshake", &from).await?;
+    let Message::Hello(h) = frame.message else {
+        return Err(WorkerError::Wire(format!("{from} sent `{}` instead of a handshake", frame.message.name())));
+    };
+    let verdict = h.check(ours, None).and_then(|_| {
+        if h.rank >= n || h.rank == ours.rank {
+            Err(format!("rank {} is not a peer of rank {} in a cluster of {n}", h.rank, ours.rank))
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(reason) = verdict {
+        let _ = conn.writer.send(Frame::control(Message::Refused { reason: reason.clone() })).await;
+        return Err(WorkerError::Peer { rank: h.rank, message: reason });
+    }
+    conn.writer.send(Frame::control(Message::Hello(ours.clone()))).await?;
+    Ok((h.rank, conn))
+}
+
+/// Connects this rank to every other, takes (or, on rank 0, sends) the plan, loads the
+/// weights and, on rank 0, waits for every rank to be ready.
+pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerError> {
+    let me = cfg.rank;
+    let n = cfg.cluster.ranks.len() as u32;
+    let info = cfg.cluster.get(me)?.clone();
+    let ours = Hello::new(&cfg.cluster.id, me, &info.machine);
+    let t = cfg.timeouts;
+    let net = cfg.transport.as_ref();
+    let mut conns: HashMap<u32, Conn> = HashMap::new();
+    let (plan, model_dir, dtype, timing, train) = if me == 0 {
+        let job =
+            cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
+        // Check the plan, the request and every rank's weights before dialling anyone (the
+        // checkpoint is at the same path on every machine; each rank checks again as it loads).
+        let ck = Checkpoint::open(&job.model_dir)?;
+        ck.check_plan_model(&job.plan.model)?;
+        job.validate(&ck.config)?;
+        for r in 0..n {
+            ck.check_tensors(&Prog::new(&job.plan, r, &cfg.cluster)?.local_weights())?;
+        }
+        for r in 1..n {
+            let addr = cfg.cluster.get(r)?.addr.clone();
+            let mut conn = dial(net, &info.addr, &addr, &ours, r, &t).await?;
+            conn.writer
+                .send(Frame::control(Message::Setup {
+                    plan: Box::new(job.plan.clone()),
+                    ranks: cfg.cluster.ranks.clone(),
+                    model_dir: job.model_dir.display().to_string(),
+                    dtype: wire_dtype(job.dtype)?,
+                    timing: job.timing,
+                    train: job.train.clone(),
+                }))
+                .await?;
+            conns.insert(r, conn);
+        }
+        (job.plan, job.model_dir, job.dtype, job.timing, job.train)
+    } else {
+        let mut listener = net.listen(&info.addr).await?;
+        tracing::info!(rank = me, addr = %info.addr, "listening");
+        // Lower ranks (0 included) connect to us; we connect to higher ranks.
+        let accept = async {
+            let mut got: HashMap<u32, Conn> = HashMap::new();
+            while (0..me).any(|r| !got.contains_key(&r)) {
+                match accept_one(listener.as_mut(), &ours, n, &t).await {
+                    Ok((r, conn)) if r < me => {
+                        got.insert(r, conn);
+                    }
+                    Ok((r, _)) => tracing::warn!(rank = r, "unexpected connection from a higher rank"),
+                    Err(e) => tracing::warn!(error = %e, "refused a connection"),
+                }
+            }
+            Ok::<_, WorkerError>(got)
+        };
+        let dial_up = async {
+            let mut got = HashMap::new();
+            for r in me + 1..n {
+                let addr = cfg.cluster.get(r)?.addr.clone();
+                got.insert(r, dial(net, &info.addr, &addr, &ours, r, &t).await?);
+            }
+            Ok::<_, WorkerError>(got)
+        };
+        let (lower, higher) = tokio::time::timeout(t.wait_for_leader, async { tokio::try_join!(accept, dial_up) })
+            .await
+            .map_err(|_| WorkerError::Wire(format!("no leader within {:.0} s", t.wait_for_leader.as_secs_f64())))??;
+        conns.extend(lower);
+        conns.extend(higher);
+        let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
+        let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
+        let Message::Setup { plan, ranks, model_dir, dtype, timing, train } = frame.message else {
+            return Err(WorkerError::Peer {
+                rank: 0,
+                message: format!("sent `{}` instead of the plan", frame.message.name()),
+            });
+        };
+        if ranks != cfg.cluster.ranks {
+            let msg = "rank 0's cluster differs from this rank's cluster file".to_string();
+            let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
+            return Err(WorkerError::Plan(msg));
+        }
+        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train)
+    };
+
+    // Validate and load before any compute; report failures to rank 0 by name.
+    let (prog, exec, weight_bytes, load_seconds) = match load(&plan, me, cfg, model_dir, dtype, train.as_ref()).await {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(leader) = conns.get_mut(&0) {
+                let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: e.to_string() })).await;
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(rank = me, weight_bytes, load_seconds, "weights loaded");
+
+    if me == 0 {
+        for (r, conn) in conns.iter_mut() {
+            let frame = read_frame(conn, t.load, "ready", &format!("rank {r}")).await?;
+            match frame.message {
+                Message::Ready { .. } => {}
+                Message::Error { rank, message } => return Err(WorkerError::Peer { rank, message }),
+                other => {
+                    return Err(WorkerError::Peer {
+                        rank: *r,
+                        message: format!("sent `{}` instead of ready", other.name()),
+                    })
+                }
+            }
+        }
+    } else if let Some(leader) = conns.get_mut(&0) {
+        leader.writer.send(Frame::control(Message::Ready { rank: me, weight_bytes, load_seconds })).await?;
+    }
+    Ok(Ready { conns, prog, exec, timing })
+}
+
+/// This rank's program, and its weights and adapters loaded (on a blocking thread).
+async fn load(
+    plan: &Plan,
+    me: u32,
+    cfg: &NodeConfig,
+    dir: PathBuf,
+    dtype: DType,
+    train: Option<&TrainSetup>,
+) -> Result<(Prog, Executor, u64, f64), WorkerError> {
+    let prog = Prog::new(plan, me, &cfg.cluster)?;
+    let adapters = match (&prog, train) {
+        (Prog::Train(t), Some(setup)) => Some((t.local_adapters(), t.lora_rank, setup.clone())),
+        (Prog::Train(_), None) => return Err(WorkerError::Plan("a training plan needs the adapters' set-up".into())),
+        (Prog::Infer(p), Some(setup)) => {
+            // Inference with trained adapters on the projections this rank runs.
+            let targets = setup.targets.clone().unwrap_or_default();
+            let rank = setup.rank.unwrap_or(DEFAULT_LORA_RANK) as usize;
+            let mut list: Vec<_> = p
+                .local_weights()
+                .into_iter()
+                .filter(|(k, _)| targets.contains(k))
+                .filter_map(|(k, l)| l.map(|l| (k, l)))
+                .collect();
+            list.sort_by_key(|(k, l)| (*l, *k));
+            Some((list, rank, setup.clone()))
+        }
+        (Prog::Infer(_), None) => None,
+    };
+    let device = cfg.device.clone();
+    let model = plan.model.clone();
+    let wanted = prog.local_weights();
+    let t0 = Instant::now();
+    let (exec, bytes) = tokio::task::spawn_blocking(move || {
+        let ck = Checkpoint::open(&dir)?;
+        ck.check_plan_model(&model)?;
+        let mut exec = Executor::new(ck.config.clone(), device, dtype)?;
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ops")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("rank {me}: loading weights"));
+        let bytes = ck.load_into(&mut exec, &wanted, Some(&bar))?;
+        bar.finish_and_clear();
+        if let Some((list, rank, setup)) = adapters {
+            for (kind, layer) in list {
+                let (a, b) = crate::lora::init(&ck.config, kind, layer, rank, setup.seed, setup.zero_b, &exec.device)?;
+                let ad = crate::lora::Adapter {
+                    a: candle_core::Var::from_tensor(&a)?,
+                    b: candle_core::Var::from_tensor(&b)?,
+                    scale: setup.alpha / rank as f64,
+                    dropout: setup.dropout,
+                };
+                exec.adapters.insert((kind, Some(layer)), ad);
+            }
+        }
+        Ok::<_, WorkerError>((exec, bytes))
+    })
+    .await
+    .map_err(|e| WorkerError::Weights(format!("loading panicked: {e}")))??;
+    Ok((prog, exec, bytes, t0.elapsed().as_secs_f64()))
+}
