@@ -213,18 +213,12 @@ impl Executor {
             OpKind::GateProj | OpKind::UpProj => vec![self.linear(kind, layer, one(&[OpKind::MlpNorm])?, step)?],
             OpKind::OProj => vec![self.linear(kind, layer, one(&[OpKind::Attention])?, step)?],
             OpKind::DownProj => vec![self.linear(kind, layer, one(&[OpKind::SiluMul])?, step)?],
-            OpKind::LmHead => {
-                let logits = self.linear(kind, layer, one(&[OpKind::FinalNorm])?, step)?;
-                match &step.targets {
-                    // Training: the mean cross-entropy of every position's next token.
-                    Some(t) => {
-                        let v = logits.dim(candle_core::D::Minus1)?;
-                        let flat = logits.reshape(((), v))?.to_dtype(DType::F32)?;
-                        vec![candle_nn::loss::cross_entropy(&flat, &t.flatten_all()?)?]
-                    }
-                    None => vec![logits],
-                }
+            // Training's loss and attention keep what their backward needs: they run in
+            // `Executor::forward_train` (backward.rs), never here.
+            OpKind::LmHead | OpKind::Attention if step.targets.is_some() => {
+                return Err(WorkerError::Plan(format!("{kind} of a training step runs through forward_train")))
             }
+            OpKind::LmHead => vec![self.linear(kind, layer, one(&[OpKind::FinalNorm])?, step)?],
             OpKind::Rope => {
                 let (q, k) = (one(&[OpKind::QProj])?, one(&[OpKind::KProj])?);
                 vec![
@@ -268,7 +262,8 @@ impl Executor {
         Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
     }
 
-    /// Causal, sliding-window attention with grouped KV heads; appends to the cache.
+    /// Generation's causal, sliding-window attention with grouped KV heads; appends to the
+    /// request's cache.
     fn attention(
         &mut self,
         q: &Tensor,
@@ -283,11 +278,6 @@ impl Executor {
         let v = v.reshape((b, s, cfg.num_kv_heads as usize, d))?.transpose(1, 2)?.contiguous()?;
         let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
         let window = cfg.sliding_window.map(|w| w as usize);
-        if step.targets.is_some() {
-            // Training attends within the sequence; nothing is cached.
-            let vis = Visibility { q_start: step.position, rows_per_group: s, k_start: step.position, window };
-            return attention_core(q, k, &v, vis, groups);
-        }
         let key = (step.request, layer);
         match self.kv.get_mut(&key) {
             Some(c) => c.append(k, &v, window)?,

@@ -13,17 +13,113 @@ use lemur_protocol::{OpKind, Phase, Plan, WorkloadMode};
 use crate::error::WorkerError;
 use crate::exec::{Executor, StepInput};
 
-/// One op as the runner sees it.
+/// One op as a runner sees it, inference or training.
 #[derive(Debug, Clone)]
 pub struct OpSpec {
     pub id: usize,
     pub kind: OpKind,
     pub layer: Option<u32>,
     pub rank: u32,
-    /// Producer op ids, in the plan's edge order.
+    /// Forward: producer op ids, in the plan's edge order. Backward: the backward ops
+    /// whose gradients it sums.
     pub inputs: Vec<usize>,
-    /// Other ranks that consume this op's output.
+    /// Forward: other ranks that consume this op's output.
     pub send_to: Vec<u32>,
+    /// Training, a backward op: its forward op.
+    pub backward_of: Option<usize>,
+    /// Training, a backward op: for each input producer of its forward op, that
+    /// producer's backward op and its rank (where the input's gradient goes).
+    pub routes: Vec<(usize, usize, u32)>,
+}
+
+/// What every rank's view of a plan starts from: the plan validated, its ops by id, the
+/// rank of each op, and the forward edges both ways.
+pub(crate) struct PlanIndex<'a> {
+    pub by_id: HashMap<usize, &'a lemur_protocol::plan::PlanOp>,
+    rank_of_machine: &'a HashMap<String, u32>,
+    /// Forward edges (both ends in the same forward-like phase): inputs and consumers.
+    pub inputs: HashMap<usize, Vec<usize>>,
+    pub consumers: HashMap<usize, Vec<usize>>,
+}
+
+impl<'a> PlanIndex<'a> {
+    pub fn new(plan: &'a Plan, rank_of_machine: &'a HashMap<String, u32>) -> Result<Self, WorkerError> {
+        plan.validate().map_err(|e| WorkerError::Plan(e.to_string()))?;
+        let by_id: HashMap<usize, &lemur_protocol::plan::PlanOp> = plan.ops.iter().map(|o| (o.id, o)).collect();
+        let mut inputs: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut consumers: HashMap<usize, Vec<usize>> = HashMap::new();
+        for e in &plan.edges {
+            if by_id[&e.from].phase == Phase::Backward || by_id[&e.to].phase == Phase::Backward {
+                continue; // gradients and saved tensors: the training view routes those
+            }
+            inputs.entry(e.to).or_default().push(e.from);
+            consumers.entry(e.from).or_default().push(e.to);
+        }
+        Ok(Self { by_id, rank_of_machine, inputs, consumers })
+    }
+
+    /// The rank that runs op `id`.
+    pub fn rank_of(&self, id: usize) -> Result<u32, WorkerError> {
+        let m = &self.by_id[&id].machine;
+        self.rank_of_machine
+            .get(m)
+            .copied()
+            .ok_or_else(|| WorkerError::Plan(format!("op {id} runs on machine `{m}`, which no rank of the cluster is")))
+    }
+
+    /// The other ranks that consume forward op `id`'s output, each once.
+    pub fn send_to(&self, id: usize) -> Result<Vec<u32>, WorkerError> {
+        let r = self.rank_of(id)?;
+        let mut send_to = Vec::new();
+        for c in self.consumers.get(&id).into_iter().flatten() {
+            let cr = self.rank_of(*c)?;
+            if cr != r && !send_to.contains(&cr) {
+                send_to.push(cr);
+            }
+        }
+        Ok(send_to)
+    }
+
+    /// A forward op as a runner sees it.
+    pub fn forward_op(&self, o: &lemur_protocol::plan::PlanOp) -> Result<OpSpec, WorkerError> {
+        Ok(OpSpec {
+            id: o.id,
+            kind: o.kind,
+            layer: o.layer,
+            rank: self.rank_of(o.id)?,
+            inputs: self.inputs.get(&o.id).cloned().unwrap_or_default(),
+            send_to: self.send_to(o.id)?,
+            backward_of: None,
+            routes: Vec::new(),
+        })
+    }
+}
+
+/// One rank's view of a plan, whatever its workload: inference's phases and KV
+/// handovers ([`Program`]), or training's forward and backward ops and adapters
+/// ([`TrainProgram`]).
+#[derive(Debug, Clone)]
+pub enum RankProgram {
+    Infer(Program),
+    Train(crate::train::TrainProgram),
+}
+
+impl RankProgram {
+    /// Builds rank `rank`'s view; `rank_of_machine` maps the plan's machines to ranks.
+    pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
+        Ok(match plan.workload.mode {
+            WorkloadMode::Train => RankProgram::Train(crate::train::TrainProgram::new(plan, rank, rank_of_machine)?),
+            WorkloadMode::Infer => RankProgram::Infer(Program::new(plan, rank, rank_of_machine)?),
+        })
+    }
+
+    /// The (kind, layer) of every op this rank runs forward: the weights it loads.
+    pub fn local_weights(&self) -> HashSet<(OpKind, Option<u32>)> {
+        match self {
+            RankProgram::Infer(p) => p.local_weights(),
+            RankProgram::Train(p) => p.local_weights(),
+        }
+    }
 }
 
 /// A phase's ops in execution order.
@@ -49,22 +145,10 @@ pub struct Program {
 impl Program {
     /// Builds a rank's program; `rank_of_machine` maps the plan's machines to ranks.
     pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
-        plan.validate().map_err(|e| WorkerError::Plan(e.to_string()))?;
+        let ix = PlanIndex::new(plan, rank_of_machine)?;
         if plan.workload.mode != WorkloadMode::Infer {
             return Err(WorkerError::Plan(format!("not an inference plan (mode `{}`)", plan.workload.mode)));
         }
-        let rank_of = |machine: &str, op: usize| {
-            rank_of_machine.get(machine).copied().ok_or_else(|| {
-                WorkerError::Plan(format!("op {op} runs on machine `{machine}`, which no rank of the cluster is"))
-            })
-        };
-        let mut inputs: HashMap<usize, Vec<usize>> = HashMap::new();
-        let mut consumers: HashMap<usize, Vec<usize>> = HashMap::new();
-        for e in &plan.edges {
-            inputs.entry(e.to).or_default().push(e.from);
-            consumers.entry(e.from).or_default().push(e.to);
-        }
-        let by_id: HashMap<usize, &lemur_protocol::plan::PlanOp> = plan.ops.iter().map(|o| (o.id, o)).collect();
         let mut phases = Vec::new();
         let mut attention_ranks: BTreeMap<u32, (Option<u32>, Option<u32>)> = BTreeMap::new();
         for phase in [Phase::Prefill, Phase::Decode] {
@@ -73,35 +157,21 @@ impl Program {
             let mut list: Vec<_> = plan.ops.iter().filter(|o| o.phase == phase).collect();
             list.sort_by_key(|o| o.id);
             for o in list {
-                let r = rank_of(&o.machine, o.id)?;
-                let mut send_to: Vec<u32> = Vec::new();
-                for c in consumers.get(&o.id).into_iter().flatten() {
-                    let cr = rank_of(&by_id[c].machine, *c)?;
-                    if cr != r && !send_to.contains(&cr) {
-                        send_to.push(cr);
-                    }
-                }
+                let op = ix.forward_op(o)?;
                 if o.kind == OpKind::LmHead {
-                    head_rank = Some(r);
+                    head_rank = Some(op.rank);
                 }
                 if o.kind == OpKind::Attention {
                     let layer =
                         o.layer.ok_or_else(|| WorkerError::Plan(format!("op {}: attention without a layer", o.id)))?;
                     let slot = attention_ranks.entry(layer).or_default();
                     if phase == Phase::Prefill {
-                        slot.0 = Some(r);
+                        slot.0 = Some(op.rank);
                     } else {
-                        slot.1 = Some(r);
+                        slot.1 = Some(op.rank);
                     }
                 }
-                ops.push(OpSpec {
-                    id: o.id,
-                    kind: o.kind,
-                    layer: o.layer,
-                    rank: r,
-                    inputs: inputs.get(&o.id).cloned().unwrap_or_default(),
-                    send_to,
-                });
+                ops.push(op);
             }
             if ops.is_empty() {
                 continue;

@@ -17,30 +17,13 @@ use lemur_protocol::{FinetuneKind, OpKind, Phase, Plan, WorkloadMode};
 use crate::backward::Saved;
 use crate::error::WorkerError;
 use crate::exec::{Executor, StepInput};
-use crate::program::{Outbound, Progress};
-
-/// One op of a training plan.
-#[derive(Debug, Clone)]
-pub struct TrainOp {
-    pub id: usize,
-    pub kind: OpKind,
-    pub layer: Option<u32>,
-    pub rank: u32,
-    /// For a backward op: its forward op.
-    pub backward_of: Option<usize>,
-    /// Forward: producer op ids. Backward: the backward ops whose gradients it sums.
-    pub inputs: Vec<usize>,
-    /// Forward: other ranks that consume the output.
-    pub send_to: Vec<u32>,
-    /// Backward: for each input producer of the forward op, its backward op and that rank.
-    pub routes: Vec<(usize, usize, u32)>,
-}
+use crate::program::{OpSpec, Outbound, PlanIndex, Progress};
 
 /// A training plan from one rank's point of view.
 #[derive(Debug, Clone)]
 pub struct TrainProgram {
     pub rank: u32,
-    pub ops: Vec<TrainOp>,
+    pub ops: Vec<OpSpec>,
     pub index: HashMap<usize, usize>,
     /// Forward ops that have a backward op (their inputs must be kept).
     pub has_backward: HashMap<usize, usize>,
@@ -50,79 +33,54 @@ pub struct TrainProgram {
 
 impl TrainProgram {
     pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
-        plan.validate().map_err(|e| WorkerError::Plan(e.to_string()))?;
+        let ix = PlanIndex::new(plan, rank_of_machine)?;
         if plan.workload.mode != WorkloadMode::Train {
             return Err(WorkerError::Plan(format!("not a training plan (mode `{}`)", plan.workload.mode)));
         }
         if plan.workload.finetune != Some(FinetuneKind::Lora) {
             return Err(WorkerError::Plan("this worker trains LoRA adapters; the plan is for full fine-tuning".into()));
         }
-        let by_id: HashMap<usize, &lemur_protocol::plan::PlanOp> = plan.ops.iter().map(|o| (o.id, o)).collect();
-        let rank_of = |id: usize| -> Result<u32, WorkerError> {
-            let m = &by_id[&id].machine;
-            rank_of_machine.get(m).copied().ok_or_else(|| {
-                WorkerError::Plan(format!("op {id} runs on machine `{m}`, which no rank of the cluster is"))
-            })
-        };
         let backward: HashMap<usize, usize> = plan
             .ops
             .iter()
             .filter_map(|o| o.forward_of.filter(|_| o.phase == Phase::Backward).map(|f| (f, o.id)))
             .collect();
-        let mut fwd_inputs: HashMap<usize, Vec<usize>> = HashMap::new();
-        let mut fwd_consumers: HashMap<usize, Vec<usize>> = HashMap::new();
         let mut grad_inputs: HashMap<usize, Vec<usize>> = HashMap::new();
         for e in &plan.edges {
-            let (a, b) = (by_id[&e.from], by_id[&e.to]);
-            match (a.phase, b.phase) {
-                (Phase::Forward, Phase::Forward) => {
-                    fwd_inputs.entry(e.to).or_default().push(e.from);
-                    fwd_consumers.entry(e.from).or_default().push(e.to);
-                }
-                (Phase::Backward, Phase::Backward) => grad_inputs.entry(e.to).or_default().push(e.from),
-                _ => {} // saved tensors: a forward op and its own backward op
+            if ix.by_id[&e.from].phase == Phase::Backward && ix.by_id[&e.to].phase == Phase::Backward {
+                grad_inputs.entry(e.to).or_default().push(e.from);
             }
         }
         let mut ops = Vec::new();
         let mut list: Vec<_> = plan.ops.iter().collect();
         list.sort_by_key(|o| o.id);
         for o in list {
-            let r = rank_of(o.id)?;
-            let (inputs, send_to, routes) = match o.phase {
-                Phase::Forward => {
-                    let mut send_to = Vec::new();
-                    for c in fwd_consumers.get(&o.id).into_iter().flatten() {
-                        let cr = rank_of(*c)?;
-                        if cr != r && !send_to.contains(&cr) {
-                            send_to.push(cr);
-                        }
-                    }
-                    (fwd_inputs.get(&o.id).cloned().unwrap_or_default(), send_to, Vec::new())
-                }
+            let op = match o.phase {
+                Phase::Forward => ix.forward_op(o)?,
                 Phase::Backward => {
                     let f = o.forward_of.ok_or_else(|| {
                         WorkerError::Plan(format!("op {}: a backward op without its forward op", o.id))
                     })?;
                     let mut routes = Vec::new();
-                    for p in fwd_inputs.get(&f).into_iter().flatten() {
+                    for p in ix.inputs.get(&f).into_iter().flatten() {
                         if let Some(&pb) = backward.get(p) {
-                            routes.push((*p, pb, rank_of(pb)?));
+                            routes.push((*p, pb, ix.rank_of(pb)?));
                         }
                     }
-                    (grad_inputs.get(&o.id).cloned().unwrap_or_default(), Vec::new(), routes)
+                    OpSpec {
+                        id: o.id,
+                        kind: o.kind,
+                        layer: o.layer,
+                        rank: ix.rank_of(o.id)?,
+                        inputs: grad_inputs.get(&o.id).cloned().unwrap_or_default(),
+                        send_to: Vec::new(),
+                        backward_of: Some(f),
+                        routes,
+                    }
                 }
                 other => return Err(WorkerError::Plan(format!("op {}: a {other} op in a training plan", o.id))),
             };
-            ops.push(TrainOp {
-                id: o.id,
-                kind: o.kind,
-                layer: o.layer,
-                rank: r,
-                backward_of: o.forward_of.filter(|_| o.phase == Phase::Backward),
-                inputs,
-                send_to,
-                routes,
-            });
+            ops.push(op);
         }
         let index = ops.iter().enumerate().map(|(i, o)| (o.id, i)).collect();
         Ok(Self {
@@ -267,7 +225,7 @@ impl TrainRun {
     fn forward(
         &mut self,
         prog: &TrainProgram,
-        op: &TrainOp,
+        op: &OpSpec,
         exec: &mut Executor,
         out: &mut dyn FnMut(Outbound),
     ) -> Result<(), WorkerError> {
@@ -293,7 +251,7 @@ impl TrainRun {
     fn backward(
         &mut self,
         prog: &TrainProgram,
-        op: &TrainOp,
+        op: &OpSpec,
         fwd: usize,
         exec: &mut Executor,
         out: &mut dyn FnMut(Outbound),

@@ -17,9 +17,9 @@ use lemur_protocol::Phase;
 
 use super::actors::Router;
 use super::optimizer::{AdamW, AdapterState};
-use super::Prog;
 use crate::error::WorkerError;
 use crate::exec::{Executor, KvCache, StepInput};
+use crate::program::RankProgram;
 use crate::program::{Outbound, Progress, StepRun};
 use crate::tensor_wire::{from_wire, from_wire_all, to_wire, to_wire_all};
 use crate::train::TrainRun;
@@ -53,7 +53,7 @@ struct Traffic {
 /// The candle state of a rank, on its own thread.
 pub(super) struct Compute {
     pub me: u32,
-    pub prog: Arc<Prog>,
+    pub prog: Arc<RankProgram>,
     pub exec: Option<Executor>,
     pub router: Router,
     pub timing: bool,
@@ -147,7 +147,7 @@ impl Outbox<'_> {
 
 impl Compute {
     /// A compute actor without its executor yet (the actor system builds it on its thread).
-    pub fn new(me: u32, prog: Arc<Prog>, router: Router, timing: bool) -> Self {
+    pub fn new(me: u32, prog: Arc<RankProgram>, router: Router, timing: bool) -> Self {
         Self {
             me,
             prog,
@@ -236,7 +236,7 @@ impl Compute {
     }
 
     fn start_step(&mut self, key: RunKey, phase: Phase, position: u64, tokens: &WireTensor) -> Result<(), WorkerError> {
-        if !matches!(self.prog.as_ref(), Prog::Infer(_)) {
+        if !matches!(self.prog.as_ref(), RankProgram::Infer(_)) {
             return Err(WorkerError::Plan("an inference step under a training plan".into()));
         }
         if phase == Phase::Prefill {
@@ -255,7 +255,7 @@ impl Compute {
     }
 
     fn start_micro_batch(&mut self, key: RunKey, tokens: &WireTensor) -> Result<(), WorkerError> {
-        if !matches!(self.prog.as_ref(), Prog::Train(_)) {
+        if !matches!(self.prog.as_ref(), RankProgram::Train(_)) {
             return Err(WorkerError::Plan("a training micro-batch under an inference plan".into()));
         }
         let all = from_wire(&tokens.meta, &tokens.data, &self.device())?;
@@ -285,7 +285,7 @@ impl Compute {
     }
 
     fn activation(&mut self, key: RunKey, from_op: usize, ts: Vec<Tensor>) -> Result<(), WorkerError> {
-        if matches!(self.prog.as_ref(), Prog::Train(_)) {
+        if matches!(self.prog.as_ref(), RankProgram::Train(_)) {
             match self.trains.get_mut(&key) {
                 Some(run) => {
                     run.deliver_activation(from_op, ts);
@@ -328,7 +328,7 @@ impl Compute {
     fn step(&mut self, key: RunKey) -> Result<(), WorkerError> {
         let Some(mut run) = self.runs.remove(&key) else { return Ok(()) };
         let prog = self.prog.clone();
-        let Prog::Infer(prog) = prog.as_ref() else {
+        let RankProgram::Infer(prog) = prog.as_ref() else {
             return Err(WorkerError::Plan("an inference step under a training plan".into()));
         };
         let mut exec = self.exec.take().ok_or_else(|| WorkerError::Plan("executor missing".into()))?;
@@ -364,7 +364,7 @@ impl Compute {
     /// (the next Tick queues behind them). Messages only deliver inputs.
     fn train_tick(&mut self) -> Result<(), WorkerError> {
         let prog = self.prog.clone();
-        let Prog::Train(prog) = prog.as_ref() else {
+        let RankProgram::Train(prog) = prog.as_ref() else {
             return Err(WorkerError::Plan("a training step under an inference plan".into()));
         };
         let finished: Vec<RunKey> =

@@ -15,7 +15,7 @@ use lemur_protocol::Phase;
 
 use super::actors::{Crash, Inbound, PeerDown, Router};
 use super::compute::{Compute, Work};
-use super::job::{AdapterGrads, Outcome, TokenSink, TrainLoop};
+use super::job::{AdapterGrads, Job, Outcome, TokenSink};
 use super::trainer::Trainer;
 use crate::error::WorkerError;
 use crate::sampling::{Sampler, Sampling};
@@ -27,16 +27,7 @@ pub(super) type Shared = Arc<Mutex<Option<Result<Option<Outcome>, WorkerError>>>
 /// What rank 0 is asked to run, once the actors are up.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(super) struct Begin {
-    pub train_loop: Option<TrainLoop>,
-    pub adapters: Option<AdapterGrads>,
-    pub repeat: usize,
-    pub prompt: Vec<u32>,
-    pub max_new_tokens: usize,
-    pub eos: Option<u32>,
-    pub sampling: Sampling,
-    pub on_token: Option<TokenSink>,
-}
+pub(super) struct Begin(pub Job);
 
 /// Per rank, what it reported when a request finished.
 #[derive(Debug, Clone, Copy, Default)]
@@ -323,13 +314,13 @@ impl Handler<Inbound> for Node {
 
 impl Handler<Begin> for Node {
     type Result = ();
-    fn handle(&mut self, b: Begin, _ctx: &mut Self::Context) {
+    fn handle(&mut self, Begin(job): Begin, _ctx: &mut Self::Context) {
         let now = Instant::now();
         self.leader = Some(LeaderState {
             request: 1,
-            prompt_len: b.prompt.len(),
-            max_new_tokens: b.max_new_tokens,
-            eos: b.eos,
+            prompt_len: job.prompt.len(),
+            max_new_tokens: job.max_new_tokens,
+            eos: job.eos,
             tokens: Vec::new(),
             logits: Vec::new(),
             started: now,
@@ -339,25 +330,25 @@ impl Handler<Begin> for Node {
             stats: HashMap::new(),
             op_ms: HashMap::new(),
             done: false,
-            sampler: Sampler::new(b.sampling),
-            sampling: b.sampling,
-            on_token: b.on_token,
-            prompt: b.prompt.clone(),
-            repeats_left: b.repeat - 1,
+            sampler: Sampler::new(job.sampling),
+            sampling: job.sampling,
+            on_token: job.on_token,
+            prompt: job.prompt.clone(),
+            repeats_left: job.repeat.max(1) - 1,
             history: Vec::new(),
             loss: None,
             lora_grads: AdapterGrads::new(),
             adapter_ranks: std::collections::HashSet::new(),
             trainer: None,
         });
-        if let Some(tensors) = &b.adapters {
+        if let Some(tensors) = &job.adapters {
             self.load_everywhere(tensors);
         }
-        if let Some(tl) = b.train_loop {
+        if let Some(tl) = job.train_loop {
             self.begin_training(tl);
             return;
         }
-        self.broadcast_start(0, Phase::Prefill, 0, &b.prompt);
+        self.broadcast_start(0, Phase::Prefill, 0, &job.prompt);
     }
 }
 

@@ -29,14 +29,13 @@ mod setup;
 mod trainer;
 pub mod transport;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use actix::io::SinkWrite;
 use actix::prelude::*;
 use candle_core::Device;
-use lemur_protocol::{OpKind, Plan, WorkloadMode};
 
 pub use job::{AdapterGrads, Job, Outcome, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 pub use optimizer::{AdamW, AdapterState};
@@ -44,8 +43,6 @@ pub use transport::{Conn, Tcp, Transport};
 
 use crate::cluster::Cluster;
 use crate::error::WorkerError;
-use crate::program::Program;
-use crate::train::TrainProgram;
 use actors::{Peer, Router};
 use compute::Compute;
 use leader::{Begin, Node, Shared};
@@ -67,29 +64,6 @@ impl NodeConfig {
     /// A rank over TCP with the default timeouts.
     pub fn new(rank: u32, cluster: Cluster, device: Device, job: Option<Job>) -> Self {
         Self { rank, cluster, device, job, timeouts: Timeouts::default(), transport: Arc::new(Tcp) }
-    }
-}
-
-/// A rank's view of the plan: inference or training.
-pub(crate) enum Prog {
-    Infer(Program),
-    Train(TrainProgram),
-}
-
-impl Prog {
-    fn new(plan: &Plan, rank: u32, cluster: &Cluster) -> Result<Self, WorkerError> {
-        let map = cluster.rank_of_machine();
-        Ok(match plan.workload.mode {
-            WorkloadMode::Train => Prog::Train(TrainProgram::new(plan, rank, &map)?),
-            WorkloadMode::Infer => Prog::Infer(Program::new(plan, rank, &map)?),
-        })
-    }
-
-    fn local_weights(&self) -> HashSet<(OpKind, Option<u32>)> {
-        match self {
-            Prog::Infer(p) => p.local_weights(),
-            Prog::Train(p) => p.local_weights(),
-        }
     }
 }
 
@@ -151,16 +125,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
     });
     if me == 0 {
         let job = cfg.job.ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
-        node.do_send(Begin {
-            train_loop: job.train_loop,
-            adapters: job.adapters,
-            repeat: job.repeat.max(1),
-            prompt: job.prompt,
-            max_new_tokens: job.max_new_tokens,
-            eos: job.eos,
-            sampling: job.sampling,
-            on_token: job.on_token,
-        });
+        node.do_send(Begin(job));
     }
     Ok(())
 }

@@ -15,9 +15,10 @@ use lemur_protocol::wire::{Frame, Hello, Message, TrainSetup};
 use lemur_protocol::{Plan, DEFAULT_LORA_RANK};
 
 use super::transport::{Conn, Listener, Transport};
-use super::{NodeConfig, Prog, Timeouts};
+use super::{NodeConfig, Timeouts};
 use crate::error::WorkerError;
 use crate::exec::Executor;
+use crate::program::RankProgram;
 use crate::tensor_wire::{candle_dtype, wire_dtype};
 use crate::weights::Checkpoint;
 
@@ -25,7 +26,7 @@ use crate::weights::Checkpoint;
 /// executor, and what rank 0 must know of the run.
 pub(super) struct Ready {
     pub conns: HashMap<u32, Conn>,
-    pub prog: Prog,
+    pub prog: RankProgram,
     pub exec: Executor,
     pub timing: bool,
 }
@@ -119,7 +120,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         ck.check_plan_model(&job.plan.model)?;
         job.validate(&ck.config)?;
         for r in 0..n {
-            ck.check_tensors(&Prog::new(&job.plan, r, &cfg.cluster)?.local_weights())?;
+            ck.check_tensors(&RankProgram::new(&job.plan, r, &cfg.cluster.rank_of_machine())?.local_weights())?;
         }
         for r in 1..n {
             let addr = cfg.cluster.get(r)?.addr.clone();
@@ -223,12 +224,14 @@ async fn load(
     dir: PathBuf,
     dtype: DType,
     train: Option<&TrainSetup>,
-) -> Result<(Prog, Executor, u64, f64), WorkerError> {
-    let prog = Prog::new(plan, me, &cfg.cluster)?;
+) -> Result<(RankProgram, Executor, u64, f64), WorkerError> {
+    let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
     let adapters = match (&prog, train) {
-        (Prog::Train(t), Some(setup)) => Some((t.local_adapters(), t.lora_rank, setup.clone())),
-        (Prog::Train(_), None) => return Err(WorkerError::Plan("a training plan needs the adapters' set-up".into())),
-        (Prog::Infer(p), Some(setup)) => {
+        (RankProgram::Train(t), Some(setup)) => Some((t.local_adapters(), t.lora_rank, setup.clone())),
+        (RankProgram::Train(_), None) => {
+            return Err(WorkerError::Plan("a training plan needs the adapters' set-up".into()))
+        }
+        (RankProgram::Infer(p), Some(setup)) => {
             // Inference with trained adapters on the projections this rank runs.
             let targets = setup.targets.clone().unwrap_or_default();
             let rank = setup.rank.unwrap_or(DEFAULT_LORA_RANK) as usize;
@@ -241,7 +244,7 @@ async fn load(
             list.sort_by_key(|(k, l)| (*l, *k));
             Some((list, rank, setup.clone()))
         }
-        (Prog::Infer(_), None) => None,
+        (RankProgram::Infer(_), None) => None,
     };
     let device = cfg.device.clone();
     let model = plan.model.clone();
