@@ -12,7 +12,6 @@ use actix::io::{SinkWrite, WriteHandler};
 use actix::prelude::*;
 use lemur_protocol::wire::{Frame, FrameError, Message};
 
-use super::leader::Node;
 use super::transport::FrameSink;
 use super::Timeouts;
 use crate::error::WorkerError;
@@ -43,19 +42,21 @@ pub(super) struct Write(pub Frame);
 #[rtype(result = "()")]
 pub(super) struct Crash(pub String);
 
-/// Where frames go: peers by rank, and this rank's own node.
+/// Where frames go: peers by rank, and this rank's own node (its inbox).
 #[derive(Clone)]
 pub(super) struct Router {
     pub me: u32,
     pub peers: HashMap<u32, Addr<Peer>>,
-    pub node: Addr<Node>,
+    pub inbox: Recipient<Inbound>,
+    /// The node's crash switch (fail points).
+    pub crash: Recipient<Crash>,
 }
 
 impl Router {
     /// Sends `frame` to rank `to`; to this rank itself, through its node's inbox.
     pub fn send(&self, to: u32, frame: Frame) -> Result<(), WorkerError> {
         if to == self.me {
-            self.node.do_send(Inbound { from: self.me, frame });
+            self.inbox.do_send(Inbound { from: self.me, frame });
             return Ok(());
         }
         let peer =
@@ -69,7 +70,7 @@ impl Router {
         for p in self.peers.values() {
             p.do_send(Write(frame.clone()));
         }
-        self.node.do_send(Inbound { from: self.me, frame: frame.clone() });
+        self.inbox.do_send(Inbound { from: self.me, frame: frame.clone() });
     }
 
     /// Sends `frame` to every other rank.
@@ -86,7 +87,9 @@ impl Router {
 pub(super) struct Peer {
     pub rank: u32,
     pub me: u32,
-    pub node: Addr<Node>,
+    /// The node: frames in, and the news that this connection is gone.
+    pub inbox: Recipient<Inbound>,
+    pub down: Recipient<PeerDown>,
     pub sink: SinkWrite<Frame, FrameSink>,
     pub last_seen: Instant,
     pub seq: u64,
@@ -101,7 +104,7 @@ impl Actor for Peer {
             act.seq += 1;
             let _ = act.sink.write(Frame::control(Message::Heartbeat { rank: act.me, seq: act.seq }));
             if act.last_seen.elapsed() > act.t.peer_dead {
-                act.node.do_send(PeerDown {
+                act.down.do_send(PeerDown {
                     rank: act.rank,
                     reason: format!("no heartbeat for {:.1} s", act.last_seen.elapsed().as_secs_f64()),
                 });
@@ -117,25 +120,25 @@ impl StreamHandler<Result<Frame, FrameError>> for Peer {
             Ok(frame) => {
                 self.last_seen = Instant::now();
                 if !matches!(frame.message, Message::Heartbeat { .. }) {
-                    self.node.do_send(Inbound { from: self.rank, frame });
+                    self.inbox.do_send(Inbound { from: self.rank, frame });
                 }
             }
             Err(e) => {
-                self.node.do_send(PeerDown { rank: self.rank, reason: format!("bad frame: {e}") });
+                self.down.do_send(PeerDown { rank: self.rank, reason: format!("bad frame: {e}") });
                 ctx.stop();
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        self.node.do_send(PeerDown { rank: self.rank, reason: "closed the connection".into() });
+        self.down.do_send(PeerDown { rank: self.rank, reason: "closed the connection".into() });
         ctx.stop();
     }
 }
 
 impl WriteHandler<FrameError> for Peer {
     fn error(&mut self, err: FrameError, _ctx: &mut Self::Context) -> Running {
-        self.node.do_send(PeerDown { rank: self.rank, reason: format!("write failed: {err}") });
+        self.down.do_send(PeerDown { rank: self.rank, reason: format!("write failed: {err}") });
         Running::Stop
     }
 }

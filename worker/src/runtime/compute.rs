@@ -423,7 +423,7 @@ impl Compute {
         #[cfg(feature = "failpoints")]
         if fail::eval(&format!("{}/rank{}/after-update-{}", self.cluster_id, self.me, h.t), |_| ()).is_some() {
             tracing::error!(rank = self.me, t = h.t, "fail point: crashing");
-            self.router.node.do_send(super::actors::Crash(format!("fail point after update {}", h.t)));
+            self.router.crash.do_send(super::actors::Crash(format!("fail point after update {}", h.t)));
         }
         Ok(())
     }

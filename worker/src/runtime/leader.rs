@@ -15,8 +15,9 @@ use lemur_protocol::Phase;
 
 use super::actors::{Crash, Inbound, PeerDown, Router};
 use super::compute::{Compute, Work};
+use super::job::TrainLoop;
 use super::job::{AdapterGrads, Job, Outcome, TokenSink};
-use super::trainer::Trainer;
+use super::trainer::{TrainAction, Trainer};
 use crate::error::WorkerError;
 use crate::sampling::{Sampler, Sampling};
 use crate::tensor_wire::{f32_to_wire, f32_values, ids_to_wire};
@@ -238,6 +239,73 @@ impl Node {
         self.finish_with(Ok(Some(outcome)), ctx);
     }
 
+    fn begin_training(&mut self, tl: TrainLoop, ctx: &mut Context<Self>) {
+        if let Some(tensors) = &tl.resume {
+            self.load_everywhere(tensors);
+        }
+        let mut t = Trainer::new(tl, self.n);
+        let actions = t.start_step();
+        if let Some(l) = self.leader.as_mut() {
+            l.trainer = Some(t);
+        }
+        self.run_train(actions, ctx);
+    }
+
+    /// Carries out what the training loop asks for.
+    fn run_train(&mut self, actions: Vec<TrainAction>, ctx: &mut Context<Self>) {
+        if let Some(l) = self.leader.as_mut() {
+            if let Some(t) = &l.trainer {
+                l.request = t.opt_step;
+            }
+        }
+        for a in actions {
+            match a {
+                TrainAction::Broadcast(frame) => self.router.broadcast(&frame),
+                TrainAction::Finish => {
+                    if let Some(l) = self.leader.as_mut() {
+                        l.first = Some(l.started.elapsed());
+                    }
+                    self.end_request(ctx);
+                }
+                TrainAction::Fail(e) => self.finish_with(Err(e), ctx),
+            }
+        }
+    }
+
+    fn on_loss(&mut self, loss: f64) {
+        if let Some(l) = self.leader.as_mut() {
+            l.loss = Some(loss);
+            if let Some(t) = l.trainer.as_mut() {
+                t.on_loss(loss);
+            }
+        }
+    }
+
+    fn on_micro_batch_done(&mut self, rank: u32, mb: u32, sumsq: f64, ctx: &mut Context<Self>) {
+        let Some(t) = self.leader.as_mut().and_then(|l| l.trainer.as_mut()) else { return };
+        let actions = t.on_micro_batch_done(rank, mb, sumsq);
+        self.run_train(actions, ctx);
+    }
+
+    /// A rank's adapters: a checkpoint's state, or a gradient check's gradients (when every
+    /// rank's are in, the check is over).
+    fn on_adapters(&mut self, rank: u32, tensors: AdapterGrads, ctx: &mut Context<Self>) {
+        let n = self.n;
+        let Some(l) = self.leader.as_mut() else { return };
+        let tensors = match l.trainer.as_mut().map(|t| t.on_state(rank, tensors)) {
+            Some(Ok(actions)) => return self.run_train(actions, ctx),
+            Some(Err(tensors)) => tensors,
+            None => return,
+        };
+        l.lora_grads.extend(tensors);
+        l.adapter_ranks.insert(rank);
+        if l.adapter_ranks.len() as u32 != n || l.done {
+            return;
+        }
+        l.first = Some(l.started.elapsed());
+        self.end_request(ctx);
+    }
+
     /// A frame for the leader (rank 0 only).
     fn on_leader_frame(&mut self, from: u32, frame: Frame, ctx: &mut Context<Self>) {
         let wire = frame.wire_tensors();
@@ -314,7 +382,7 @@ impl Handler<Inbound> for Node {
 
 impl Handler<Begin> for Node {
     type Result = ();
-    fn handle(&mut self, Begin(job): Begin, _ctx: &mut Self::Context) {
+    fn handle(&mut self, Begin(job): Begin, ctx: &mut Self::Context) {
         let now = Instant::now();
         self.leader = Some(LeaderState {
             request: 1,
@@ -345,7 +413,7 @@ impl Handler<Begin> for Node {
             self.load_everywhere(tensors);
         }
         if let Some(tl) = job.train_loop {
-            self.begin_training(tl);
+            self.begin_training(tl, ctx);
             return;
         }
         self.broadcast_start(0, Phase::Prefill, 0, &job.prompt);

@@ -96,22 +96,15 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
         let node_addr = ctx.address();
         let mut peers = HashMap::new();
         for (r, conn) in conns.drain() {
-            let node = node_addr.clone();
+            let (inbox, down) = (node_addr.clone().recipient(), node_addr.clone().recipient());
             let peer = Peer::create(move |pctx| {
                 Peer::add_stream(conn.reader, pctx);
-                Peer {
-                    rank: r,
-                    me,
-                    node,
-                    sink: SinkWrite::new(conn.writer, pctx),
-                    last_seen: Instant::now(),
-                    seq: 0,
-                    t,
-                }
+                let sink = SinkWrite::new(conn.writer, pctx);
+                Peer { rank: r, me, inbox, down, sink, last_seen: Instant::now(), seq: 0, t }
             });
             peers.insert(r, peer);
         }
-        let router = Router { me, peers, node: node_addr };
+        let router = Router { me, peers, inbox: node_addr.clone().recipient(), crash: node_addr.clone().recipient() };
         let cell = Arc::new(Mutex::new(Some(ready.exec)));
         let (prog2, router2, id) = (prog.clone(), router.clone(), cfg.cluster.id.clone());
         let compute = SyncArbiter::start(1, move || {
