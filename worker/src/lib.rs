@@ -6,8 +6,10 @@
 //!   candle's, CPU reference and CUDA), [`backward`] (the hand-written backward of every op),
 //!   [`lora`] (adapters, initialisation, PEFT names, dropout masks), [`rng`].
 //! - One rank's view of a plan, and the plain state machines that run it as inputs arrive
-//!   and return what to send (no actors): [`program`] (inference: a step of prefill or
-//!   decode, KV handovers) and [`train`] (a training micro-batch: forward, then backward).
+//!   and return what to send (no actors): [`view`] (what they share: one op type, the
+//!   plan index, the outputs), [`program`] (the rank's program of either workload;
+//!   inference: a step of prefill or decode, KV handovers) and [`train`] (a training
+//!   micro-batch: forward, then backward).
 //! - [`runtime`]: set-up over a [`runtime::Transport`] (TCP, or the in-memory
 //!   [`runtime::memnet`] with fault injection), the actix actors over the state machines,
 //!   the optimizer, and rank 0's request and training loops.
@@ -39,6 +41,7 @@ pub mod sampling;
 pub mod tensor_wire;
 pub mod tokenizer;
 pub mod train;
+pub mod view;
 pub mod weights;
 
 pub use error::WorkerError;

@@ -17,7 +17,7 @@ use lemur_protocol::{FinetuneKind, OpKind, Phase, Plan, WorkloadMode};
 use crate::backward::Saved;
 use crate::error::WorkerError;
 use crate::exec::{Executor, StepInput};
-use crate::program::{OpSpec, Outbound, PlanIndex, Progress};
+use crate::view::{OpSpec, Outbound, PlanIndex, Progress};
 
 /// A training plan from one rank's point of view.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 //! A transport listens at a cluster address and connects to one; every connection comes
 //! back as a [`Conn`]: a stream of decoded [`Frame`]s and a sink of frames to send. The
 //! runtime above it (handshakes, peers, heartbeats) is the same whatever carries the
-//! bytes: [`Tcp`] in production, [`super::memnet::MemNet`] in tests, where the network
+//! bytes: [`Tcp`] in production, the in-memory `MemNet` (`memnet.rs`) in tests, where the network
 //! can drop, delay, cut and partition on command.
 
 use std::fmt;
