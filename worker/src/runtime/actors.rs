@@ -49,6 +49,7 @@ pub(super) struct Router {
     pub peers: HashMap<u32, Addr<Peer>>,
     pub inbox: Recipient<Inbound>,
     /// The node's crash switch (fail points).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     pub crash: Recipient<Crash>,
 }
 
