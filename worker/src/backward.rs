@@ -417,7 +417,8 @@ mod tests {
         let v = Var::from_tensor(&rand(&[b, s, kv * d], 6)).unwrap();
         let dout = rand(&[b, s, h * d], 7);
         // Reference: the differentiable forms (repeat, scores, mask, softmax), window 3.
-        let mask = crate::exec::window_mask(s, 0, s, 0, Some(3), &Device::Cpu).unwrap().unwrap();
+        let vis = crate::fused::Visibility { q_start: 0, rows_per_group: s, k_start: 0, window: Some(3) };
+        let mask = vis.additive_mask(s, s, &Device::Cpu).unwrap();
         let v4 = v.as_tensor().reshape((b, s, kv, d)).unwrap().transpose(1, 2).unwrap();
         let kr = repeat_kv(k.as_tensor(), h / kv).unwrap();
         let vr = repeat_kv(&v4.contiguous().unwrap(), h / kv).unwrap();

@@ -369,35 +369,6 @@ pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor, WorkerError> {
     Ok(Tensor::cat(&vec![x; groups], 2)?.reshape((b, h * groups, s, d))?)
 }
 
-/// Additive mask `[s, kv_len]` for queries at absolute positions `position..position+s`
-/// against keys at `start..start+kv_len`: visible iff `q - window < k <= q`.
-/// `None` when nothing is masked (one query, window not binding).
-pub fn window_mask(
-    s: usize,
-    position: usize,
-    kv_len: usize,
-    start: usize,
-    window: Option<u64>,
-    device: &Device,
-) -> Result<Option<Tensor>, WorkerError> {
-    let w = window.map(|w| w as usize);
-    let mut any = false;
-    let mut data = Vec::with_capacity(s * kv_len);
-    for i in 0..s {
-        let qp = position + i;
-        for j in 0..kv_len {
-            let kp = start + j;
-            let visible = kp <= qp && w.is_none_or(|w| kp + w > qp);
-            any |= !visible;
-            data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-        }
-    }
-    if !any {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::from_vec(data, (s, kv_len), device)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //! with NVRTC and checked against it on the GPU machine. Other backends, and f16 on CUDA,
 //! fall back to candle's unfused ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::WorkerError;
 
@@ -36,6 +36,17 @@ impl Visibility {
             None => 0,
         };
         (lo, hi)
+    }
+
+    /// The same visibility as an additive mask `[rows, kv_len]`: 0 where a key is visible,
+    /// -inf where not (the form differentiable reference implementations add to scores).
+    pub fn additive_mask(&self, rows: usize, kv_len: usize, device: &Device) -> Result<Tensor, WorkerError> {
+        let mut data = vec![f32::NEG_INFINITY; rows * kv_len];
+        for row in 0..rows {
+            let (lo, hi) = self.range(row, kv_len);
+            data[row * kv_len + lo..row * kv_len + hi].fill(0.0);
+        }
+        Ok(Tensor::from_vec(data, (rows, kv_len), device)?)
     }
 }
 

@@ -200,7 +200,7 @@ impl StepRun {
             let started = std::time::Instant::now();
             let result = exec.run(op.kind, op.layer, &ins, &self.input).map_err(|e| WorkerError::Op {
                 op: op.id,
-                label: format!("{}{}", op.layer.map_or(String::new(), |l| format!("L{l}.")), op.kind),
+                label: op.label(),
                 message: e.to_string(),
             })?;
             if self.timing {

@@ -188,15 +188,7 @@ impl TrainRun {
                 self.next += 1;
                 continue;
             }
-            let label = || {
-                format!(
-                    "{}{}{}",
-                    op.layer.map_or(String::new(), |l| format!("L{l}.")),
-                    op.kind,
-                    if op.backward_of.is_some() { "'" } else { "" }
-                )
-            };
-            let fail = |e: WorkerError| WorkerError::Op { op: op.id, label: label(), message: e.to_string() };
+            let fail = |e: WorkerError| WorkerError::Op { op: op.id, label: op.label(), message: e.to_string() };
             let started = std::time::Instant::now();
             match op.backward_of {
                 None => {

@@ -30,6 +30,14 @@ pub struct OpSpec {
     pub routes: Vec<(usize, usize, u32)>,
 }
 
+impl OpSpec {
+    /// `L3.q_proj`, with a `'` for a backward op (`L3.q_proj'`): how errors name an op.
+    pub fn label(&self) -> String {
+        let layer = self.layer.map_or(String::new(), |l| format!("L{l}."));
+        format!("{layer}{}{}", self.kind, if self.backward_of.is_some() { "'" } else { "" })
+    }
+}
+
 /// What every rank's view of a plan starts from: the plan validated, its ops by id, the
 /// rank of each op, and the forward edges both ways.
 pub(crate) struct PlanIndex<'a> {
