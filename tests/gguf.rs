@@ -122,21 +122,23 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
     let text = tok.decode(&one)?;
     assert!(text.contains("Paris"), "{text:?}");
 
-    // Independent check: candle-transformers' quantized Llama on the same file. It
-    // multiplies with 8-bit-quantized activations while the workers dequantize weights to
-    // f32, so logits agree closely but not exactly, and greedy paths part once two
-    // candidates are near-tied.
+    // Independent check: candle-transformers' quantized Llama on the same file, with the
+    // same quantized kernels. On the tiny models of the test below the two agree exactly
+    // (logits bit for bit); on SmolLM2 they agree closely but not exactly (prompt logits
+    // cosine 0.9989, max difference 0.76: the same with `--dequantize`, so not the
+    // kernels), and greedy paths part at the sixth token. The cause is open (see the
+    // README's note).
     let reference = quantized_reference(&gguf, &prompt, 16)?;
     let ref_logits = quantized_prompt_logits(&gguf, &prompt)?;
     let c = cosine(&one_logits[0], &ref_logits);
     assert!(c > 0.995, "prompt logits cosine {c}");
     let agree = one.iter().zip(&reference).take_while(|(a, b)| a == b).count();
-    eprintln!(
-        "ours:      {:?}\nreference: {:?}\nagree on the first {agree} tokens; prompt logits cosine {c:.5}",
-        tok.decode(&one[..16])?,
-        tok.decode(&reference)?
-    );
     assert!(agree >= 4, "ours {one:?} vs quantized_llama {reference:?}");
+
+    // Dequantized to f32 at load (`--dequantize`): the same text here.
+    let deq = run_cluster_with(&dir.path().join("deq"), &single, &gguf, &prompt, n, &["--dequantize"])?;
+    let c = cosine(&deq.logits[0], &one_logits[0]);
+    assert!(c > 0.999, "dequantized against as-stored prompt logits: cosine {c}");
     Ok(())
 }
 
@@ -196,16 +198,25 @@ fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// Writes `model.safetensors`' weights as an f32 GGUF file the way llama.cpp would.
 fn write_gguf(st_dir: &Path, cfg: &ModelConfig, out: &Path) -> Result<()> {
+    write_gguf_as(st_dir, cfg, out, GgmlDType::F32)
+}
+
+/// As [`write_gguf`], with the matrices (embedding, projections, head) in `dtype`; norms
+/// stay f32, as llama.cpp's quantizer leaves them.
+fn write_gguf_as(st_dir: &Path, cfg: &ModelConfig, out: &Path, dtype: GgmlDType) -> Result<()> {
     use gguf_file::Value;
     let w = candle_core::safetensors::load(st_dir.join("model.safetensors"), &Device::Cpu)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, t: &Tensor| -> Result<()> {
-        tensors.push((name, QTensor::quantize(t, GgmlDType::F32)?));
+        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+        tensors.push((name, QTensor::quantize(t, d)?));
         Ok(())
     };
     put("token_embd.weight".into(), &w["model.embed_tokens.weight"])?;
     put("output_norm.weight".into(), &w["model.norm.weight"])?;
-    put("output.weight".into(), &w["lm_head.weight"])?;
+    if !cfg.tie_word_embeddings {
+        put("output.weight".into(), &w["lm_head.weight"])?;
+    }
     for l in 0..cfg.num_layers {
         let hf = |s: &str| w[&format!("model.layers.{l}.{s}")].clone();
         put(format!("blk.{l}.attn_norm.weight"), &hf("input_layernorm.weight"))?;
@@ -235,6 +246,7 @@ fn write_gguf(st_dir: &Path, cfg: &ModelConfig, out: &Path) -> Result<()> {
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
         ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
         ("llama.vocab_size", Value::U32(cfg.vocab_size as u32)),
+        ("llama.rope.dimension_count", Value::U32(cfg.head_dim as u32)),
     ];
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -260,6 +272,49 @@ fn gguf_and_safetensors_copies_give_the_same_logits() -> Result<()> {
     assert_eq!(a, b);
     let d = la.iter().zip(&lb).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
     assert!(d < 1e-5, "logits differ by {d}");
+    Ok(())
+}
+
+#[test]
+fn quantized_gguf_runs_as_stored_on_one_two_and_three_ranks_like_quantized_llama() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The tests' tiny Mistral, and one shaped like SmolLM2 (tied embeddings, three query
+    // heads per KV head, RoPE base 100000).
+    let smol = ModelConfig {
+        hidden_size: 96,
+        num_heads: 6,
+        num_kv_heads: 2,
+        tie_word_embeddings: true,
+        rope_theta: 100_000.0,
+        ..tiny(2, None)
+    };
+    let prompt = [3u32, 14, 15, 92, 65, 35, 8];
+    let cases = [
+        (tiny(3, None), "q8_0", GgmlDType::Q8_0),
+        (tiny(3, None), "q4_0", GgmlDType::Q4_0),
+        (tiny(3, None), "q4_1", GgmlDType::Q4_1),
+        (smol.clone(), "smol-q4_1", GgmlDType::Q4_1),
+        (smol, "smol-q8_0", GgmlDType::Q8_0),
+    ];
+    for (cfg, name, dtype) in cases {
+        let st = dir.path().join(format!("st-{name}"));
+        write_model(&st, &cfg, 9)?;
+        let gguf = dir.path().join(format!("tiny-{name}.gguf"));
+        write_gguf_as(&st, &cfg, &gguf, dtype)?;
+        let want = quantized_reference(&gguf, &prompt, 32)?;
+        let want_logits = quantized_prompt_logits(&gguf, &prompt)?;
+        for n in [1usize, 2, 3] {
+            let names = ["m4-pro", "m5-pro", "m5-pro"];
+            let mut plan = plan_with(&cfg, &names[..n.max(2)], prompt.len() as u64, 32, |op| op.id % n)?;
+            plan.machines.truncate(n);
+            plan.validate()?;
+            let (tokens, logits) = run(&dir.path().join(format!("{name}-{n}")), &plan, &gguf, &prompt, 32)?;
+            let d = logits[0].iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            eprintln!("{name} on {n} ranks: prompt logits within {d} of quantized_llama");
+            assert!(d < 1e-4, "{name} on {n} ranks: prompt logits differ by {d}");
+            assert_eq!(tokens, want, "{name} on {n} ranks");
+        }
+    }
     Ok(())
 }
 

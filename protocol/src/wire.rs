@@ -173,6 +173,9 @@ pub enum Message {
         /// Training: how to initialise the LoRA adapters.
         #[serde(default)]
         train: Option<TrainSetup>,
+        /// Dequantize GGUF's quantized weights at load instead of running them as stored.
+        #[serde(default)]
+        dequantize: bool,
     },
     /// A rank has loaded its weights and connected to its peers.
     Ready {

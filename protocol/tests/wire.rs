@@ -52,6 +52,7 @@ fn every_message() -> Vec<Frame> {
                 targets: Some(vec![lemur_protocol::OpKind::QProj]),
                 dropout: 0.1,
             }),
+            dequantize: true,
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {

@@ -216,13 +216,27 @@ pub struct Run {
 
 /// Writes model and plan, starts the cluster, runs rank 0, checks everyone exits.
 pub fn run_cluster(dir: &Path, plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Result<Run> {
+    run_cluster_with(dir, plan, model, prompt, n, &[])
+}
+
+/// [`run_cluster`] with more flags for rank 0.
+pub fn run_cluster_with(
+    dir: &Path,
+    plan: &Plan,
+    model: &Path,
+    prompt: &[u32],
+    n: usize,
+    extra: &[&str],
+) -> Result<Run> {
     std::fs::create_dir_all(dir)?;
     let plan_path = dir.join("plan.json");
     std::fs::write(&plan_path, serde_json::to_string(plan)?)?;
     let cluster = cluster_file(dir, plan)?;
     let mut workers = spawn_workers(&cluster, plan.machines.len(), &[])?;
     let dump = dir.join("logits.json");
-    let out = run_leader(&cluster, &plan_path, model, prompt, n, &["--dump-logits", dump.to_str().unwrap()])?;
+    let mut flags = vec!["--dump-logits", dump.to_str().unwrap_or_default()];
+    flags.extend_from_slice(extra);
+    let out = run_leader(&cluster, &plan_path, model, prompt, n, &flags)?;
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "rank 0 failed: {stderr}");
     for child in workers.0.drain(..) {

@@ -247,10 +247,13 @@ impl Executor {
         dy: &Tensor,
         step: &StepInput,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>), WorkerError> {
-        let w = match self.weight(kind, layer)? {
-            OpWeights::Linear(l) => l.weight(),
-            _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
-        };
+        // A quantized base weight is dequantized for this op's input gradient only and
+        // dropped after it (QLoRA: memory stays near the quantized size).
+        let w = self
+            .weight(kind, layer)?
+            .dense(&self.device)
+            .map_err(|_| WorkerError::Weights(format!("{kind} needs a linear weight")))?
+            .to_dtype(dy.dtype())?;
         let (x2, dy2) = (to_2d(x)?, to_2d(dy)?);
         let mut dx = dy2.matmul(&w.contiguous()?)?;
         let mut lora = None;

@@ -8,6 +8,9 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear};
 use lemur_protocol::{ModelConfig, OpKind};
@@ -20,9 +23,26 @@ use crate::lora::Adapter;
 #[derive(Debug, Clone)]
 pub enum OpWeights {
     Embedding(Embedding),
+    /// A quantized embedding table (GGUF, as stored): rows are dequantized on lookup.
+    QEmbedding(Arc<QTensor>),
     Norm(Tensor),
     Linear(Linear),
+    /// A linear op on quantized weights (GGUF, as stored): candle's quantized matmul.
+    QLinear(QMatMul),
     None,
+}
+
+impl OpWeights {
+    /// A linear op's weight as a dense `[out, in]` tensor: the weight itself, or for a
+    /// quantized one a dequantized copy made now (the caller drops it after use).
+    pub fn dense(&self, device: &Device) -> Result<Tensor, WorkerError> {
+        match self {
+            OpWeights::Linear(l) => Ok(l.weight().clone()),
+            OpWeights::QLinear(QMatMul::QTensor(q)) => Ok(q.dequantize(device)?),
+            OpWeights::QLinear(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.clone()),
+            _ => Err(WorkerError::Weights("not a linear weight".into())),
+        }
+    }
 }
 
 /// The K and V cache of one layer of one request: preallocated buffers
@@ -158,6 +178,8 @@ impl Executor {
     ) -> Result<Tensor, WorkerError> {
         let y = match self.weight(kind, layer)? {
             OpWeights::Linear(l) => l.forward(x)?,
+            // Quantized kernels take f32 activations (they quantize them to 8 bits).
+            OpWeights::QLinear(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };
         Ok(match self.adapters.get(&(kind, layer)) {
@@ -197,6 +219,7 @@ impl Executor {
         Ok(match kind {
             OpKind::Embedding => match self.weight(kind, layer)? {
                 OpWeights::Embedding(e) => vec![e.forward(&step.tokens)?],
+                OpWeights::QEmbedding(q) => vec![q.embedding(&step.tokens)?.to_dtype(self.dtype)?],
                 _ => return Err(WorkerError::Weights("embedding needs its table".into())),
             },
             OpKind::AttnNorm | OpKind::MlpNorm => vec![self.norm(kind, layer, one(&stream_kinds)?)?],

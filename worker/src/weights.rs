@@ -1,13 +1,18 @@
 //! Loading a rank's share of a checkpoint, in either format users have: a Hugging Face
-//! directory (`config.json` plus memory-mapped `*.safetensors`) or a GGUF file (quantized
-//! blocks dequantized on load). Only the tensors of the ops this rank runs are read, in the
-//! run's dtype. GGUF stores Q and K permuted for interleaved RoPE; they are permuted back so
-//! both formats give the same model.
+//! directory (`config.json` plus memory-mapped `*.safetensors`) or a GGUF file. A GGUF's
+//! quantized linear and embedding tensors are kept as stored (candle's quantized matmul
+//! and embedding lookup), unless the rank is asked to dequantize them to the run's dtype;
+//! norms and unquantized tensors load in the run's dtype. Only the tensors of the ops this
+//! rank runs are read. GGUF stores Q and K rows permuted for interleaved RoPE; they are
+//! permuted back (whole quantized rows, which are independent) so both formats give the
+//! same model.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear};
@@ -31,6 +36,8 @@ pub struct Checkpoint {
     /// The GGUF header, for GGUF checkpoints (tokenizer and chat template live there).
     pub gguf: Option<GgufHeader>,
     tensors: Tensors,
+    /// Dequantize GGUF's quantized tensors at load instead of running them as stored.
+    pub dequantize: bool,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -93,6 +100,25 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor, WorkerError> {
     Ok(w.reshape((heads, half, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
+/// [`unpermute_qk`] on a quantized tensor's raw bytes: `rows` rows of equal size, each a
+/// run of independent blocks, reordered whole.
+pub fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>, String> {
+    if rows == 0 || heads == 0 || bytes.len() % rows != 0 || rows % (2 * heads) != 0 {
+        return Err(format!("{} bytes do not split into {rows} rows of {heads} heads' pairs", bytes.len()));
+    }
+    let (row, per_head) = (bytes.len() / rows, rows / heads);
+    let half = per_head / 2;
+    let mut out = Vec::with_capacity(bytes.len());
+    for new in 0..rows {
+        // new = h * per_head + j * half + i  <-  old = h * per_head + i * 2 + j
+        let (h, rest) = (new / per_head, new % per_head);
+        let (j, i) = (rest / half, rest % half);
+        let old = h * per_head + i * 2 + j;
+        out.extend_from_slice(&bytes[old * row..(old + 1) * row]);
+    }
+    Ok(out)
+}
+
 impl Checkpoint {
     /// Opens a Hugging Face directory or a GGUF file (or a directory holding one).
     pub fn open(path: &Path) -> Result<Self, WorkerError> {
@@ -122,7 +148,13 @@ impl Checkpoint {
         // assumes nobody truncates them while the worker runs.
         #[allow(unsafe_code)]
         let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| file_err(path, e.to_string()))?;
-        Ok(Self { path: path.to_path_buf(), config, gguf: None, tensors: Tensors::Safetensors(tensors) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            gguf: None,
+            tensors: Tensors::Safetensors(tensors),
+            dequantize: false,
+        })
     }
 
     fn open_gguf(file: &Path) -> Result<Self, WorkerError> {
@@ -137,6 +169,7 @@ impl Checkpoint {
             config,
             gguf: Some(header),
             tensors: Tensors::Gguf { file: file.to_path_buf(), content },
+            dequantize: false,
         })
     }
 
@@ -196,6 +229,34 @@ impl Checkpoint {
         Ok(t.to_dtype(dtype)?)
     }
 
+    /// The tensor `name` as stored, when it is quantized and kept so: Q and K rows permuted
+    /// back, on `dev`. `None` for safetensors, unquantized GGUF tensors, or `dequantize`.
+    fn load_quantized(&self, name: &str, kind: OpKind, dev: &Device) -> Result<Option<QTensor>, WorkerError> {
+        let Tensors::Gguf { file, content } = &self.tensors else { return Ok(None) };
+        let Some(info) = content.tensor_infos.get(name) else { return Ok(None) };
+        if self.dequantize || matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        let missing =
+            |e: String| WorkerError::Weights(format!("{}: tensor `{name}` for {kind}: {e}", self.path.display()));
+        let mut f = std::fs::File::open(file).map_err(|e| file_err(file, e.to_string()))?;
+        let q = content.tensor(&mut f, name, &Device::Cpu).map_err(|e| missing(e.to_string()))?;
+        let heads = match kind {
+            OpKind::QProj => Some(self.config.num_heads as usize),
+            OpKind::KProj => Some(self.config.num_kv_heads as usize),
+            _ => None,
+        };
+        if heads.is_none() && dev.is_cpu() {
+            return Ok(Some(q));
+        }
+        let (dtype, shape) = (q.dtype(), q.shape().clone());
+        let mut bytes = q.data()?.into_owned();
+        if let Some(heads) = heads {
+            bytes = unpermute_rows(&bytes, shape.dims2()?.0, heads).map_err(missing)?;
+        }
+        Ok(Some(QTensor::new(QStorage::from_data(std::borrow::Cow::Owned(bytes), dev, dtype)?, shape)?))
+    }
+
     /// Checks that every tensor `ops` need is present with the right shape, without loading.
     pub fn check_tensors(&self, ops: &HashSet<(OpKind, Option<u32>)>) -> Result<(), WorkerError> {
         let mut ops: Vec<_> = ops.iter().copied().collect();
@@ -233,16 +294,20 @@ impl Checkpoint {
             let names = tensor_names(&self.config, self.is_gguf(), kind, layer);
             let w = match names.first() {
                 None => OpWeights::None,
-                Some(name) => {
-                    let t = self.load(name, kind, &dev, exec.dtype)?;
-                    bytes += (t.elem_count() * exec.dtype.size_in_bytes()) as u64;
-                    self.check_shape(name, kind, t.dims())?;
-                    match kind {
-                        OpKind::Embedding => OpWeights::Embedding(Embedding::new(t, self.config.hidden_size as usize)),
-                        OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm => OpWeights::Norm(t),
-                        _ => OpWeights::Linear(Linear::new(t, None)),
+                Some(name) if !matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) => {
+                    match self.load_quantized(name, kind, &dev)? {
+                        Some(q) => {
+                            bytes += q.storage_size_in_bytes() as u64;
+                            self.check_shape(name, kind, q.shape().dims())?;
+                            match kind {
+                                OpKind::Embedding => OpWeights::QEmbedding(Arc::new(q)),
+                                _ => OpWeights::QLinear(QMatMul::from_qtensor(q)?),
+                            }
+                        }
+                        None => self.dense_weights(name, kind, exec, &mut bytes)?,
                     }
                 }
+                Some(name) => self.dense_weights(name, kind, exec, &mut bytes)?,
             };
             exec.set_weights(kind, layer, w);
             if let Some(p) = progress {
@@ -250,6 +315,24 @@ impl Checkpoint {
             }
         }
         Ok(bytes)
+    }
+
+    /// An op's weights loaded in the run's dtype (dequantized if stored quantized).
+    fn dense_weights(
+        &self,
+        name: &str,
+        kind: OpKind,
+        exec: &Executor,
+        bytes: &mut u64,
+    ) -> Result<OpWeights, WorkerError> {
+        let t = self.load(name, kind, &exec.device, exec.dtype)?;
+        *bytes += (t.elem_count() * exec.dtype.size_in_bytes()) as u64;
+        self.check_shape(name, kind, t.dims())?;
+        Ok(match kind {
+            OpKind::Embedding => OpWeights::Embedding(Embedding::new(t, self.config.hidden_size as usize)),
+            OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm => OpWeights::Norm(t),
+            _ => OpWeights::Linear(Linear::new(t, None)),
+        })
     }
 
     fn check_shape(&self, name: &str, kind: OpKind, dims: &[usize]) -> Result<(), WorkerError> {
@@ -283,5 +366,29 @@ pub fn parse_dtype(s: &str) -> Result<DType, WorkerError> {
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
         other => Err(WorkerError::Plan(format!("dtype must be f32, f16 or bf16, not `{other}`"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_rows_unpermute_like_the_dense_weight() {
+        // 12 rows of 3 bytes; row r holds r: the row order after unpermuting must be the
+        // dense un-permutation's.
+        let (rows, heads, width) = (12usize, 3usize, 3usize);
+        let bytes: Vec<u8> = (0..rows).flat_map(|r| vec![r as u8; width]).collect();
+        let dense = Tensor::from_vec(
+            (0..rows * width).map(|i| (i / width) as f32).collect::<Vec<_>>(),
+            (rows, width),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want: Vec<u8> =
+            unpermute_qk(&dense, heads).unwrap().to_vec2::<f32>().unwrap().iter().map(|r| r[0] as u8).collect();
+        let got: Vec<u8> = unpermute_rows(&bytes, rows, heads).unwrap().chunks(width).map(|r| r[0]).collect();
+        assert_eq!(got, want);
+        assert!(unpermute_rows(&bytes, 5, heads).is_err(), "rows must split into heads' pairs");
     }
 }

@@ -148,6 +148,10 @@ struct Args {
     /// Rank 0, inference: apply trained LoRA adapters (a checkpoint or PEFT adapter directory).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Rank 0: dequantize a GGUF's quantized weights at load (every rank) instead of
+    /// running them as stored with quantized matmuls.
+    #[arg(long)]
+    dequantize: bool,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600, value_parser = parse::at_least_one::<u64>)]
     wait: u64,
@@ -192,6 +196,7 @@ const LEADER_ONLY: &[&str] = &[
     "resume",
     "loss_log",
     "adapter",
+    "dequantize",
 ];
 
 fn main() -> ExitCode {
@@ -313,6 +318,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
                 }),
             },
             adapters: adapter.map(|(_, t)| t),
+            dequantize: args.dequantize,
         })
     } else {
         None

@@ -145,6 +145,9 @@ pub struct Job {
     pub train: Option<TrainSetup>,
     pub train_loop: Option<TrainLoop>,
     pub adapters: Option<AdapterGrads>,
+    /// Dequantize GGUF's quantized weights at load (every rank) instead of running them
+    /// as stored.
+    pub dequantize: bool,
 }
 
 impl Job {

@@ -111,7 +111,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     let t = cfg.timeouts;
     let net = cfg.transport.as_ref();
     let mut conns: HashMap<u32, Conn> = HashMap::new();
-    let (plan, model_dir, dtype, timing, train) = if me == 0 {
+    let (plan, model_dir, dtype, timing, train, dequantize) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
         // Check the plan, the request and every rank's weights before dialling anyone (the
@@ -133,11 +133,12 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                     dtype: wire_dtype(job.dtype)?,
                     timing: job.timing,
                     train: job.train.clone(),
+                    dequantize: job.dequantize,
                 }))
                 .await?;
             conns.insert(r, conn);
         }
-        (job.plan, job.model_dir, job.dtype, job.timing, job.train)
+        (job.plan, job.model_dir, job.dtype, job.timing, job.train, job.dequantize)
     } else {
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
@@ -170,7 +171,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, model_dir, dtype, timing, train } = frame.message else {
+        let Message::Setup { plan, ranks, model_dir, dtype, timing, train, dequantize } = frame.message else {
             return Err(WorkerError::Peer {
                 rank: 0,
                 message: format!("sent `{}` instead of the plan", frame.message.name()),
@@ -181,11 +182,12 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train)
+        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train, dequantize)
     };
 
     // Validate and load before any compute; report failures to rank 0 by name.
-    let (prog, exec, weight_bytes, load_seconds) = match load(&plan, me, cfg, model_dir, dtype, train.as_ref()).await {
+    let loaded = load(&plan, me, cfg, model_dir, (dtype, dequantize), train.as_ref()).await;
+    let (prog, exec, weight_bytes, load_seconds) = match loaded {
         Ok(p) => p,
         Err(e) => {
             if let Some(leader) = conns.get_mut(&0) {
@@ -222,7 +224,7 @@ async fn load(
     me: u32,
     cfg: &NodeConfig,
     dir: PathBuf,
-    dtype: DType,
+    (dtype, dequantize): (DType, bool),
     train: Option<&TrainSetup>,
 ) -> Result<(RankProgram, Executor, u64, f64), WorkerError> {
     let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
@@ -251,7 +253,8 @@ async fn load(
     let wanted = prog.local_weights();
     let t0 = Instant::now();
     let (exec, bytes) = tokio::task::spawn_blocking(move || {
-        let ck = Checkpoint::open(&dir)?;
+        let mut ck = Checkpoint::open(&dir)?;
+        ck.dequantize = dequantize;
         ck.check_plan_model(&model)?;
         let mut exec = Executor::new(ck.config.clone(), device, dtype)?;
         let bar = indicatif::ProgressBar::new(0);

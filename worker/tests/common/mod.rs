@@ -96,6 +96,7 @@ pub fn infer_job(plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Job {
         train: None,
         train_loop: None,
         adapters: None,
+        dequantize: false,
     }
 }
 
