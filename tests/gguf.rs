@@ -143,6 +143,15 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
 }
 
 #[test]
+fn a_gguf_says_how_its_weights_are_stored() -> Result<()> {
+    let gguf = smollm2()?;
+    let w = lemurian::planner::model_source::weights_of(gguf.to_str().unwrap());
+    assert_eq!(w, Some(lemurian::protocol::WeightFormat::Q4_1));
+    assert_eq!(lemurian::planner::model_source::weights_of("mistral-7b"), None);
+    Ok(())
+}
+
+#[test]
 fn smollm2_tokenizer_round_trips_and_renders_its_chat_template() -> Result<()> {
     let gguf = smollm2()?;
     let tok = tokenizer(&gguf)?;

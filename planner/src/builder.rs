@@ -65,6 +65,12 @@ impl Planner {
         self
     }
 
+    /// How the weights are stored (dense by default; a GGUF format such as `Q4KM`).
+    pub fn weights(mut self, weights: lemur_protocol::WeightFormat) -> Self {
+        self.req.weights = weights;
+        self
+    }
+
     /// Plan generation: a prompt, then `gen_tokens` decoded, for `batch` sequences.
     pub fn infer(mut self, prompt: u64, gen_tokens: u64, batch: u64) -> Self {
         self.req.mode = Mode::Infer { prompt, gen_tokens, batch };

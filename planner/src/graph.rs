@@ -9,7 +9,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
-use lemur_protocol::{DType, ModelConfig, OpKind, Phase};
+use lemur_protocol::{DType, ModelConfig, OpKind, Phase, WeightFormat};
 
 /// An element-wise (memory-bound) kernel family; the cost model decides how many
 /// launches and passes over memory each family takes on a machine's kernel style.
@@ -55,10 +55,12 @@ impl Kernel {
     /// Bytes read: (weights, activations).
     pub fn bytes_read(&self) -> (u64, u64) {
         match *self {
-            Kernel::Gemm { batch, m, n, k, dtype, weight_bytes } => {
-                let operands = batch * (m * k + k * n) * dtype.bytes();
-                (weight_bytes, operands - weight_bytes)
+            // With parameters as the (k x n) operand, those bytes are the weights' as stored
+            // (quantized or not); the activations are the (m x k) operand.
+            Kernel::Gemm { batch, m, k, dtype, weight_bytes, .. } if weight_bytes > 0 => {
+                (weight_bytes, batch * m * k * dtype.bytes())
             }
+            Kernel::Gemm { batch, m, n, k, dtype, .. } => (0, batch * (m * k + k * n) * dtype.bytes()),
             Kernel::Attention { read_bytes, .. } => (0, read_bytes),
             Kernel::Elementwise { class: EwClass::Gather, read_bytes, .. } => (read_bytes, 0),
             Kernel::Elementwise { read_bytes, .. } => (0, read_bytes),
@@ -212,10 +214,25 @@ pub enum Workload {
 }
 
 /// The op graph of one workload of one model.
+/// The numbers a graph is built in: activations (and dense weights) in `activations`,
+/// weights stored as `weights` (dense, or a GGUF block format).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Precision {
+    pub activations: DType,
+    pub weights: WeightFormat,
+}
+
+impl From<DType> for Precision {
+    fn from(activations: DType) -> Self {
+        Self { activations, weights: WeightFormat::Dense }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct OpGraph {
     pub model: ModelConfig,
     pub dtype: DType,
+    pub weights: WeightFormat,
     pub workload: Workload,
     pub graph: DiGraph<Op, Edge>,
 }
@@ -261,8 +278,9 @@ impl OpGraph {
     }
 
     /// Builds the graph for a workload.
-    pub fn build(model: &ModelConfig, dtype: DType, workload: Workload) -> Self {
-        let mut b = Builder { m: model, dt: dtype, g: DiGraph::new() };
+    pub fn build(model: &ModelConfig, precision: impl Into<Precision>, workload: Workload) -> Self {
+        let Precision { activations: dtype, weights } = precision.into();
+        let mut b = Builder { m: model, dt: dtype, wf: weights, g: DiGraph::new() };
         match &workload {
             Workload::Prefill { batch, seq, context } => {
                 b.forward(Phase::Prefill, *batch, *seq, *seq, *context, None);
@@ -277,13 +295,14 @@ impl OpGraph {
                 b.backward(&fwd, *batch, *seq, finetune);
             }
         }
-        Self { model: model.clone(), dtype, workload, graph: b.g }
+        Self { model: model.clone(), dtype, weights, workload, graph: b.g }
     }
 }
 
 struct Builder<'a> {
     m: &'a ModelConfig,
     dt: DType,
+    wf: WeightFormat,
     g: DiGraph<Op, Edge>,
 }
 
@@ -313,7 +332,7 @@ impl Builder<'_> {
     fn linear(&self, kind: OpKind, layer: Option<u32>, phase: Phase, t: u64, lora: u64) -> Op {
         let dt = self.dt;
         let (k_in, n_out) = linear_dims(self.m, kind);
-        let w = k_in * n_out * dt.bytes();
+        let w = self.wf.bytes(kind, k_in * n_out, dt);
         let mut kernels = vec![Kernel::Gemm { batch: 1, m: t, n: n_out, k: k_in, dtype: dt, weight_bytes: w }];
         if lora > 0 {
             let (a, bw) = (lora * k_in * dt.bytes(), n_out * lora * dt.bytes());
@@ -353,7 +372,7 @@ impl Builder<'_> {
             phase,
             vec![self.ew(EwClass::Gather, self.act(t, h) + t * 4, self.act(t, h))],
         );
-        emb.weight_bytes = m.vocab_size * h * dt.bytes();
+        emb.weight_bytes = self.wf.bytes(OpKind::Embedding, m.vocab_size * h, dt);
         let emb = self.add(emb);
         ids.push(emb);
         let mut stream = emb; // producer of the residual stream
@@ -444,7 +463,7 @@ impl Builder<'_> {
         let mut head = self.linear(OpKind::LmHead, None, phase, head_rows, lora_rank(OpKind::LmHead));
         if m.tie_word_embeddings {
             // The weight is the embedding's; it is still resident where the head runs.
-            head.weight_bytes = m.vocab_size * h * dt.bytes();
+            head.weight_bytes = self.wf.bytes(OpKind::Embedding, m.vocab_size * h, dt);
         }
         if ft.is_some() {
             let logits = head_rows * m.vocab_size;

@@ -44,3 +44,12 @@ pub fn load_model(spec: &str) -> Result<ModelConfig, ModelError> {
     let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
     ModelConfig::from_hf_json(&name, &text).map_err(|source| ModelError::Invalid { path: file, source })
 }
+
+/// How `spec`'s weights are stored, when it is a GGUF file that says (`general.file_type`).
+pub fn weights_of(spec: &str) -> Option<lemur_protocol::WeightFormat> {
+    let file = gguf_file_of(Path::new(spec))?;
+    let mut f = std::fs::File::open(&file).ok()?;
+    let header = GgufHeader::read(&mut f).ok()?;
+    let t = header.get("general.file_type")?.as_u64()?;
+    lemur_protocol::WeightFormat::from_gguf_file_type(t)
+}

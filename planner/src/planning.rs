@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 
 use lemur_protocol::plan::{MachineUse, PlanBaseline, PlanEdge, PlanMachine, PlanOp, PlanWorkload, Predicted};
 use lemur_protocol::{
-    DType, FinetuneKind, LinkProfile, MachineProfile, ModelConfig, Plan, WorkloadMode, PLAN_FORMAT_VERSION,
+    DType, FinetuneKind, LinkProfile, MachineProfile, ModelConfig, Plan, WeightFormat, WorkloadMode,
+    PLAN_FORMAT_VERSION,
 };
 
 use crate::baselines::{baselines, warm_start, Baseline, Score};
 use crate::cost::CostModel;
 use crate::evaluate::{evaluate, headline, Assignment, Metrics};
-use crate::graph::Finetune;
+use crate::graph::{Finetune, Precision};
 use crate::ilp::{analytic_bounds, solve, IlpOptions, IlpOutcome};
 use crate::problem::{Instance, InstanceError, Mode, Objective};
 
@@ -33,6 +34,8 @@ pub enum PlanningError {
 pub struct PlanRequest {
     pub model: ModelConfig,
     pub dtype: DType,
+    /// How the weights are stored: dense in `dtype` (the default), or a GGUF block format.
+    pub weights: WeightFormat,
     pub mode: Mode,
     pub objective: Objective,
     pub machines: Vec<MachineProfile>,
@@ -48,6 +51,7 @@ impl PlanRequest {
         Self {
             model,
             dtype: DType::F16,
+            weights: WeightFormat::Dense,
             mode: Mode::Infer { prompt: 2048, gen_tokens: 256, batch: 1 },
             objective: Objective::Latency,
             machines,
@@ -83,7 +87,8 @@ pub fn plan(cost: &impl CostModel, req: &PlanRequest) -> Result<Planned, Plannin
         let problem = format!("must be a relative gap in [0, 1], not {}", req.ilp.rel_gap);
         return Err(PlanningError::Options { field: "rel_gap", problem });
     }
-    let inst = Instance::new(cost, &req.model, req.dtype, req.mode.clone(), req.objective, &req.machines, &req.links)?;
+    let precision = Precision { activations: req.dtype, weights: req.weights };
+    let inst = Instance::new(cost, &req.model, precision, req.mode.clone(), req.objective, &req.machines, &req.links)?;
     tracing::info!(
         machines = inst.num_machines(),
         ops = inst.phases.iter().map(|p| p.graph.len()).sum::<usize>(),
@@ -261,6 +266,7 @@ fn build_plan(
             lora_targets: None,
             micro_batches: 1,
             inflight: None,
+            weights: req.weights,
         },
         Mode::Train { seq, batch, finetune, micro_batches } => {
             let (ft, rank, targets) = match finetune {
@@ -277,6 +283,7 @@ fn build_plan(
                 lora_targets: targets,
                 micro_batches: *micro_batches,
                 inflight: sched.as_ref().map(|s| s.inflight),
+                weights: req.weights,
             }
         }
     };

@@ -1,10 +1,10 @@
 //! A planning instance: the machines, the workload's phases with their op graphs and cost
 //! tables, the colocation units, the tensors that may cross links, and the objective.
 
-use lemur_protocol::{DType, LinkProfile, MachineProfile, ModelConfig, OpKind, Phase};
+use lemur_protocol::{DType, LinkProfile, MachineProfile, ModelConfig, OpKind, Phase, WeightFormat};
 
 use crate::cost::{CostError, CostModel, CostTable};
-use crate::graph::{EdgeKind, Finetune, OpGraph, Workload};
+use crate::graph::{EdgeKind, Finetune, OpGraph, Precision, Workload};
 use crate::profiles::{find_link, ProfileError};
 
 /// What the placement minimises.
@@ -82,6 +82,8 @@ impl PhaseData {
 pub struct Instance {
     pub model: ModelConfig,
     pub dtype: DType,
+    /// How the weights are stored (dense in `dtype`, or quantized).
+    pub weights: WeightFormat,
     pub mode: Mode,
     pub objective: Objective,
     pub machines: Vec<Machine>,
@@ -114,12 +116,14 @@ impl Instance {
     pub fn new(
         cost: &impl CostModel,
         model: &ModelConfig,
-        dtype: DType,
+        precision: impl Into<Precision>,
         mode: Mode,
         objective: Objective,
         profiles: &[MachineProfile],
         links: &[LinkProfile],
     ) -> Result<Self, InstanceError> {
+        let precision = precision.into();
+        let (dtype, weights) = (precision.activations, precision.weights);
         if profiles.is_empty() {
             return Err(InstanceError::NoMachines);
         }
@@ -162,13 +166,17 @@ impl Instance {
                     )));
                 };
                 fits_in_sizes(model, dtype, *batch, context)?;
-                let pre =
-                    OpGraph::build(model, dtype, Workload::Prefill { batch: *batch, seq: *prompt, context: *prompt });
+                let pre = OpGraph::build(
+                    model,
+                    precision,
+                    Workload::Prefill { batch: *batch, seq: *prompt, context: *prompt },
+                );
                 // Decode is priced at the average context length of the generation.
                 let kv_len = prompt + gen_tokens / 2;
-                let mut dec = OpGraph::build(model, dtype, Workload::Decode { batch: *batch, kv_len });
+                let mut dec = OpGraph::build(model, precision, Workload::Decode { batch: *batch, kv_len });
                 // The decode phase's KV cache holds the whole context.
-                let full = OpGraph::build(model, dtype, Workload::Decode { batch: *batch, kv_len: context.max(1) - 1 });
+                let full =
+                    OpGraph::build(model, precision, Workload::Decode { batch: *batch, kv_len: context.max(1) - 1 });
                 for (id, op) in full.ops() {
                     let kv = op.kv_cache_bytes;
                     dec.graph[petgraph::graph::NodeIndex::new(id)].kv_cache_bytes = kv;
@@ -207,9 +215,15 @@ impl Instance {
                         return Err(InstanceError::Workload("LoRA needs at least one target projection".into()));
                     }
                 }
+                if weights.is_quantized() && *finetune == Finetune::Full {
+                    return Err(InstanceError::Workload(format!(
+                        "full fine-tuning updates every weight, which {weights} weights cannot hold: \
+                         fine-tune LoRA adapters over them (--lora), or plan dense weights"
+                    )));
+                }
                 let g = OpGraph::build(
                     model,
-                    dtype,
+                    precision,
                     Workload::Train { batch: *batch, seq: *seq, finetune: finetune.clone() },
                 );
                 phases.push(PhaseData::new(cost, "train", g, &refs, 1.0, false)?);
@@ -224,6 +238,7 @@ impl Instance {
         Ok(Self {
             model: model.clone(),
             dtype,
+            weights,
             mode,
             objective,
             machines,

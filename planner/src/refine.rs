@@ -114,7 +114,8 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
         (WorkloadMode::Train, None) => return Err(RefineError::Mode("train without `finetune`".into())),
     };
     let machines: Vec<MachineProfile> = plan.machines.iter().map(|m| m.profile.clone()).collect();
-    let inst = Instance::new(&Roofline, &plan.model, plan.dtype, mode, Objective::Latency, &machines, &plan.links)?;
+    let precision = crate::graph::Precision { activations: plan.dtype, weights: w.weights };
+    let inst = Instance::new(&Roofline, &plan.model, precision, mode, Objective::Latency, &machines, &plan.links)?;
     // Plan op id -> (phase index, graph op id).
     let mut where_op = BTreeMap::new();
     let mut offset = 0;

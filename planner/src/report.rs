@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use lemur_protocol::{OpKind, Phase, WorkloadMode};
+use lemur_protocol::{OpKind, Phase, WeightFormat, WorkloadMode};
 
 use crate::planning::Planned;
 
@@ -32,7 +32,10 @@ pub fn summary(p: &Planned) -> String {
         s,
         "Plan for {} ({}, {}), {} of {}{}",
         plan.model.name,
-        plan.dtype,
+        match plan.workload.weights {
+            WeightFormat::Dense => plan.dtype.to_string(),
+            w => format!("{w} weights, {} activations", plan.dtype),
+        },
         plan.workload.mode,
         match plan.workload.mode {
             WorkloadMode::Infer => format!("prompt {} + {} generated", plan.workload.seq, plan.workload.gen_tokens),
@@ -49,6 +52,14 @@ pub fn summary(p: &Planned) -> String {
         },
     );
     let _ = writeln!(s, "Objective: {}", objective_words(plan.objective.as_str(), plan.workload.mode.as_str()));
+    if plan.workload.weights.is_quantized() {
+        let _ = writeln!(
+            s,
+            "Weights: {} (memory and weight traffic at its bits per weight; quantized GEMM rates are \
+             estimates: the profiles' {} rates)",
+            plan.workload.weights, plan.dtype
+        );
+    }
     if let (Some(w), WorkloadMode::Train) = (plan.workload.inflight, plan.workload.mode) {
         let m = plan.workload.micro_batches;
         let _ = if w >= m {

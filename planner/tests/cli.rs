@@ -184,6 +184,8 @@ fn every_bad_flag_is_refused_naming_it_and_what_is_allowed() {
         (&["--model", "/nonexistent/config.json"], &["/nonexistent/config.json"]),
         (&["--mode", "bogus"], &["--mode", "infer", "train"]),
         (&["--objective", "speed"], &["--objective", "latency", "throughput"]),
+        (&["--weights", "q3"], &["--weights", "`q3` is not a weight format", "q4_k_m"]),
+        (&["--mode", "train", "--weights", "q4_0"], &["full fine-tuning", "q4_0", "--lora"]),
         (
             &["--out", "/nonexistent/dir/plan.json", "--model", "tiny", "--seq", "16", "--gen-tokens", "2"],
             &["/nonexistent/dir/plan.json"],
@@ -261,4 +263,28 @@ fn bad_profile_directories_and_links_files_are_named() {
     // A file where the directory belongs.
     let (ok, err) = plan_stderr(Some(&dir.path().join("m4-pro.toml")), &[], &[]);
     assert!(!ok && err.contains("m4-pro.toml"), "{err}");
+}
+
+#[test]
+fn quantized_weights_plan_in_less_memory_and_decode_faster() {
+    let plan_json = |args: &[&str]| {
+        let out = lemur_plan(&[&["--json", "--time-limit", "10"], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        lemur_protocol::Plan::from_json(std::str::from_utf8(&out.stdout).unwrap()).unwrap()
+    };
+    let dense = plan_json(&[]);
+    let q4 = plan_json(&["--weights", "q4_k_m"]);
+    assert_eq!(q4.workload.weights, lemur_protocol::WeightFormat::Q4KM);
+    assert_eq!(dense.workload.weights, lemur_protocol::WeightFormat::Dense);
+    let mem = |p: &lemur_protocol::Plan| p.predicted.per_machine.iter().map(|m| m.memory_bytes).max().unwrap();
+    assert!(mem(&q4) * 3 < mem(&dense), "{} vs {}", mem(&q4), mem(&dense));
+    let (tq, td) = (q4.predicted.tpot_ms.unwrap(), dense.predicted.tpot_ms.unwrap());
+    assert!(tq < 0.6 * td, "decode {tq} ms with q4_k_m vs {td} ms dense");
+    // QLoRA: a LoRA fine-tune over 4-bit weights plans where full fine-tuning cannot.
+    let qlora = plan_json(&["--mode", "train", "--lora", "--weights", "q4_k_m", "--seq", "256"]);
+    let lora = plan_json(&["--mode", "train", "--lora", "--seq", "256"]);
+    assert!(mem(&qlora) < mem(&lora), "{} vs {}", mem(&qlora), mem(&lora));
+    let out = lemur_plan(&["--weights", "q4_k_m", "--time-limit", "10"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("q4_k_m weights") && text.contains("estimates"), "{text}");
 }

@@ -35,6 +35,31 @@ fn weights_add_up_to_the_parameter_count() {
 }
 
 #[test]
+fn quantized_weights_cost_their_bits_per_weight() {
+    use lemur_planner::graph::Precision;
+    use lemur_protocol::WeightFormat;
+    let m = mistral();
+    let (h, kv, i, v, l) = (m.hidden_size, m.kv_dim(), m.intermediate_size, m.vocab_size, m.num_layers);
+    // Q4_K_M: Q4_K (144 bytes per 256 weights), Q6_K (210 / 256) for the head, and their
+    // mean for v_proj and down_proj; norms stay f16 here.
+    let q4 = |n: u64| n * 144 / 256;
+    let q6 = |n: u64| n * 210 / 256;
+    let mix = |n: u64| n * (144 + 210) / 512;
+    let layer = q4(h * h) + q4(kv * h) + mix(kv * h) + q4(h * h) + 2 * q4(i * h) + mix(i * h) + 2 * 2 * h;
+    let want = q4(v * h) + q6(v * h) + l * layer + 2 * h;
+    let p = Precision { activations: DType::F16, weights: WeightFormat::Q4KM };
+    let g = OpGraph::build(&m, p, Workload::Decode { batch: 1, kv_len: 10 });
+    let got: u64 = g.ops().map(|(_, o)| o.weight_bytes).sum();
+    assert_eq!(got, want);
+    // llama.cpp's Mistral-7B Q4_K_M file holds 4.37 GB.
+    assert!((got as f64 / 1e9 - 4.37).abs() < 0.02, "{got}");
+    // Decode reads each weight once, as stored: q_proj reads its Q4_K bytes.
+    let q = g.ops().find(|(_, o)| o.kind == OpKind::QProj).unwrap().1;
+    assert_eq!(q.weight_read_bytes, q4(h * h));
+    assert_eq!(q.act_read_bytes, h * 2, "one token's f16 activations");
+}
+
+#[test]
 fn prefill_flops_match_the_closed_form() {
     let m = mistral();
     let (b, s) = (2, 300);

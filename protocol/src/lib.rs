@@ -8,6 +8,7 @@
 //! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
 //!   the length-delimited [`wire::FrameCodec`].
 //! - [`gguf`]: a bounds-checked GGUF header reader (model shape, tokenizer metadata).
+//! - [`weights`]: how weights are stored ([`WeightFormat`]: dense or a GGUF block format) and their bits.
 //! - [`timings`]: predicted against measured op times, and the validation table.
 //! - [`error`]: [`FieldError`], a validation error that names the field at fault.
 //! - [`cli`]: what every binary shares: logging to stderr and `error: ...` reports.
@@ -22,6 +23,7 @@ pub mod op;
 pub mod plan;
 pub mod profile;
 pub mod timings;
+pub mod weights;
 pub mod wire;
 
 pub use error::FieldError;
@@ -29,3 +31,4 @@ pub use model::ModelConfig;
 pub use op::{OpKind, Phase};
 pub use plan::{FinetuneKind, Plan, PlanError, WorkloadMode, DEFAULT_LORA_RANK, PLAN_FORMAT_VERSION};
 pub use profile::{Bandwidth, Curve, DType, Elementwise, KernelStyle, LinkProfile, MachineProfile, Memory, Peak};
+pub use weights::WeightFormat;

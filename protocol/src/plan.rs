@@ -54,6 +54,9 @@ pub struct PlanWorkload {
     /// the placement uses for 1F1B), as the planner's memory check assumed. Absent: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inflight: Option<u64>,
+    /// How the weights were assumed stored (dense in the plan's dtype, or quantized).
+    #[serde(default)]
+    pub weights: crate::WeightFormat,
 }
 
 /// What a plan runs: generation, or fine-tuning.

@@ -10,7 +10,7 @@ use lemur_planner::costs_report::costs_report;
 use lemur_planner::ilp::IlpOptions;
 use lemur_planner::{load_model, plan, Finetune, LoraSpec, Mode, Objective, PlanRequest, ProfileSet, Roofline};
 use lemur_protocol::cli::parse;
-use lemur_protocol::{DType, MachineProfile, OpKind};
+use lemur_protocol::{DType, MachineProfile, OpKind, WeightFormat};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
@@ -74,9 +74,13 @@ struct Args {
     /// Projections that carry LoRA adapters.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     lora_targets: Vec<String>,
-    /// Precision of weights and activations: f16, bf16 or f32.
+    /// Precision of activations (and of dense weights): f16, bf16 or f32.
     #[arg(long, default_value = "f16")]
     dtype: String,
+    /// How the weights are stored: dense (in --dtype), q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
+    /// q3_k, q4_k, q5_k, q6_k, q4_k_m or q5_k_m. Default: a GGUF model's own format, else dense.
+    #[arg(long)]
+    weights: Option<String>,
     /// Seconds the solver may take in all.
     #[arg(long, default_value_t = 60.0, value_parser = parse::positive)]
     time_limit: f64,
@@ -119,6 +123,13 @@ fn run(args: Args) -> Result<()> {
     let model = load_model(&args.model).context("--model")?;
     let Some(dtype) = DType::parse(&args.dtype) else {
         bail!("--dtype must be f16, bf16 or f32, not `{}`", args.dtype)
+    };
+    let weights = match &args.weights {
+        Some(w) => WeightFormat::parse(w).with_context(|| {
+            let all: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();
+            format!("--weights: `{w}` is not a weight format ({})", all.join(", "))
+        })?,
+        None => lemur_planner::model_source::weights_of(&args.model).unwrap_or_default(),
     };
     let machines: Vec<&MachineProfile> = if args.machines.is_empty() {
         set.machines.iter().map(|(m, _)| m).collect()
@@ -163,6 +174,7 @@ fn run(args: Args) -> Result<()> {
     };
     let mut req = PlanRequest::new(model, machines.into_iter().cloned().collect(), set.links.clone());
     req.dtype = dtype;
+    req.weights = weights;
     req.mode = mode;
     req.objective = objective;
     req.ilp = IlpOptions { time_limit_s: args.time_limit, rel_gap: args.gap, structured: true };
