@@ -289,6 +289,9 @@ pub enum Message {
         /// Training: the most micro-batches this rank held at once.
         #[serde(default)]
         peak_runs: u32,
+        /// The most memory this rank's process has held resident, bytes (0: unknown).
+        #[serde(default)]
+        peak_rss_bytes: u64,
     },
     /// Something failed on `rank`.
     Error {

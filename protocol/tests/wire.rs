@@ -105,6 +105,7 @@ fn every_message() -> Vec<Frame> {
             handover_ms: 1.5,
             op_ms: vec![(3, 0.25), (4, 1.5)],
             peak_runs: 4,
+            peak_rss_bytes: 123 << 20,
         }),
         Frame::control(Message::Error { rank: 1, message: "boom".into() }),
         Frame::control(Message::Heartbeat { rank: 1, seq: 99 }),

@@ -27,6 +27,9 @@ fn two_and_three_ranks_in_one_process_match_candle() -> Result<()> {
         assert_eq!(out.tokens, want, "{n} ranks");
         let d = max_diff(&out.logits, &want_logits);
         assert!(d < 1e-4, "{n} ranks: logits differ by {d}");
+        if cfg!(target_os = "linux") {
+            assert!(out.peak_rss_bytes.iter().all(|&m| m > 1 << 20), "{:?}", out.peak_rss_bytes);
+        }
         if n > 1 {
             assert!(c.net.sent(&c.addr(1), &c.addr(0), "activation") > 0, "rank 1 sent no activation");
             assert!(out.bytes_sent[1] > 0);

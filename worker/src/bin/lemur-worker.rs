@@ -341,6 +341,9 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
         for (r, b) in o.bytes_sent.iter().enumerate() {
             eprintln!("rank {r} sent {b} bytes of activations");
         }
+        for (r, m) in o.peak_rss_bytes.iter().enumerate().filter(|(_, m)| **m > 0) {
+            eprintln!("rank {r} peak resident memory: {:.1} MB", *m as f64 / 1e6);
+        }
         if o.handover_bytes > 0 {
             eprintln!("KV handover: {} bytes, complete {:.2} ms after prefill began", o.handover_bytes, o.handover_ms);
         }

@@ -466,9 +466,18 @@ impl Compute {
             handover_ms,
             op_ms,
             peak_runs: self.peak_runs,
+            peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
         };
         self.router.send(0, Frame::control(msg))
     }
+}
+
+/// The most memory this process has held resident (`VmHWM`), where the OS says (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 impl Handler<Work> for Compute {

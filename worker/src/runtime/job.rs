@@ -211,6 +211,8 @@ pub struct Outcome {
     pub step_seconds: Vec<f64>,
     /// Training: the most micro-batches each rank held at once, by rank.
     pub peak_runs: Vec<u32>,
+    /// The most memory each rank's process held resident, bytes, by rank (0: unknown).
+    pub peak_rss_bytes: Vec<u64>,
     pub checkpoints: Vec<PathBuf>,
 }
 
@@ -273,6 +275,7 @@ mod tests {
             train_losses: vec![],
             step_seconds: vec![9.0, 0.3, 0.1, 0.2],
             peak_runs: vec![],
+            peak_rss_bytes: vec![],
             checkpoints: vec![],
         };
         assert!((o.median_step_ms() - 200.0).abs() < 1e-9);

@@ -37,6 +37,7 @@ pub(super) struct RankStats {
     pub handover_bytes: u64,
     pub handover_ms: f64,
     pub peak_runs: u32,
+    pub peak_rss_bytes: u64,
 }
 
 /// Rank 0's state of the request in flight.
@@ -229,6 +230,7 @@ impl Node {
             handover_bytes: l.stats.values().map(|s| s.handover_bytes).sum(),
             handover_ms: l.stats.values().map(|s| s.handover_ms).fold(0.0, f64::max),
             peak_runs: (0..self.n).map(|r| stat(r).peak_runs).collect(),
+            peak_rss_bytes: (0..self.n).map(|r| stat(r).peak_rss_bytes).collect(),
             op_ms,
             loss: l.loss,
             lora_grads: l.lora_grads.clone(),
@@ -334,10 +336,11 @@ impl Node {
                 }
                 self.on_adapters(rank, grads, ctx);
             }
-            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, .. } => {
+            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, peak_rss_bytes, .. } => {
                 if let Some(l) = self.leader.as_mut() {
                     l.op_ms.extend(op_ms);
-                    l.stats.insert(rank, RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs });
+                    let s = RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs, peak_rss_bytes };
+                    l.stats.insert(rank, s);
                     if l.done && l.stats.len() as u32 == self.n {
                         self.complete_request(ctx);
                     }
