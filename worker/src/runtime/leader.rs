@@ -336,7 +336,9 @@ impl Node {
                 }
                 self.on_adapters(rank, grads, ctx);
             }
-            Message::Stats { rank, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, peak_rss_bytes, .. } => {
+            Message::Stats {
+                rank, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, peak_rss_bytes, ..
+            } => {
                 if let Some(l) = self.leader.as_mut() {
                     l.op_ms.extend(op_ms);
                     let s = RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs, peak_rss_bytes };

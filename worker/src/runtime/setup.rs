@@ -116,8 +116,10 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
         // Check the plan, the request and every rank's weights before dialling anyone (the
         // checkpoint is at the same path on every machine; each rank checks again as it loads).
-        let ck = Checkpoint::open(&job.model_dir)?;
+        let mut ck = Checkpoint::open(&job.model_dir)?;
+        (ck.dequantize, ck.quantize) = (job.dequantize, job.quantize);
         ck.check_plan_model(&job.plan.model)?;
+        ck.check_plan_weights(&job.plan)?;
         job.validate(&ck.config)?;
         for r in 0..n {
             ck.check_tensors(&RankProgram::new(&job.plan, r, &cfg.cluster.rank_of_machine())?.local_weights())?;
@@ -134,11 +136,12 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                     timing: job.timing,
                     train: job.train.clone(),
                     dequantize: job.dequantize,
+                    quantize: job.quantize,
                 }))
                 .await?;
             conns.insert(r, conn);
         }
-        (job.plan, job.model_dir, job.dtype, job.timing, job.train, job.dequantize)
+        (job.plan, job.model_dir, job.dtype, job.timing, job.train, (job.dequantize, job.quantize))
     } else {
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
@@ -171,7 +174,8 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, model_dir, dtype, timing, train, dequantize } = frame.message else {
+        let Message::Setup { plan, ranks, model_dir, dtype, timing, train, dequantize, quantize } = frame.message
+        else {
             return Err(WorkerError::Peer {
                 rank: 0,
                 message: format!("sent `{}` instead of the plan", frame.message.name()),
@@ -182,7 +186,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train, dequantize)
+        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train, (dequantize, quantize))
     };
 
     // Validate and load before any compute; report failures to rank 0 by name.
@@ -224,7 +228,7 @@ async fn load(
     me: u32,
     cfg: &NodeConfig,
     dir: PathBuf,
-    (dtype, dequantize): (DType, bool),
+    (dtype, (dequantize, quantize)): (DType, (bool, Option<lemur_protocol::WeightFormat>)),
     train: Option<&TrainSetup>,
 ) -> Result<(RankProgram, Executor, u64, f64), WorkerError> {
     let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
@@ -254,7 +258,7 @@ async fn load(
     let t0 = Instant::now();
     let (exec, bytes) = tokio::task::spawn_blocking(move || {
         let mut ck = Checkpoint::open(&dir)?;
-        ck.dequantize = dequantize;
+        (ck.dequantize, ck.quantize) = (dequantize, quantize);
         ck.check_plan_model(&model)?;
         let mut exec = Executor::new(ck.config.clone(), device, dtype)?;
         let bar = indicatif::ProgressBar::new(0);

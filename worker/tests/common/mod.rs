@@ -97,6 +97,7 @@ pub fn infer_job(plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Job {
         train_loop: None,
         adapters: None,
         dequantize: false,
+        quantize: None,
     }
 }
 
