@@ -163,10 +163,70 @@ fn check(plan: &Plan, layers: u64) -> Result<()> {
     let ids: Vec<u32> = vec![1, 17, 42, 99, 3, 250, 8, 64, 11, 200, 5, 77];
     let (want_loss, want) = reference_grads(&model, &cfg, &ids)?;
     let (loss, got) = run_grad_check(dir.path(), plan, &model, &ids)?;
+    compare_grads((loss, &got), (want_loss, &want))
+}
+
+/// The same check over a quantized base (QLoRA): the workers train LoRA on a Q8_0 GGUF of
+/// the model, the reference differentiates an f32 model built from its dequantized weights.
+fn check_quantized(plan: &Plan, layers: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(layers, Some(4096));
+    let st = dir.path().join("st");
+    write_model(&st, &cfg, 21)?;
+    let gguf = dir.path().join("model-q8_0.gguf");
+    write_gguf_as(&st, &cfg, &gguf, candle_core::quantized::GgmlDType::Q8_0)?;
+    let deq = dir.path().join("dequantized");
+    dequantized_copy(&gguf, &cfg, &st, &deq)?;
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 3, 250, 8, 64, 11, 200, 5, 77];
+    let (want_loss, want) = reference_grads(&deq, &cfg, &ids)?;
+    let mut plan = plan.clone();
+    plan.workload.weights = lemurian::protocol::WeightFormat::Q8_0;
+    let (loss, got) = run_grad_check(dir.path(), &plan, &gguf, &ids)?;
+    compare_grads((loss, &got), (want_loss, &want))
+}
+
+/// A safetensors copy of a GGUF's weights, dequantized, in Hugging Face names and order.
+fn dequantized_copy(gguf: &Path, cfg: &ModelConfig, src: &Path, out: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(gguf)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |gg: &str, hf: &str, heads: Option<u64>| -> Result<()> {
+        let t = content.tensor(&mut f, gg, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let t = match heads {
+            Some(h) => lemurian::worker::weights::unpermute_qk(&t, h as usize)?,
+            None => t,
+        };
+        w.insert(hf.to_string(), t);
+        Ok(())
+    };
+    put("token_embd.weight", "model.embed_tokens.weight", None)?;
+    put("output_norm.weight", "model.norm.weight", None)?;
+    put("output.weight", "lm_head.weight", None)?;
+    for l in 0..cfg.num_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        put(&format!("blk.{l}.attn_norm.weight"), &hf("input_layernorm.weight"), None)?;
+        put(&format!("blk.{l}.ffn_norm.weight"), &hf("post_attention_layernorm.weight"), None)?;
+        put(&format!("blk.{l}.attn_q.weight"), &hf("self_attn.q_proj.weight"), Some(cfg.num_heads))?;
+        put(&format!("blk.{l}.attn_k.weight"), &hf("self_attn.k_proj.weight"), Some(cfg.num_kv_heads))?;
+        put(&format!("blk.{l}.attn_v.weight"), &hf("self_attn.v_proj.weight"), None)?;
+        put(&format!("blk.{l}.attn_output.weight"), &hf("self_attn.o_proj.weight"), None)?;
+        put(&format!("blk.{l}.ffn_gate.weight"), &hf("mlp.gate_proj.weight"), None)?;
+        put(&format!("blk.{l}.ffn_up.weight"), &hf("mlp.up_proj.weight"), None)?;
+        put(&format!("blk.{l}.ffn_down.weight"), &hf("mlp.down_proj.weight"), None)?;
+    }
+    std::fs::create_dir_all(out)?;
+    std::fs::copy(src.join("config.json"), out.join("config.json"))?;
+    candle_core::safetensors::save(&w, out.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// Loss within 1e-4 and every LoRA gradient within 1e-4 of the reference's.
+fn compare_grads(got: (f64, &HashMap<String, Vec<f32>>), want: (f64, &HashMap<String, Vec<f32>>)) -> Result<()> {
+    let ((loss, got), (want_loss, want)) = (got, want);
     assert!((loss - want_loss).abs() < 1e-4, "loss {loss} vs {want_loss}");
     assert_eq!(got.len(), want.len(), "adapters: got {:?}", got.keys().collect::<Vec<_>>());
     let mut worst = 0.0f32;
-    for (name, w) in &want {
+    for (name, w) in want {
         let g = got.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
         assert_eq!(g.len(), w.len(), "{name}");
         for (a, b) in g.iter().zip(w) {
@@ -194,6 +254,17 @@ fn lora_gradients_from_three_ranks_alternating_ops_match() -> Result<()> {
     let cfg = tiny(2, Some(4096));
     let plan = training_plan(&cfg, &["m4-pro", "m5-pro", "m5-pro"], 11, |f, _| f % 3)?;
     check(&plan, 2)
+}
+
+#[test]
+fn qlora_gradients_over_a_quantized_base_match_autograd_on_its_dequantized_weights() -> Result<()> {
+    let cfg = tiny(2, Some(4096));
+    let mut one = training_plan(&cfg, &["m4-pro", "m5-pro"], 11, |_, _| 0)?;
+    one.machines.truncate(1);
+    one.validate()?;
+    check_quantized(&one, 2)?;
+    check_quantized(&training_plan(&cfg, &["m4-pro", "m5-pro"], 11, |_, op| usize::from(is_attention(op.kind)))?, 2)?;
+    check_quantized(&training_plan(&cfg, &["m4-pro", "m5-pro", "m5-pro"], 11, |f, _| f % 3)?, 2)
 }
 
 #[test]

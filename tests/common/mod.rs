@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use lemurian::protocol::plan::PlanOp;
 use lemurian::protocol::{ModelConfig, Plan};
@@ -245,4 +246,69 @@ pub fn run_cluster_with(
     }
     let logits: Vec<Vec<f32>> = serde_json::from_str(&std::fs::read_to_string(&dump)?)?;
     Ok(Run { tokens: parse_ids(&out.stdout), logits, stderr })
+}
+
+/// llama.cpp's permutation of Q and K rows for interleaved RoPE (what convert_hf_to_gguf does).
+pub fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    Ok(w.reshape((heads, 2, out / heads / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+/// Writes `model.safetensors`' weights as an f32 GGUF file the way llama.cpp would.
+pub fn write_gguf(st_dir: &Path, cfg: &ModelConfig, out: &Path) -> Result<()> {
+    write_gguf_as(st_dir, cfg, out, GgmlDType::F32)
+}
+
+/// As [`write_gguf`], with the matrices (embedding, projections, head) in `dtype`; norms
+/// stay f32, as llama.cpp's quantizer leaves them.
+pub fn write_gguf_as(st_dir: &Path, cfg: &ModelConfig, out: &Path, dtype: GgmlDType) -> Result<()> {
+    use gguf_file::Value;
+    let w = candle_core::safetensors::load(st_dir.join("model.safetensors"), &Device::Cpu)?;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, t: &Tensor| -> Result<()> {
+        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+        tensors.push((name, QTensor::quantize(t, d)?));
+        Ok(())
+    };
+    put("token_embd.weight".into(), &w["model.embed_tokens.weight"])?;
+    put("output_norm.weight".into(), &w["model.norm.weight"])?;
+    if !cfg.tie_word_embeddings {
+        put("output.weight".into(), &w["lm_head.weight"])?;
+    }
+    for l in 0..cfg.num_layers {
+        let hf = |s: &str| w[&format!("model.layers.{l}.{s}")].clone();
+        put(format!("blk.{l}.attn_norm.weight"), &hf("input_layernorm.weight"))?;
+        put(format!("blk.{l}.ffn_norm.weight"), &hf("post_attention_layernorm.weight"))?;
+        put(
+            format!("blk.{l}.attn_q.weight"),
+            &permute_for_gguf(&hf("self_attn.q_proj.weight"), cfg.num_heads as usize)?,
+        )?;
+        put(
+            format!("blk.{l}.attn_k.weight"),
+            &permute_for_gguf(&hf("self_attn.k_proj.weight"), cfg.num_kv_heads as usize)?,
+        )?;
+        put(format!("blk.{l}.attn_v.weight"), &hf("self_attn.v_proj.weight"))?;
+        put(format!("blk.{l}.attn_output.weight"), &hf("self_attn.o_proj.weight"))?;
+        put(format!("blk.{l}.ffn_gate.weight"), &hf("mlp.gate_proj.weight"))?;
+        put(format!("blk.{l}.ffn_up.weight"), &hf("mlp.up_proj.weight"))?;
+        put(format!("blk.{l}.ffn_down.weight"), &hf("mlp.down_proj.weight"))?;
+    }
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
+        ("llama.block_count", Value::U32(cfg.num_layers as u32)),
+        ("llama.feed_forward_length", Value::U32(cfg.intermediate_size as u32)),
+        ("llama.attention.head_count", Value::U32(cfg.num_heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(cfg.num_kv_heads as u32)),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
+        ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
+        ("llama.vocab_size", Value::U32(cfg.vocab_size as u32)),
+        ("llama.rope.dimension_count", Value::U32(cfg.head_dim as u32)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(out)?;
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    Ok(())
 }

@@ -178,6 +178,12 @@ impl Executor {
     ) -> Result<Tensor, WorkerError> {
         let y = match self.weight(kind, layer)? {
             OpWeights::Linear(l) => l.forward(x)?,
+            // Training over a quantized base (QLoRA) multiplies with the op's weight
+            // dequantized for this op only, as bitsandbytes does: activations stay exact,
+            // so gradients are those of the dequantized model.
+            w @ OpWeights::QLinear(_) if step.targets.is_some() => {
+                x.broadcast_matmul(&w.dense(&self.device)?.to_dtype(x.dtype())?.t()?)?
+            }
             // Quantized kernels take f32 activations (they quantize them to 8 bits).
             OpWeights::QLinear(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
