@@ -130,9 +130,9 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
     // Independent check: candle-transformers' quantized Llama on the same file, with the
     // same quantized kernels. On the tiny models of the test below the two agree exactly
     // (logits bit for bit); on SmolLM2 they agree closely but not exactly (prompt logits
-    // cosine 0.9989, max difference 0.76: the same with `--dequantize`, so not the
-    // kernels), and greedy paths part at the sixth token. The cause is open (see the
-    // README's note).
+    // cosine 0.9989): the attention's dot products are summed in another order (Q and K
+    // un-permuted, halves rotated; the same math), SmolLM2's activations sit near 8-bit
+    // rounding boundaries, and greedy paths part at the sixth token (docs/running.md).
     let reference = quantized_reference(&gguf, &prompt, 16)?;
     let ref_logits = quantized_prompt_logits(&gguf, &prompt)?;
     let c = cosine(&one_logits[0], &ref_logits);
