@@ -379,11 +379,24 @@ impl Checkpoint {
         }
         let mut bytes = 0u64;
         let dev: Device = exec.device.clone();
+        // Ops are sorted, so a tied embedding loads before the head that shares its table.
+        let mut table: Option<OpWeights> = None;
         for (kind, layer) in ops {
             let names = tensor_names(&self.config, self.is_gguf(), kind, layer);
-            let w = match names.first() {
-                None => OpWeights::None,
-                Some(name) if !matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) => {
+            let tied = match (&table, kind) {
+                (Some(OpWeights::QEmbedding(q)), OpKind::LmHead) if self.config.tie_word_embeddings => {
+                    Some(OpWeights::QLinear(QMatMul::from_arc(q.clone())?))
+                }
+                (Some(OpWeights::Embedding(e)), OpKind::LmHead) if self.config.tie_word_embeddings => {
+                    Some(OpWeights::Linear(Linear::new(e.embeddings().clone(), None)))
+                }
+                _ => None,
+            };
+            let w = match (tied, names.first()) {
+                // A tied head reuses the embedding's table rather than loading it again.
+                (Some(w), _) => w,
+                (None, None) => OpWeights::None,
+                (None, Some(name)) if !matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) => {
                     let stored = match self.quantize.and_then(ggml_type) {
                         Some(t) => Some(self.quantize_at_load(name, kind, t, &dev)?),
                         None => self.load_quantized(name, kind, &dev)?,
@@ -400,8 +413,11 @@ impl Checkpoint {
                         None => self.dense_weights(name, kind, exec, &mut bytes)?,
                     }
                 }
-                Some(name) => self.dense_weights(name, kind, exec, &mut bytes)?,
+                (None, Some(name)) => self.dense_weights(name, kind, exec, &mut bytes)?,
             };
+            if kind == OpKind::Embedding {
+                table = Some(w.clone());
+            }
             exec.set_weights(kind, layer, w);
             if let Some(p) = progress {
                 p.inc(1);
