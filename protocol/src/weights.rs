@@ -140,14 +140,6 @@ impl WeightFormat {
         })
     }
 
-    /// The single GGUF block type of this format (`None` for dense and for mixes).
-    pub fn ggml_type_name(self) -> Option<&'static str> {
-        match self {
-            WeightFormat::Dense | WeightFormat::Q4KM | WeightFormat::Q5KM => None,
-            other => Some(other.name()),
-        }
-    }
-
     pub fn is_quantized(self) -> bool {
         self != WeightFormat::Dense
     }

@@ -42,39 +42,36 @@ pub struct Checkpoint {
     pub quantize: Option<WeightFormat>,
 }
 
-/// candle's block type of a single-type weight format.
-pub fn ggml_type(f: WeightFormat) -> Option<GgmlDType> {
-    Some(match f {
-        WeightFormat::Q8_0 => GgmlDType::Q8_0,
-        WeightFormat::Q4_0 => GgmlDType::Q4_0,
-        WeightFormat::Q4_1 => GgmlDType::Q4_1,
-        WeightFormat::Q5_0 => GgmlDType::Q5_0,
-        WeightFormat::Q5_1 => GgmlDType::Q5_1,
-        WeightFormat::Q2K => GgmlDType::Q2K,
-        WeightFormat::Q3K => GgmlDType::Q3K,
-        WeightFormat::Q4K => GgmlDType::Q4K,
-        WeightFormat::Q5K => GgmlDType::Q5K,
-        WeightFormat::Q6K => GgmlDType::Q6K,
-        WeightFormat::Dense | WeightFormat::Q4KM | WeightFormat::Q5KM => return None,
-    })
+/// The single-type weight formats and candle's block type for each.
+const BLOCK_TYPES: [(WeightFormat, GgmlDType); 10] = [
+    (WeightFormat::Q8_0, GgmlDType::Q8_0),
+    (WeightFormat::Q4_0, GgmlDType::Q4_0),
+    (WeightFormat::Q4_1, GgmlDType::Q4_1),
+    (WeightFormat::Q5_0, GgmlDType::Q5_0),
+    (WeightFormat::Q5_1, GgmlDType::Q5_1),
+    (WeightFormat::Q2K, GgmlDType::Q2K),
+    (WeightFormat::Q3K, GgmlDType::Q3K),
+    (WeightFormat::Q4K, GgmlDType::Q4K),
+    (WeightFormat::Q5K, GgmlDType::Q5K),
+    (WeightFormat::Q6K, GgmlDType::Q6K),
+];
+
+/// The formats a dense checkpoint can be quantized to at load.
+pub fn block_formats() -> impl Iterator<Item = WeightFormat> {
+    BLOCK_TYPES.iter().map(|(w, _)| *w)
 }
 
-/// The weight format of a single GGUF block type (dense for f32, f16, bf16).
+/// candle's block type of a single-type weight format (`None` for dense and for mixes).
+pub fn ggml_type(f: WeightFormat) -> Option<GgmlDType> {
+    BLOCK_TYPES.iter().find(|(w, _)| *w == f).map(|(_, t)| *t)
+}
+
+/// The weight format of a GGUF block type (dense for f32, f16, bf16).
 fn format_of(t: GgmlDType) -> Option<WeightFormat> {
-    Some(match t {
-        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => WeightFormat::Dense,
-        GgmlDType::Q8_0 => WeightFormat::Q8_0,
-        GgmlDType::Q4_0 => WeightFormat::Q4_0,
-        GgmlDType::Q4_1 => WeightFormat::Q4_1,
-        GgmlDType::Q5_0 => WeightFormat::Q5_0,
-        GgmlDType::Q5_1 => WeightFormat::Q5_1,
-        GgmlDType::Q2K => WeightFormat::Q2K,
-        GgmlDType::Q3K => WeightFormat::Q3K,
-        GgmlDType::Q4K => WeightFormat::Q4K,
-        GgmlDType::Q5K => WeightFormat::Q5K,
-        GgmlDType::Q6K => WeightFormat::Q6K,
-        GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
-    })
+    match t {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Some(WeightFormat::Dense),
+        _ => BLOCK_TYPES.iter().find(|(_, g)| *g == t).map(|(w, _)| *w),
+    }
 }
 
 impl std::fmt::Debug for Checkpoint {

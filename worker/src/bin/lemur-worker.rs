@@ -400,9 +400,10 @@ fn quantize_arg(s: Option<&str>) -> Result<Option<WeightFormat>> {
     let Some(s) = s else { return Ok(None) };
     match WeightFormat::parse(s).filter(|f| lemur_worker::weights::ggml_type(*f).is_some()) {
         Some(f) => Ok(Some(f)),
-        None => bail!(
-            "--quantize: `{s}` is not a block format (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
-        ),
+        None => {
+            let all: Vec<&str> = lemur_worker::weights::block_formats().map(WeightFormat::name).collect();
+            bail!("--quantize: `{s}` is not a block format ({})", all.join(", "))
+        }
     }
 }
 

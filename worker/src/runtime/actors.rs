@@ -68,9 +68,7 @@ impl Router {
 
     /// Sends `frame` to every rank, this one included.
     pub fn broadcast(&self, frame: &Frame) {
-        for p in self.peers.values() {
-            p.do_send(Write(frame.clone()));
-        }
+        self.to_peers(frame);
         self.inbox.do_send(Inbound { from: self.me, frame: frame.clone() });
     }
 

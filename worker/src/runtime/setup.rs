@@ -121,8 +121,9 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         ck.check_plan_model(&job.plan.model)?;
         ck.check_plan_weights(&job.plan)?;
         job.validate(&ck.config)?;
+        let ranks = cfg.cluster.rank_of_machine();
         for r in 0..n {
-            ck.check_tensors(&RankProgram::new(&job.plan, r, &cfg.cluster.rank_of_machine())?.local_weights())?;
+            ck.check_tensors(&RankProgram::new(&job.plan, r, &ranks)?.local_weights())?;
         }
         for r in 1..n {
             let addr = cfg.cluster.get(r)?.addr.clone();
