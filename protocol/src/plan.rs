@@ -295,6 +295,30 @@ impl Plan {
         }
     }
 
+    /// KV positions the cluster can hold for all requests together, by the plan's memory
+    /// figures: each machine's room (capacity less what the plan uses, which counts the
+    /// planned batch's caches) over the bytes one position costs in its decode attention
+    /// layers, plus the planned positions; the tightest machine decides. `None` for a
+    /// plan whose machines hold no decode attention.
+    pub fn kv_positions(&self) -> Option<u64> {
+        let per_layer = 2 * self.model.kv_dim() * self.dtype.bytes();
+        let held = self.workload.seq + self.workload.gen_tokens;
+        let held = self.model.sliding_window.map_or(held, |w| held.min(w));
+        let planned = held * self.workload.batch.max(1);
+        self.predicted
+            .per_machine
+            .iter()
+            .filter_map(|m| {
+                let layers = self
+                    .ops_on(&m.machine)
+                    .filter(|o| o.phase == crate::Phase::Decode && o.kind == crate::OpKind::Attention)
+                    .count() as u64;
+                let room = m.memory_capacity_bytes.saturating_sub(m.memory_bytes);
+                (layers > 0).then(|| planned + room / (layers * per_layer).max(1))
+            })
+            .min()
+    }
+
     /// The ops placed on `machine`, in execution order.
     pub fn ops_on<'a>(&'a self, machine: &'a str) -> impl Iterator<Item = &'a PlanOp> + 'a {
         self.ops.iter().filter(move |o| o.machine == machine)

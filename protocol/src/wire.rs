@@ -18,7 +18,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -132,6 +132,19 @@ pub struct TrainSetup {
     pub dropout: f64,
 }
 
+/// One request's share of a batched inference step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub request_id: u64,
+    /// Absolute position of the segment's first token.
+    pub position: u64,
+    /// Tokens in this segment (at least 1).
+    pub len: u32,
+    /// Prefill: the prompt's last chunk (after it, the KV cache moves to the rank that
+    /// decodes it). Always true in decode.
+    pub last: bool,
+}
+
 /// What a `Gather` asks each rank for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,13 +155,14 @@ pub enum Gather {
     State,
 }
 
-/// Which run of work a tensor belongs to: inference's (request, step), or training's
+/// Which run of work a tensor belongs to: inference's (batch step id, 0), or training's
 /// (optimizer step, micro-batch). Both key the same maps on a rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RunKey {
-    /// The request (inference) or the optimizer step (training).
+    /// The batch step's id (inference: unique over the leader's life) or the optimizer
+    /// step (training).
     pub request: u64,
-    /// The step within the request (prefill 0, then one per token), or the micro-batch.
+    /// 0 (inference), or the micro-batch (training).
     pub step: u32,
 }
 
@@ -186,13 +200,15 @@ pub enum Message {
         weight_bytes: u64,
         load_seconds: f64,
     },
-    /// Rank 0 to every rank: run one step (the prefill, or one decode step) of a request.
+    /// Rank 0 to every rank: run one batched step in `phase`'s placement: `tokens`
+    /// (`[1, total]` u32) are the segments' tokens one after another, each segment one
+    /// request's next tokens (a prompt chunk, or one token in decode). `step_id` keys the
+    /// step's activations and logits (with step 0).
     Start {
-        request_id: u64,
-        step: u32,
+        step_id: u64,
         phase: Phase,
         tokens: TensorMeta,
-        position: u64,
+        segments: Vec<Segment>,
     },
     /// The output of op `from_op`, sent to a rank that consumes it (every local consumer
     /// there reads it). Inference: step `step` of request `request_id`. Training: micro-batch
@@ -227,10 +243,10 @@ pub enum Message {
         start: u64,
         tensors: Vec<TensorMeta>,
     },
-    /// The lm head's output for a step, to rank 0.
+    /// The lm head's output for a step, to rank 0: `[segments, vocab]`, one row per
+    /// segment (at its last position), in the `Start`'s order.
     Logits {
-        request_id: u64,
-        step: u32,
+        step_id: u64,
         logits: TensorMeta,
     },
     /// Training: the loss of one micro-batch, from the rank with the lm head to rank 0.

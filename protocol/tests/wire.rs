@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use lemur_protocol::wire::{
-    decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, TensorMeta, WireDType,
+    decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, Segment, TensorMeta, WireDType,
     MAGIC, PROTOCOL_VERSION,
 };
 use lemur_protocol::{ModelConfig, Phase, Plan};
@@ -29,7 +29,7 @@ fn tiny_plan() -> Plan {
 }
 
 fn every_message() -> Vec<Frame> {
-    let (tok, tok_b) = tensor(WireDType::U32, &[1, 3], 1);
+    let (tok, tok_b) = tensor(WireDType::U32, &[1, 6], 1);
     let (a, a_b) = tensor(WireDType::F32, &[1, 3, 64], 2);
     let (b, b_b) = tensor(WireDType::F16, &[1, 3, 32], 3);
     let (k, k_b) = tensor(WireDType::Bf16, &[1, 2, 3, 16], 4);
@@ -57,7 +57,15 @@ fn every_message() -> Vec<Frame> {
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {
-            message: Message::Start { request_id: 7, step: 0, phase: Phase::Prefill, tokens: tok, position: 0 },
+            message: Message::Start {
+                step_id: 7,
+                phase: Phase::Prefill,
+                tokens: tok,
+                segments: vec![
+                    Segment { request_id: 3, position: 0, len: 5, last: false },
+                    Segment { request_id: 4, position: 17, len: 1, last: true },
+                ],
+            },
             tensors: vec![tok_b],
         },
         Frame {
@@ -76,7 +84,7 @@ fn every_message() -> Vec<Frame> {
             message: Message::KvHandover { request_id: 7, layer: 1, start: 0, tensors: vec![k, v] },
             tensors: vec![k_b, v_b],
         },
-        Frame { message: Message::Logits { request_id: 7, step: 1, logits: l }, tensors: vec![l_b] },
+        Frame { message: Message::Logits { step_id: 7, logits: l }, tensors: vec![l_b] },
         Frame::control(Message::Finish { request_id: 7 }),
         Frame::control(Message::Loss { opt_step: 7, micro_batch: 2, loss: 3.25 }),
         Frame::control(Message::MicroBatchDone { rank: 1, opt_step: 7, micro_batch: 1, sumsq: 0.5 }),
@@ -194,14 +202,14 @@ fn malformed_frames_are_errors() {
     let err = decode_payload(payload(br#"{"type":"heartbeat","rank":1,"seq":2,"extra":3}"#, b"")).unwrap_err();
     assert!(matches!(err, FrameError::Message(_)));
     // Truncated tensor: the shape needs 12 bytes, 8 are there.
-    let h = br#"{"type":"logits","request_id":1,"step":0,"logits":{"dtype":"f32","shape":[3]}}"#;
+    let h = br#"{"type":"logits","step_id":1,"logits":{"dtype":"f32","shape":[3]}}"#;
     let err = decode_payload(payload(h, &[0; 8])).unwrap_err();
     assert!(matches!(err, FrameError::TensorBytes { declared: 12, carried: 8 }), "{err}");
     // Trailing garbage after the tensors.
     assert!(matches!(decode_payload(payload(h, &[0; 13])), Err(FrameError::TensorBytes { .. })));
     // A shape that overflows usize is refused before any allocation.
     let h = format!(
-        r#"{{"type":"logits","request_id":1,"step":0,"logits":{{"dtype":"f32","shape":[{},{}]}}}}"#,
+        r#"{{"type":"logits","step_id":1,"logits":{{"dtype":"f32","shape":[{},{}]}}}}"#,
         u64::MAX,
         u64::MAX
     );

@@ -99,7 +99,7 @@ impl Executor {
         let v = v.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
         let window = cfg.sliding_window.map(|w| w as usize);
         let vis =
-            crate::fused::Visibility { q_start: step.position, rows_per_group: s, k_start: step.position, window };
+            crate::fused::Visibility { q_start: step.position(), rows_per_group: s, k_start: step.position(), window };
         attention_with_probs(q, k, &v, vis, h / kvh)
     }
 
@@ -469,11 +469,9 @@ mod tests {
             Tensor::from_vec((0..(b * s) as u32).map(|i| (i * 37) % vocab as u32).collect(), (b, s), &Device::Cpu)
                 .unwrap();
         let step = StepInput {
-            request: 1,
-            tokens: targets.clone(),
-            position: 0,
             targets: Some(targets.clone()),
             dropout_seed: 99,
+            ..StepInput::single(1, targets.clone(), 0).unwrap()
         };
         // Reference: silu-multiply of leaves, then the lm head and cross-entropy, by autograd.
         let gate = Var::from_tensor(&rand(&[b, s, h], 13)).unwrap();

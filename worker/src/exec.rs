@@ -58,7 +58,7 @@ pub struct KvCache {
 }
 
 /// Positions a cache grows by at once beyond what it holds.
-const KV_CHUNK: usize = 256;
+pub const KV_CHUNK: usize = 256;
 
 impl KvCache {
     /// A cache holding `k` and `v` (`[b, kv_heads, len, d]`) for positions from `start`.
@@ -137,19 +137,55 @@ pub struct Executor {
     pub adapters: HashMap<(OpKind, Option<u32>), Adapter>,
 }
 
-/// Where in the sequence a step runs.
+/// One request's share of a step: `len` tokens from absolute position `position`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seg {
+    pub request: u64,
+    pub position: usize,
+    pub len: usize,
+    /// Prefill: the prompt's last chunk (its KV cache may move to the decode rank after it).
+    pub last: bool,
+}
+
+/// What a step runs on: its tokens and the requests they belong to.
 #[derive(Debug, Clone)]
 pub struct StepInput {
-    pub request: u64,
-    /// Token ids `[batch, seq]` (u32).
+    /// Token ids `[batch, seq]` (u32). A batched inference step packs its segments one
+    /// after another along `seq` (batch 1); training has one segment of `batch` sequences.
     pub tokens: Tensor,
-    /// Absolute position of the first token of this step.
-    pub position: usize,
+    /// The segments of `seq`, in order; their lengths sum to `seq`.
+    pub segments: Vec<Seg>,
     /// Training: the next token at every position `[batch, seq]`; the lm head then returns
     /// the mean cross-entropy instead of the last position's logits.
     pub targets: Option<Tensor>,
     /// Training: seeds this micro-batch's LoRA dropout masks.
     pub dropout_seed: u64,
+}
+
+impl StepInput {
+    /// One request's `tokens` (`[batch, seq]`) from `position`.
+    pub fn single(request: u64, tokens: Tensor, position: usize) -> Result<Self, WorkerError> {
+        let len = tokens.dim(1)?;
+        let segments = vec![Seg { request, position, len, last: true }];
+        Ok(Self { tokens, segments, targets: None, dropout_seed: 0 })
+    }
+
+    /// The first segment's position (training has exactly one segment).
+    pub fn position(&self) -> usize {
+        self.segments.first().map_or(0, |s| s.position)
+    }
+
+    /// Index of each segment's last token along `seq`.
+    fn last_rows(&self) -> Vec<u32> {
+        let mut at = 0;
+        self.segments
+            .iter()
+            .map(|s| {
+                at += s.len;
+                (at - 1) as u32
+            })
+            .collect()
+    }
 }
 
 impl Executor {
@@ -231,10 +267,16 @@ impl Executor {
             OpKind::AttnNorm | OpKind::MlpNorm => vec![self.norm(kind, layer, one(&stream_kinds)?)?],
             OpKind::FinalNorm if step.targets.is_some() => vec![self.norm(kind, layer, one(&stream_kinds)?)?],
             OpKind::FinalNorm => {
-                // Generation needs the last position only (norms are per position).
+                // Generation needs each segment's last position only (norms are per position).
                 let x = one(&stream_kinds)?;
-                let s = x.dim(1)?;
-                vec![self.norm(kind, layer, &x.narrow(1, s - 1, 1)?)?]
+                let x = match step.segments.len() {
+                    1 => x.narrow(1, x.dim(1)? - 1, 1)?,
+                    n => {
+                        let rows = Tensor::from_vec(step.last_rows(), n, x.device())?;
+                        x.index_select(&rows, 1)?
+                    }
+                };
+                vec![self.norm(kind, layer, &x)?]
             }
             OpKind::QProj | OpKind::KProj | OpKind::VProj => {
                 vec![self.linear(kind, layer, one(&[OpKind::AttnNorm])?, step)?]
@@ -250,10 +292,7 @@ impl Executor {
             OpKind::LmHead => vec![self.linear(kind, layer, one(&[OpKind::FinalNorm])?, step)?],
             OpKind::Rope => {
                 let (q, k) = (one(&[OpKind::QProj])?, one(&[OpKind::KProj])?);
-                vec![
-                    self.rope(q, self.cfg.num_heads, step.position)?,
-                    self.rope(k, self.cfg.num_kv_heads, step.position)?,
-                ]
+                vec![self.rope(q, self.cfg.num_heads, &step.segments)?, self.rope(k, self.cfg.num_kv_heads, &step.segments)?]
             }
             OpKind::Attention => {
                 let (q, k, v) = attention_inputs(inputs)?;
@@ -277,22 +316,30 @@ impl Executor {
         })
     }
 
-    /// `[b, s, heads * d]` -> rotated `[b, heads, s, d]` at absolute positions from `position`.
-    fn rope(&self, x: &Tensor, heads: u64, position: usize) -> Result<Tensor, WorkerError> {
+    /// `[b, s, heads * d]` -> rotated `[b, heads, s, d]`, each segment's tokens at their
+    /// absolute positions.
+    fn rope(&self, x: &Tensor, heads: u64, segments: &[Seg]) -> Result<Tensor, WorkerError> {
         let (b, s, _) = x.dims3()?;
         let d = self.cfg.head_dim as usize;
         let x = x.reshape((b, s, heads as usize, d))?.transpose(1, 2)?.contiguous()?;
         let max = self.cos.dim(0)?;
-        if position + s > max {
-            return Err(WorkerError::Plan(format!("position {} exceeds the model's {max} positions", position + s)));
+        if let Some(end) = segments.iter().map(|g| g.position + g.len).find(|&end| end > max) {
+            return Err(WorkerError::Plan(format!("position {end} exceeds the model's {max} positions")));
         }
-        let cos = self.cos.narrow(0, position, s)?;
-        let sin = self.sin.narrow(0, position, s)?;
+        let (cos, sin) = match segments {
+            [one] => (self.cos.narrow(0, one.position, s)?, self.sin.narrow(0, one.position, s)?),
+            _ => {
+                let at: Vec<u32> =
+                    segments.iter().flat_map(|g| (g.position..g.position + g.len).map(|p| p as u32)).collect();
+                let at = Tensor::from_vec(at, s, x.device())?;
+                (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?)
+            }
+        };
         Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
     }
 
-    /// Generation's causal, sliding-window attention with grouped KV heads; appends to the
-    /// request's cache.
+    /// Generation's causal, sliding-window attention with grouped KV heads, per segment
+    /// against its own request's cache (which it appends to).
     fn attention(
         &mut self,
         q: &Tensor,
@@ -301,21 +348,43 @@ impl Executor {
         layer: u32,
         step: &StepInput,
     ) -> Result<Tensor, WorkerError> {
-        let cfg = &self.cfg;
         let (b, s, _) = v.dims3()?;
-        let d = cfg.head_dim as usize;
-        let v = v.reshape((b, s, cfg.num_kv_heads as usize, d))?.transpose(1, 2)?.contiguous()?;
+        let (d, kvh) = (self.cfg.head_dim as usize, self.cfg.num_kv_heads as usize);
+        let v = v.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        if let [one] = step.segments.as_slice() {
+            return self.segment_attention(q, k, &v, layer, one);
+        }
+        let mut outs = Vec::with_capacity(step.segments.len());
+        let mut at = 0;
+        for g in &step.segments {
+            let part = |t: &Tensor| t.narrow(2, at, g.len);
+            outs.push(self.segment_attention(&part(q)?, &part(k)?, &part(&v)?, layer, g)?);
+            at += g.len;
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// One segment's attention: `q [b, h, s, d]`, `k, v [b, kv_heads, s, d]`.
+    fn segment_attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: u32,
+        g: &Seg,
+    ) -> Result<Tensor, WorkerError> {
+        let cfg = &self.cfg;
         let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
         let window = cfg.sliding_window.map(|w| w as usize);
-        let key = (step.request, layer);
+        let key = (g.request, layer);
         match self.kv.get_mut(&key) {
-            Some(c) => c.append(k, &v, window)?,
+            Some(c) => c.append(k, v, window)?,
             None => {
-                self.kv.insert(key, KvCache::new(k, &v, step.position)?);
+                self.kv.insert(key, KvCache::new(k, v, g.position)?);
             }
         }
         let c = &self.kv[&key];
-        let vis = Visibility { q_start: step.position, rows_per_group: s, k_start: c.start, window };
+        let vis = Visibility { q_start: g.position, rows_per_group: g.len, k_start: c.start, window };
         attention_core(q, &c.keys()?, &c.values()?, vis, groups)
     }
 

@@ -9,7 +9,8 @@
 //!   and return what to send (no actors): [`view`] (what they share: one op type, the
 //!   plan index, the outputs), [`program`] (the rank's program of either workload;
 //!   inference: a step of prefill or decode, KV handovers) and [`train`] (a training
-//!   micro-batch: forward, then backward).
+//!   micro-batch: forward, then backward); [`batch`] (rank 0's continuous-batching
+//!   scheduler: which requests' tokens the next step runs).
 //! - [`runtime`]: set-up over a [`runtime::Transport`] (TCP, or the in-memory
 //!   [`runtime::memnet`] with fault injection), the actix actors over the state machines,
 //!   the optimizer, and rank 0's request and training loops.
@@ -23,6 +24,7 @@
 //! Workers never plan: they validate the plan they are given and execute it.
 
 pub mod backward;
+pub mod batch;
 pub mod checkpoint;
 pub mod cluster;
 pub mod dataset;

@@ -145,11 +145,11 @@ impl Program {
     }
 }
 
-/// One step (prefill or one decode token) of one request on one rank.
+/// One batched step (prompt chunks, or one decode token per request) on one rank.
 #[derive(Debug)]
 pub struct StepRun {
-    pub request: u64,
-    pub step: u32,
+    /// The step's id (unique over the leader's life).
+    pub id: u64,
     pub phase: Phase,
     pub input: StepInput,
     values: HashMap<usize, Arc<Vec<Tensor>>>,
@@ -161,8 +161,13 @@ pub struct StepRun {
 }
 
 impl StepRun {
-    pub fn new(request: u64, step: u32, phase: Phase, input: StepInput) -> Self {
-        Self { request, step, phase, input, values: HashMap::new(), next: 0, bytes_sent: 0, timing: false }
+    pub fn new(id: u64, phase: Phase, input: StepInput) -> Self {
+        Self { id, phase, input, values: HashMap::new(), next: 0, bytes_sent: 0, timing: false }
+    }
+
+    /// Whether this step has a segment of `request`.
+    pub fn serves(&self, request: u64) -> bool {
+        self.input.segments.iter().any(|g| g.request == request)
     }
 
     /// An input that arrived from another rank.
@@ -188,10 +193,11 @@ impl StepRun {
             if !op.inputs.iter().all(|i| self.values.contains_key(i)) {
                 return Ok(Progress::Blocked);
             }
-            // Decode attention whose prefill ran elsewhere needs the handed-over cache.
+            // Decode attention whose prefill ran elsewhere needs the handed-over caches.
             if self.phase == Phase::Decode && op.kind == OpKind::Attention {
                 let layer = op.layer.unwrap_or(0);
-                if !exec.kv.contains_key(&(self.request, layer)) && prog.handover_in().contains(&layer) {
+                let missing = self.input.segments.iter().any(|g| !exec.kv.contains_key(&(g.request, layer)));
+                if missing && prog.handover_in().contains(&layer) {
                     return Ok(Progress::Blocked);
                 }
             }
@@ -217,9 +223,12 @@ impl StepRun {
             if op.kind == OpKind::Attention && self.phase == Phase::Prefill {
                 let layer = op.layer.unwrap_or(0);
                 for (l, to) in prog.handover_out() {
-                    if l == layer {
-                        if let Some(c) = exec.kv.remove(&(self.request, layer)) {
-                            out(Outbound::Kv { to, layer, cache: c });
+                    if l != layer {
+                        continue;
+                    }
+                    for g in self.input.segments.iter().filter(|g| g.last) {
+                        if let Some(cache) = exec.kv.remove(&(g.request, layer)) {
+                            out(Outbound::Kv { to, request: g.request, layer, cache });
                         }
                     }
                 }

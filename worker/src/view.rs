@@ -108,12 +108,12 @@ pub enum Outbound {
     Activation { to: u32, from_op: usize, tensors: Arc<Vec<Tensor>> },
     /// Training: the gradient from backward op `from_op` for backward op `to_op` on `to`.
     Gradient { to: u32, from_op: usize, to_op: usize, tensors: Vec<Tensor> },
-    /// The lm head's logits, to rank 0.
+    /// The lm head's logits (`[1, segments, vocab]`), to rank 0.
     Logits { logits: Tensor },
     /// Training: a micro-batch's loss, to rank 0.
     Loss { loss: f64 },
-    /// A layer's KV cache after prefill, to the rank that decodes it.
-    Kv { to: u32, layer: u32, cache: crate::exec::KvCache },
+    /// A request's KV cache of one layer after its prefill, to the rank that decodes it.
+    Kv { to: u32, request: u64, layer: u32, cache: crate::exec::KvCache },
     /// How long op `op` took (with timing on).
     Timing { op: usize, seconds: f64 },
 }

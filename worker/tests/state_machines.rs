@@ -43,8 +43,8 @@ fn two_ranks_driven_by_hand_give_the_reference_logits() -> Result<()> {
     for step in 0..4u32 {
         let phase = if step == 0 { Phase::Prefill } else { Phase::Decode };
         let ids = Tensor::new(input_ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let input = StepInput { request: 1, tokens: ids, position, targets: None, dropout_seed: 0 };
-        let mut runs = [StepRun::new(1, step, phase, input.clone()), StepRun::new(1, step, phase, input)];
+        let input = StepInput::single(1, ids, position)?;
+        let mut runs = [StepRun::new(u64::from(step), phase, input.clone()), StepRun::new(u64::from(step), phase, input)];
         let mut done = [false, false];
         let mut logits = None;
         let mut rounds = 0;
@@ -64,9 +64,9 @@ fn two_ranks_driven_by_hand_give_the_reference_logits() -> Result<()> {
                             runs[to as usize].deliver(from_op, tensors.to_vec())
                         }
                         Outbound::Logits { logits: l } => logits = Some(l.flatten_all()?.to_vec1::<f32>()?),
-                        Outbound::Kv { to, layer, cache } => {
+                        Outbound::Kv { to, request, layer, cache } => {
                             handovers += 1;
-                            execs[to as usize].kv.insert((1, layer), cache);
+                            execs[to as usize].kv.insert((request, layer), cache);
                         }
                         other => panic!("an inference step sent {other:?}"),
                     }

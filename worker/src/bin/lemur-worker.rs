@@ -325,6 +325,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
             adapters: adapter.map(|(_, t)| t),
             dequantize: args.dequantize,
             quantize: quantize_arg(args.quantize.as_deref())?,
+            serve: None,
         })
     } else {
         None

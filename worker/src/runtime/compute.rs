@@ -12,13 +12,13 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use candle_core::{DType, Device, Tensor};
-use lemur_protocol::wire::{Frame, Gather, Message, RunKey, WireTensor};
+use lemur_protocol::wire::{Frame, Gather, Message, RunKey, Segment, WireTensor};
 use lemur_protocol::Phase;
 
 use super::actors::Router;
 use super::optimizer::{AdamW, AdapterState};
 use crate::error::WorkerError;
-use crate::exec::{Executor, KvCache, StepInput};
+use crate::exec::{Executor, KvCache, Seg, StepInput};
 use crate::program::RankProgram;
 use crate::program::{Outbound, Progress, StepRun};
 use crate::tensor_wire::{from_wire, from_wire_all, to_wire, to_wire_all};
@@ -37,7 +37,8 @@ pub(super) enum Work {
 /// Traffic and timing of the requests in flight, reported to rank 0 when one finishes.
 #[derive(Debug, Default)]
 struct Traffic {
-    bytes_sent: HashMap<u64, u64>,
+    /// Activation bytes sent since the last report (a finished request's `Stats`).
+    bytes_sent: u64,
     frames_sent: u64,
     /// Per request: when its prefill started here, and the KV cache received since
     /// (bytes, and ms after the prefill's start when the last of it arrived).
@@ -122,15 +123,15 @@ impl Outbox<'_> {
                 self.to(to, Frame { message: msg, tensors: datas })
             }
             Outbound::Logits { logits } => {
-                let last = logits.flatten_from(1)?.get(0)?.to_dtype(DType::F32)?;
-                let (m, d) = to_wire(&last)?;
-                let msg = Message::Logits { request_id: request, step, logits: m };
+                let rows = logits.squeeze(0)?.to_dtype(DType::F32)?;
+                let (m, d) = to_wire(&rows)?;
+                let msg = Message::Logits { step_id: request, logits: m };
                 self.to(0, Frame { message: msg, tensors: vec![d] })
             }
             Outbound::Loss { loss } => {
                 self.to(0, Frame::control(Message::Loss { opt_step: request, micro_batch: step, loss }))
             }
-            Outbound::Kv { to, layer, cache } => {
+            Outbound::Kv { to, request, layer, cache } => {
                 let (metas, datas) = to_wire_all([&cache.keys()?.contiguous()?, &cache.values()?.contiguous()?])?;
                 let msg = Message::KvHandover { request_id: request, layer, start: cache.start as u64, tensors: metas };
                 self.to(to, Frame { message: msg, tensors: datas })
@@ -181,7 +182,7 @@ impl Compute {
         Outbox {
             key,
             router: &self.router,
-            bytes: self.traffic.bytes_sent.entry(key.request).or_default(),
+            bytes: &mut self.traffic.bytes_sent,
             frames: &mut self.traffic.frames_sent,
             op_time: &mut self.traffic.op_time,
             error: None,
@@ -192,8 +193,8 @@ impl Compute {
         let wire = frame.wire_tensors();
         let nth = |i: usize| wire.get(i).ok_or_else(|| WorkerError::Wire("a message without its tensors".into()));
         match frame.message {
-            Message::Start { request_id, step, phase, position, .. } => {
-                self.start_step(RunKey { request: request_id, step }, phase, position, nth(0)?)
+            Message::Start { step_id, phase, segments, .. } => {
+                self.start_step(RunKey { request: step_id, step: 0 }, phase, &segments, nth(0)?)
             }
             Message::StartMicroBatch { opt_step, micro_batch, .. } => {
                 self.start_micro_batch(RunKey { request: opt_step, step: micro_batch }, nth(0)?)
@@ -235,17 +236,25 @@ impl Compute {
         }
     }
 
-    fn start_step(&mut self, key: RunKey, phase: Phase, position: u64, tokens: &WireTensor) -> Result<(), WorkerError> {
+    fn start_step(
+        &mut self,
+        key: RunKey,
+        phase: Phase,
+        segments: &[Segment],
+        tokens: &WireTensor,
+    ) -> Result<(), WorkerError> {
         if !matches!(self.prog.as_ref(), RankProgram::Infer(_)) {
             return Err(WorkerError::Plan("an inference step under a training plan".into()));
         }
-        if phase == Phase::Prefill {
-            self.traffic.prefill_started.insert(key.request, Instant::now());
-        }
         let tokens = from_wire(&tokens.meta, &tokens.data, &self.device())?;
-        let input =
-            StepInput { request: key.request, tokens, position: position as usize, targets: None, dropout_seed: 0 };
-        let mut run = StepRun::new(key.request, key.step, phase, input);
+        let segments = check_segments(segments, &tokens)?;
+        if phase == Phase::Prefill {
+            for g in segments.iter().filter(|g| g.position == 0) {
+                self.traffic.prefill_started.insert(g.request, Instant::now());
+            }
+        }
+        let input = StepInput { tokens, segments, targets: None, dropout_seed: 0 };
+        let mut run = StepRun::new(key.request, phase, input);
         run.timing = self.timing;
         for (from_op, ts) in self.early.remove(&key).unwrap_or_default() {
             run.deliver(from_op, ts);
@@ -264,11 +273,9 @@ impl Compute {
             return Err(WorkerError::Plan("a training sequence needs at least two tokens".into()));
         }
         let input = StepInput {
-            request: key.request,
-            tokens: all.narrow(1, 0, s - 1)?,
-            position: 0,
             targets: Some(all.narrow(1, 1, s - 1)?),
             dropout_seed: key.request.wrapping_mul(0x9E37_79B9) ^ u64::from(key.step),
+            ..StepInput::single(key.request, all.narrow(1, 0, s - 1)?, 0)?
         };
         let mut run = TrainRun::new(key.request, key.step, input);
         run.timing = self.timing;
@@ -317,7 +324,7 @@ impl Compute {
         let cache = KvCache::new(&ts[0], &ts[1], start as usize)?;
         self.exec_mut()?.kv.insert((request, layer), cache);
         // A decode step may have been waiting for this cache.
-        let waiting: Vec<_> = self.runs.keys().copied().filter(|k| k.request == request).collect();
+        let waiting: Vec<_> = self.runs.iter().filter(|(_, r)| r.serves(request)).map(|(k, _)| *k).collect();
         for key in waiting {
             self.step(key)?;
         }
@@ -445,10 +452,13 @@ impl Compute {
     /// A request is over: drop its state and report its traffic to rank 0.
     fn finish(&mut self, request: u64) -> Result<(), WorkerError> {
         self.exec_mut()?.finish(request);
-        self.runs.retain(|k, _| k.request != request);
-        self.early.retain(|k, _| k.request != request);
+        // Inference steps are keyed by step, not request, and rank 0 finishes a request only
+        // between its steps; training's are keyed by optimizer step.
+        if matches!(self.prog.as_ref(), RankProgram::Train(_)) {
+            self.early.retain(|k, _| k.request != request);
+        }
         let t = &mut self.traffic;
-        let bytes_sent = t.bytes_sent.remove(&request).unwrap_or(0);
+        let bytes_sent = std::mem::take(&mut t.bytes_sent);
         let (handover_bytes, handover_ms) = t.handover.remove(&request).unwrap_or_default();
         t.prefill_started.remove(&request);
         if t.op_time.is_empty() {
@@ -470,6 +480,31 @@ impl Compute {
         };
         self.router.send(0, Frame::control(msg))
     }
+}
+
+/// A `Start`'s segments, checked against its tokens (`[1, total]`): none empty, lengths
+/// summing to the tokens, each request once.
+fn check_segments(segments: &[Segment], tokens: &Tensor) -> Result<Vec<Seg>, WorkerError> {
+    let bad = |why: String| WorkerError::Wire(format!("start: {why}"));
+    let (b, total) = tokens.dims2()?;
+    if b != 1 || segments.is_empty() {
+        return Err(bad(format!("{} segments over tokens of shape [{b}, {total}]", segments.len())));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut sum = 0usize;
+    let mut out = Vec::with_capacity(segments.len());
+    for g in segments {
+        if g.len == 0 || !seen.insert(g.request_id) {
+            return Err(bad(format!("segment of request {} is empty or repeated", g.request_id)));
+        }
+        sum += g.len as usize;
+        let position = usize::try_from(g.position).map_err(|_| bad(format!("position {}", g.position)))?;
+        out.push(Seg { request: g.request_id, position, len: g.len as usize, last: g.last });
+    }
+    if sum != total {
+        return Err(bad(format!("segments hold {sum} tokens, the step carries {total}")));
+    }
+    Ok(out)
 }
 
 /// The most memory this process has held resident (`VmHWM`), where the OS says (Linux).

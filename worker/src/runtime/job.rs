@@ -150,6 +150,9 @@ pub struct Job {
     pub dequantize: bool,
     /// Quantize dense weights (safetensors) to this format at load, on every rank.
     pub quantize: Option<lemur_protocol::WeightFormat>,
+    /// Serve requests (through [`super::Engine`]) with this batching instead of running
+    /// `prompt`.
+    pub serve: Option<crate::batch::BatchConfig>,
 }
 
 impl Job {
@@ -157,7 +160,7 @@ impl Job {
     /// least one token, every id inside the vocabulary, at least one token to generate,
     /// and prompt plus generated tokens within the model's positions.
     pub fn validate(&self, model: &lemur_protocol::ModelConfig) -> Result<(), WorkerError> {
-        if self.train_loop.is_some() {
+        if self.train_loop.is_some() || self.serve.is_some() {
             return Ok(());
         }
         if self.prompt.is_empty() {

@@ -1,6 +1,7 @@
-//! `Node`: a rank's router between its peers and its compute, and on rank 0 the leader
-//! that drives a request (prefill, then one decode step per token), gathers every rank's
-//! stats and reports the [`Outcome`]. Training's loop is in `trainer`.
+//! `Node`: a rank's router between its peers and its compute, and on rank 0 the leader:
+//! it runs the continuous-batching [`Scheduler`]'s steps, hands each request's tokens to
+//! whoever asked for it (a one-shot job here, or a client of the server in `serving`),
+//! gathers every rank's stats and reports the [`Outcome`]. Training's loop is in `trainer`.
 //!
 //! Frames from any rank, this one included, arrive as [`Inbound`]: work for compute goes
 //! to compute; results for the leader (logits, losses, stats, errors) go to its handlers.
@@ -11,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use lemur_protocol::wire::{Frame, Message};
-use lemur_protocol::Phase;
 
 use super::actors::{Crash, Inbound, PeerDown, Router};
 use super::compute::{Compute, Work};
 use super::job::TrainLoop;
 use super::job::{AdapterGrads, Job, Outcome, TokenSink};
+use super::serving::{Serving, Sink};
+use crate::batch::{BatchConfig, Event, Request, Scheduler};
 use super::trainer::{TrainAction, Trainer};
 use crate::error::WorkerError;
-use crate::sampling::{Sampler, Sampling};
 use crate::tensor_wire::{f32_to_wire, f32_values, ids_to_wire};
 
 /// Where the runtime leaves rank 0's outcome (or any rank's error) for `run_node`.
@@ -43,9 +44,8 @@ pub(super) struct RankStats {
 /// Rank 0's state of the request in flight.
 pub(super) struct LeaderState {
     pub request: u64,
-    prompt_len: usize,
-    max_new_tokens: usize,
-    eos: Option<u32>,
+    /// The one-shot request, submitted again for each repeat.
+    template: Option<Request>,
     tokens: Vec<u32>,
     logits: Vec<Vec<f32>>,
     pub started: Instant,
@@ -55,10 +55,7 @@ pub(super) struct LeaderState {
     stats: HashMap<u32, RankStats>,
     op_ms: HashMap<usize, f64>,
     pub done: bool,
-    sampler: Sampler,
-    sampling: Sampling,
     on_token: Option<TokenSink>,
-    prompt: Vec<u32>,
     repeats_left: usize,
     /// Training: the last micro-batch's loss, the gathered adapter gradients, the ranks
     /// that sent theirs.
@@ -77,6 +74,8 @@ pub(super) struct Node {
     pub router: Router,
     pub compute: Addr<Compute>,
     pub leader: Option<LeaderState>,
+    /// Rank 0's inference: the scheduler and whom each request's events go to.
+    pub serving: Option<Serving>,
     pub result: Shared,
     pub shutting_down: bool,
 }
@@ -109,37 +108,115 @@ impl Node {
         System::current().stop();
     }
 
-    fn broadcast_start(&mut self, step: u32, phase: Phase, position: u64, ids: &[u32]) {
-        let Some(l) = &self.leader else { return };
-        let tokens = ids_to_wire(&[ids]);
-        let msg = Message::Start { request_id: l.request, step, phase, tokens: tokens.meta, position };
+    /// Runs the scheduler's next step, if there is one and none is in flight.
+    pub(super) fn pump(&mut self) {
+        let Some(serving) = self.serving.as_mut() else { return };
+        if serving.down.is_some() {
+            return;
+        }
+        let Some(step) = serving.sched.next_step() else { return };
+        serving.step_started = Instant::now();
+        serving.steps += 1;
+        serving.last_batch = step.segments.len();
+        let tokens = ids_to_wire(&[&step.tokens]);
+        let msg = Message::Start { step_id: step.id, phase: step.phase, tokens: tokens.meta, segments: step.segments };
         self.router.broadcast(&Frame { message: msg, tensors: vec![tokens.data] });
     }
 
-    fn on_logits(&mut self, step: u32, logits: Vec<f32>, ctx: &mut Context<Self>) {
+    /// Hands the scheduler's events to whoever asked, frees finished requests' caches on
+    /// every rank, and starts the next step.
+    pub(super) fn dispatch(&mut self, events: Vec<Event>, ctx: &mut Context<Self>) {
+        let Some(serving) = self.serving.as_mut() else { return };
+        let mut gone = Vec::new();
+        let mut job_events = Vec::new();
+        for e in events {
+            let (request, last) = match &e {
+                Event::Token { request, .. } => (*request, false),
+                Event::Done { request, .. } => (*request, true),
+            };
+            match serving.sinks.get(&request) {
+                Some(Sink::Job) => job_events.push(e),
+                Some(Sink::Client(tx)) => {
+                    if tx.send(e).is_err() && !last {
+                        gone.push(request);
+                    }
+                }
+                None => {}
+            }
+            if last {
+                serving.sinks.remove(&request);
+            }
+        }
+        // A client that went away cancels its request.
+        let mut more = Vec::new();
+        for id in gone {
+            more.extend(serving.sched.cancel(id));
+        }
+        for id in serving.sched.take_frees() {
+            self.router.broadcast(&Frame::control(Message::Finish { request_id: id }));
+        }
+        for e in job_events {
+            self.job_event(e, ctx);
+        }
+        if !more.is_empty() {
+            return self.dispatch(more, ctx);
+        }
+        self.pump();
+        self.check_drained(ctx);
+    }
+
+    fn on_logits(&mut self, step_id: u64, rows: Vec<f32>, shape: &[usize], ctx: &mut Context<Self>) {
+        let Some(serving) = self.serving.as_mut() else { return };
+        let vocab = shape.last().copied().unwrap_or(0).max(1);
+        let rows: Vec<&[f32]> = rows.chunks(vocab).collect();
+        serving.busy += serving.step_started.elapsed();
+        match serving.sched.on_logits(step_id, &rows) {
+            Ok(events) => self.dispatch(events, ctx),
+            Err(e) => tracing::warn!(step_id, "{e}"),
+        }
+    }
+
+    /// The one-shot job's tokens (rank 0 of `lemur-worker`).
+    fn job_event(&mut self, e: Event, ctx: &mut Context<Self>) {
         let Some(l) = self.leader.as_mut() else { return };
-        if l.done || step as usize != l.tokens.len() {
-            return;
+        match e {
+            Event::Token { token, logits, index, .. } => {
+                if let Some(sink) = &l.on_token {
+                    (sink.0)(token);
+                }
+                let now = Instant::now();
+                if index == 0 {
+                    l.first = Some(now - l.started);
+                } else {
+                    l.decode_times.push(now - l.step_started);
+                }
+                l.step_started = now;
+                l.tokens.push(token);
+                l.logits.extend(logits);
+            }
+            Event::Done { request, .. } => {
+                l.done = true;
+                // Every rank reports its stats on the request's Finish; after them (or 5 s),
+                // the request completes.
+                ctx.run_later(Duration::from_secs(5), move |act, ctx| {
+                    if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
+                        act.complete_request(ctx);
+                    }
+                });
+            }
         }
-        let token = l.sampler.sample(&logits);
-        if let Some(sink) = &l.on_token {
-            (sink.0)(token);
+    }
+
+    /// Submits the one-shot job's request (again, for a repeat).
+    fn submit_job(&mut self, ctx: &mut Context<Self>) {
+        let (Some(l), Some(serving)) = (self.leader.as_mut(), self.serving.as_mut()) else { return };
+        let Some(mut req) = l.template.clone() else { return };
+        req.id = l.request;
+        if let Err(e) = serving.sched.submit(req) {
+            return self.finish_with(Err(WorkerError::Request(e.to_string())), ctx);
         }
-        let now = Instant::now();
-        if step == 0 {
-            l.first = Some(now - l.started);
-        } else {
-            l.decode_times.push(now - l.step_started);
-        }
-        l.tokens.push(token);
-        l.logits.push(logits);
-        if l.tokens.len() >= l.max_new_tokens || l.eos == Some(token) {
-            self.end_request(ctx);
-            return;
-        }
-        l.step_started = now;
-        let position = (l.prompt_len + l.tokens.len() - 1) as u64;
-        self.broadcast_start(step + 1, Phase::Decode, position, &[token]);
+        serving.sinks.insert(l.request, Sink::Job);
+        self.pump();
     }
 
     /// Sends adapter tensors to every rank (each keeps its own).
@@ -157,8 +234,8 @@ impl Node {
         self.router.broadcast(&Frame { message: msg, tensors: datas });
     }
 
-    /// The current request is over: every rank drops its state and reports its stats;
-    /// after them (or 5 s), the request completes.
+    /// A training run (or gradient check) is over: every rank drops its state and reports
+    /// its stats; after them (or 5 s), it completes.
     pub fn end_request(&mut self, ctx: &mut Context<Self>) {
         let Some(l) = self.leader.as_mut() else { return };
         l.done = true;
@@ -195,12 +272,10 @@ impl Node {
         l.decode_times.clear();
         l.stats.clear();
         l.done = false;
-        l.sampler = Sampler::new(l.sampling);
         let now = Instant::now();
         l.started = now;
         l.step_started = now;
-        let prompt = l.prompt.clone();
-        self.broadcast_start(0, Phase::Prefill, 0, &prompt);
+        self.submit_job(ctx);
     }
 
     fn report(&mut self, ctx: &mut Context<Self>) {
@@ -312,9 +387,9 @@ impl Node {
     fn on_leader_frame(&mut self, from: u32, frame: Frame, ctx: &mut Context<Self>) {
         let wire = frame.wire_tensors();
         match frame.message {
-            Message::Logits { step, .. } => match wire.first().map(f32_values) {
-                Some(Ok(v)) => self.on_logits(step, v, ctx),
-                Some(Err(e)) => self.finish_with(Err(WorkerError::Peer { rank: from, message: e.to_string() }), ctx),
+            Message::Logits { step_id, .. } => match wire.first().map(|t| (f32_values(t), &t.meta.shape)) {
+                Some((Ok(v), shape)) => self.on_logits(step_id, v, &shape.clone(), ctx),
+                Some((Err(e), _)) => self.fail(WorkerError::Peer { rank: from, message: e.to_string() }, ctx),
                 None => {}
             },
             Message::MicroBatchDone { rank, micro_batch, sumsq, .. } => {
@@ -337,9 +412,14 @@ impl Node {
                 self.on_adapters(rank, grads, ctx);
             }
             Message::Stats {
-                rank, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, peak_rss_bytes, ..
+                rank, request_id, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, peak_rss_bytes, ..
             } => {
-                if let Some(l) = self.leader.as_mut() {
+                if let Some(serving) = self.serving.as_mut() {
+                    let r = serving.ranks.entry(rank).or_default();
+                    r.peak_rss_bytes = r.peak_rss_bytes.max(peak_rss_bytes);
+                    r.bytes_sent += bytes_sent;
+                }
+                if let Some(l) = self.leader.as_mut().filter(|l| l.request == request_id || l.trainer.is_some()) {
                     l.op_ms.extend(op_ms);
                     let s = RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs, peak_rss_bytes };
                     l.stats.insert(rank, s);
@@ -348,9 +428,22 @@ impl Node {
                     }
                 }
             }
-            Message::Error { rank, message } => self.finish_with(Err(WorkerError::Peer { rank, message }), ctx),
+            Message::Error { rank, message } => self.fail(WorkerError::Peer { rank, message }, ctx),
             other => tracing::warn!(rank = self.me, from, message = other.name(), "unexpected message"),
         }
+    }
+
+    /// Something failed on a rank: a one-shot run ends with the error; a server fails the
+    /// requests it holds and answers 503 from then on.
+    pub(super) fn fail(&mut self, e: WorkerError, ctx: &mut Context<Self>) {
+        if self.leader.is_some() {
+            return self.finish_with(Err(e), ctx);
+        }
+        let Some(serving) = self.serving.as_mut() else { return self.finish_with(Err(e), ctx) };
+        tracing::error!("the cluster is down: {e}");
+        serving.down.get_or_insert_with(|| e.to_string());
+        let events = serving.sched.fail_all();
+        self.dispatch(events, ctx);
     }
 }
 
@@ -388,12 +481,22 @@ impl Handler<Inbound> for Node {
 impl Handler<Begin> for Node {
     type Result = ();
     fn handle(&mut self, Begin(job): Begin, ctx: &mut Self::Context) {
+        if let Some(cfg) = job.serve {
+            self.serving = Some(Serving::new(Scheduler::new(cfg), self.n));
+            return;
+        }
         let now = Instant::now();
+        let template = (job.train_loop.is_none()).then(|| Request {
+            id: 1,
+            prompt: job.prompt.clone(),
+            max_new_tokens: job.max_new_tokens,
+            stop_tokens: job.eos.into_iter().collect(),
+            sampling: job.sampling,
+            keep_logits: true,
+        });
         self.leader = Some(LeaderState {
             request: 1,
-            prompt_len: job.prompt.len(),
-            max_new_tokens: job.max_new_tokens,
-            eos: job.eos,
+            template,
             tokens: Vec::new(),
             logits: Vec::new(),
             started: now,
@@ -403,10 +506,7 @@ impl Handler<Begin> for Node {
             stats: HashMap::new(),
             op_ms: HashMap::new(),
             done: false,
-            sampler: Sampler::new(job.sampling),
-            sampling: job.sampling,
             on_token: job.on_token,
-            prompt: job.prompt.clone(),
             repeats_left: job.repeat.max(1) - 1,
             history: Vec::new(),
             loss: None,
@@ -421,7 +521,10 @@ impl Handler<Begin> for Node {
             self.begin_training(tl, ctx);
             return;
         }
-        self.broadcast_start(0, Phase::Prefill, 0, &job.prompt);
+        // One request alone: its whole prompt in one prefill step.
+        let cfg = BatchConfig { prefill_chunk: usize::MAX, prefill_tokens: usize::MAX, ..BatchConfig::default() };
+        self.serving = Some(Serving::new(Scheduler::new(cfg), self.n));
+        self.submit_job(ctx);
     }
 }
 
@@ -432,7 +535,10 @@ impl Handler<PeerDown> for Node {
             return;
         }
         if self.me == 0 {
-            self.finish_with(Err(WorkerError::Peer { rank: m.rank, message: format!("lost: {}", m.reason) }), ctx);
+            if let Some(r) = self.serving.as_mut().map(|s| s.ranks.entry(m.rank).or_default()) {
+                r.lost = Some(m.reason.clone());
+            }
+            self.fail(WorkerError::Peer { rank: m.rank, message: format!("lost: {}", m.reason) }, ctx);
         } else if m.rank == 0 {
             tracing::error!(rank = self.me, reason = m.reason, "lost the leader; exiting");
             self.stop_now(Err(WorkerError::Peer { rank: 0, message: format!("leader lost: {}", m.reason) }));

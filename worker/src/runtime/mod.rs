@@ -13,8 +13,10 @@
 //! - `compute`: the `Compute` actor: candle on its own thread, thin over the runners in
 //!   [`crate::program`] and [`crate::train`], with training's scheduler; `optimizer`: AdamW
 //!   and the adapters by PEFT name, plain code.
-//! - `leader`: the `Node` actor, routing frames and on rank 0 driving a request; `trainer`:
-//!   rank 0's training loop (micro-batch window, gradient norm, optimizer steps, checkpoints).
+//! - `leader`: the `Node` actor, routing frames and on rank 0 running the continuous-
+//!   batching scheduler's steps ([`crate::batch`]); `serving`: rank 0 as a server, behind
+//!   the [`Engine`] handle; `trainer`: rank 0's training loop (micro-batch window, gradient
+//!   norm, optimizer steps, checkpoints).
 //!
 //! Flow control is by step: rank 0 starts step n + 1 only after step n's logits, and admits
 //! a training micro-batch only when one has left every rank.
@@ -25,6 +27,7 @@ pub mod job;
 mod leader;
 pub mod memnet;
 mod optimizer;
+mod serving;
 mod setup;
 mod trainer;
 pub mod transport;
@@ -39,6 +42,7 @@ use candle_core::Device;
 
 pub use job::{AdapterGrads, Job, Outcome, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 pub use optimizer::{AdamW, AdapterState};
+pub use serving::{ClusterStatus, Engine, RankStatus, SubmitError};
 pub use transport::{Conn, Tcp, Transport};
 
 use crate::cluster::Cluster;
@@ -69,13 +73,33 @@ impl NodeConfig {
 
 /// Runs a rank until its work is done. Rank 0 returns the request's outcome.
 pub fn run_node(cfg: NodeConfig) -> Result<Option<Outcome>, WorkerError> {
+    run_system(cfg, |_| {})
+}
+
+/// Runs rank 0 as a server: `cfg.job` must have `serve` set. Once every rank is ready,
+/// `on_ready` gets the [`Engine`] on this thread's actor system (where a front end can
+/// spawn its own tasks); the call returns after [`Engine::stop`].
+pub fn serve_node(cfg: NodeConfig, on_ready: impl FnOnce(Engine) + 'static) -> Result<(), WorkerError> {
+    if cfg.rank != 0 || cfg.job.as_ref().is_none_or(|j| j.serve.is_none()) {
+        return Err(WorkerError::Plan("only rank 0 serves, with a job that says how to batch".into()));
+    }
+    run_system(cfg, move |node| {
+        on_ready(Engine { node, next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)) });
+    })
+    .map(|_| ())
+}
+
+fn run_system(cfg: NodeConfig, on_ready: impl FnOnce(Addr<Node>) + 'static) -> Result<Option<Outcome>, WorkerError> {
     let system = actix::System::new();
     let result: Shared = Arc::new(Mutex::new(None));
     let res = result.clone();
     system.block_on(async move {
-        if let Err(e) = start(cfg, res.clone()).await {
-            *res.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
-            System::current().stop();
+        match start(cfg, res.clone()).await {
+            Ok(node) => on_ready(node),
+            Err(e) => {
+                *res.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
+                System::current().stop();
+            }
         }
     });
     system.run()?;
@@ -84,7 +108,7 @@ pub fn run_node(cfg: NodeConfig) -> Result<Option<Outcome>, WorkerError> {
 }
 
 /// Set-up, then the actors: a `Peer` per connection, `Compute` on its own thread, the `Node`.
-async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
+async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerError> {
     let me = cfg.rank;
     let n = cfg.cluster.ranks.len() as u32;
     let ready = setup::connect_and_load(&cfg).await?;
@@ -114,11 +138,11 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<(), WorkerError> {
             c.cluster_id = id.clone();
             c
         });
-        Node { me, n, router, compute, leader: None, result: result.clone(), shutting_down: false }
+        Node { me, n, router, compute, leader: None, serving: None, result: result.clone(), shutting_down: false }
     });
     if me == 0 {
         let job = cfg.job.ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
         node.do_send(Begin(job));
     }
-    Ok(())
+    Ok(node)
 }

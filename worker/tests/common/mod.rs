@@ -98,6 +98,7 @@ pub fn infer_job(plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Job {
         adapters: None,
         dequantize: false,
         quantize: None,
+        serve: None,
     }
 }
 

@@ -1,0 +1,592 @@
+//! Continuous batching: rank 0's scheduler of inference requests, as plain code (no
+//! actors, no sockets), so that every policy below is tested directly.
+//!
+//! Requests wait in a bounded queue and are admitted, first come first served, while the
+//! batch has room and their KV caches fit the positions the cluster can hold. Each step
+//! is either a prefill step (chunks of admitted prompts, packed up to a token budget) or
+//! a decode step (one token for every request that has finished its prompt). When both
+//! kinds of work exist the scheduler alternates, so that a long newcomer's prompt never
+//! stops the running streams for more than one chunk.
+//!
+//! A request's prompt is always cut into the same chunks, whatever else runs beside it,
+//! so that its attention computes exactly what it would alone: only the rows of the
+//! linear ops are shared, and those are computed row by row.
+
+use std::collections::VecDeque;
+
+use lemur_protocol::wire::Segment;
+use lemur_protocol::Phase;
+
+use crate::sampling::{Sampler, Sampling};
+
+/// How the scheduler batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// The most requests running at once (prefilling or decoding).
+    pub max_batch: usize,
+    /// A prompt is run in chunks of at most this many tokens.
+    pub prefill_chunk: usize,
+    /// The most prompt tokens in one prefill step (at least one chunk always runs).
+    pub prefill_tokens: usize,
+    /// The most requests waiting for admission; beyond it a submit is refused.
+    pub max_queue: usize,
+    /// KV positions the cluster holds for all requests together (`None`: unbounded). A
+    /// request reserves its prompt plus its `max_new_tokens` (at most `max_positions`).
+    pub kv_positions: Option<usize>,
+    /// The model's positions: a request longer than this is refused.
+    pub max_positions: usize,
+    /// A sliding window bounds each request's cache (to the window plus the cache's
+    /// growth room), whatever its length.
+    pub window: Option<usize>,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            prefill_chunk: 512,
+            prefill_tokens: 512,
+            max_queue: 256,
+            kv_positions: None,
+            max_positions: usize::MAX,
+            window: None,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    /// Tokens that end the request (end of sequence, end of turn); the stop token is
+    /// reported like any other.
+    pub stop_tokens: Vec<u32>,
+    pub sampling: Sampling,
+    /// Report each token's logits with it (tests and `--logits`).
+    pub keep_logits: bool,
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced a stop token.
+    Stop,
+    /// It reached `max_new_tokens`.
+    Length,
+    /// Its client cancelled it (or the server shut down).
+    Cancelled,
+    /// The cluster failed under it (a rank lost, a rank's error).
+    Failed,
+}
+
+impl FinishReason {
+    /// OpenAI's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Failed => "failed",
+        }
+    }
+}
+
+/// What happened to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Its next token (`index` from 0), with the logits it was chosen from if asked.
+    Token { request: u64, index: usize, token: u32, logits: Option<Vec<f32>> },
+    /// It ended; its KV cache is freed.
+    Done { request: u64, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+}
+
+/// Why a request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("{needed} positions (prompt {prompt} + max_tokens {max_new}) exceed the model's context of {limit}")]
+    TooLong { prompt: usize, max_new: usize, needed: usize, limit: usize },
+    #[error("{needed} KV positions exceed the {limit} the cluster holds")]
+    TooBig { needed: usize, limit: usize },
+    #[error("request {0} is already known")]
+    Duplicate(u64),
+    #[error("the server is shutting down")]
+    Draining,
+}
+
+/// One step for the cluster to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPlan {
+    pub id: u64,
+    pub phase: Phase,
+    pub segments: Vec<Segment>,
+    /// The segments' tokens, one after another.
+    pub tokens: Vec<u32>,
+}
+
+/// A request the scheduler holds.
+#[derive(Debug)]
+struct Seq {
+    req: Request,
+    sampler: Sampler,
+    /// Prompt tokens whose KV is computed (or in the step in flight).
+    prefilled: usize,
+    generated: Vec<u32>,
+    /// Cancelled while in the step in flight: dropped when its logits come.
+    cancelled: bool,
+    /// KV positions reserved.
+    reserved: usize,
+}
+
+impl Seq {
+    fn prompt_done(&self) -> bool {
+        self.prefilled == self.req.prompt.len()
+    }
+}
+
+/// Rank 0's scheduler.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: BatchConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_id: u64,
+    in_flight: Option<StepPlan>,
+    last_phase: Option<Phase>,
+    reserved: usize,
+    draining: bool,
+    /// Requests whose KV caches the ranks must drop (`Finish`), collected for the caller.
+    frees: Vec<u64>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: BatchConfig) -> Self {
+        let cfg = BatchConfig {
+            max_batch: cfg.max_batch.max(1),
+            prefill_chunk: cfg.prefill_chunk.max(1),
+            prefill_tokens: cfg.prefill_tokens.max(1),
+            ..cfg
+        };
+        Self {
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 1,
+            in_flight: None,
+            last_phase: None,
+            reserved: 0,
+            draining: false,
+            frees: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.cfg
+    }
+
+    /// Queues a request, or says why not.
+    pub fn submit(&mut self, req: Request) -> Result<(), Refusal> {
+        if self.draining {
+            return Err(Refusal::Draining);
+        }
+        if req.prompt.is_empty() {
+            return Err(Refusal::EmptyPrompt);
+        }
+        let (prompt, max_new) = (req.prompt.len(), req.max_new_tokens);
+        let needed = prompt.saturating_add(max_new);
+        if needed > self.cfg.max_positions {
+            return Err(Refusal::TooLong { prompt, max_new, needed, limit: self.cfg.max_positions });
+        }
+        let reserve = self.cfg.window.map_or(needed, |w| needed.min(w + 2 * crate::exec::KV_CHUNK));
+        if let Some(limit) = self.cfg.kv_positions {
+            if reserve > limit {
+                return Err(Refusal::TooBig { needed: reserve, limit });
+            }
+        }
+        if self.waiting.len() >= self.cfg.max_queue {
+            return Err(Refusal::QueueFull(self.waiting.len()));
+        }
+        if self.waiting.iter().chain(&self.running).any(|s| s.req.id == req.id) {
+            return Err(Refusal::Duplicate(req.id));
+        }
+        let sampler = Sampler::new(req.sampling);
+        self.waiting.push_back(Seq { req, sampler, prefilled: 0, generated: Vec::new(), cancelled: false, reserved: reserve });
+        Ok(())
+    }
+
+    /// Ends a request at its client's wish. Its `Done` comes back now, or with the logits
+    /// of the step it is in.
+    pub fn cancel(&mut self, id: u64) -> Vec<Event> {
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            let s = self.waiting.remove(i).expect("index from position");
+            return vec![done(&s, FinishReason::Cancelled)];
+        }
+        let in_step = self.in_flight.as_ref().is_some_and(|p| p.segments.iter().any(|g| g.request_id == id));
+        let Some(i) = self.running.iter().position(|s| s.req.id == id) else { return Vec::new() };
+        if in_step {
+            self.running[i].cancelled = true;
+            return Vec::new();
+        }
+        vec![self.retire(i, FinishReason::Cancelled)]
+    }
+
+    /// Stops taking requests and cancels those not yet admitted.
+    pub fn drain(&mut self) -> Vec<Event> {
+        self.draining = true;
+        self.waiting.drain(..).map(|s| done(&s, FinishReason::Cancelled)).collect()
+    }
+
+    /// Cancels every request (the cluster is gone, or the grace period is over).
+    pub fn cancel_all(&mut self) -> Vec<Event> {
+        let mut events = self.drain();
+        let ids: Vec<u64> = self.running.iter().map(|s| s.req.id).collect();
+        for id in ids {
+            events.extend(self.cancel(id));
+        }
+        events
+    }
+
+    /// Fails every request and forgets the step in flight (its logits will not come).
+    pub fn fail_all(&mut self) -> Vec<Event> {
+        self.in_flight = None;
+        let mut events: Vec<Event> = self.waiting.drain(..).map(|s| done(&s, FinishReason::Failed)).collect();
+        while !self.running.is_empty() {
+            events.push(self.retire(0, FinishReason::Failed));
+        }
+        self.frees.clear();
+        events
+    }
+
+    /// Requests whose KV caches must be dropped on every rank, since the last call.
+    pub fn take_frees(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.frees)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty() && self.in_flight.is_none()
+    }
+
+    pub fn in_flight(&self) -> Option<&StepPlan> {
+        self.in_flight.as_ref()
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// KV positions reserved by the running requests.
+    pub fn reserved_positions(&self) -> usize {
+        self.reserved
+    }
+
+    /// The next step to run, if there is work and no step is in flight.
+    pub fn next_step(&mut self) -> Option<StepPlan> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        self.admit();
+        let decoders: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].prompt_done()).collect();
+        let prefill_waits = self.running.iter().any(|s| !s.prompt_done());
+        let decode = !decoders.is_empty() && (!prefill_waits || self.last_phase == Some(Phase::Prefill));
+        let plan = if decode {
+            self.decode_step(&decoders)
+        } else if prefill_waits {
+            self.prefill_step()
+        } else {
+            return None;
+        };
+        self.last_phase = Some(plan.phase);
+        self.in_flight = Some(plan.clone());
+        Some(plan)
+    }
+
+    /// Admits waiting requests in order while the batch has room and their KV fits.
+    fn admit(&mut self) {
+        while let Some(next) = self.waiting.front() {
+            let fits = self.cfg.kv_positions.is_none_or(|limit| self.reserved + next.reserved <= limit);
+            if self.running.len() >= self.cfg.max_batch || !fits {
+                break;
+            }
+            let s = self.waiting.pop_front().expect("front exists");
+            self.reserved += s.reserved;
+            self.running.push(s);
+        }
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn decode_step(&mut self, decoders: &[usize]) -> StepPlan {
+        let mut segments = Vec::with_capacity(decoders.len());
+        let mut tokens = Vec::with_capacity(decoders.len());
+        for &i in decoders {
+            let s = &self.running[i];
+            let last = *s.generated.last().expect("a decoding request has sampled a token");
+            let position = (s.req.prompt.len() + s.generated.len() - 1) as u64;
+            segments.push(Segment { request_id: s.req.id, position, len: 1, last: true });
+            tokens.push(last);
+        }
+        StepPlan { id: self.fresh_id(), phase: Phase::Decode, segments, tokens }
+    }
+
+    fn prefill_step(&mut self) -> StepPlan {
+        let (chunk, budget) = (self.cfg.prefill_chunk, self.cfg.prefill_tokens);
+        let mut segments = Vec::new();
+        let mut tokens = Vec::new();
+        for s in self.running.iter_mut().filter(|s| !s.prompt_done()) {
+            let len = chunk.min(s.req.prompt.len() - s.prefilled);
+            if !tokens.is_empty() && tokens.len() + len > budget {
+                break;
+            }
+            let from = s.prefilled;
+            s.prefilled += len;
+            tokens.extend_from_slice(&s.req.prompt[from..from + len]);
+            segments.push(Segment { request_id: s.req.id, position: from as u64, len: len as u32, last: s.prompt_done() });
+        }
+        StepPlan { id: self.fresh_id(), phase: Phase::Prefill, segments, tokens }
+    }
+
+    /// The logits of step `step_id` (one row per segment): samples each request's next
+    /// token and ends those that are done. Logits of another step are an error.
+    pub fn on_logits(&mut self, step_id: u64, rows: &[&[f32]]) -> Result<Vec<Event>, String> {
+        let plan = match &self.in_flight {
+            Some(p) if p.id == step_id => self.in_flight.take().expect("checked"),
+            Some(p) => return Err(format!("logits for step {step_id} while step {} is in flight", p.id)),
+            None => return Err(format!("logits for step {step_id} with no step in flight")),
+        };
+        if rows.len() != plan.segments.len() {
+            return Err(format!("step {step_id}: {} rows of logits for {} segments", rows.len(), plan.segments.len()));
+        }
+        let mut events = Vec::new();
+        for (g, row) in plan.segments.iter().zip(rows) {
+            let Some(i) = self.running.iter().position(|s| s.req.id == g.request_id) else { continue };
+            if self.running[i].cancelled {
+                events.push(self.retire(i, FinishReason::Cancelled));
+                continue;
+            }
+            if !g.last {
+                continue;
+            }
+            let s = &mut self.running[i];
+            let token = s.sampler.sample(row);
+            s.generated.push(token);
+            let logits = s.req.keep_logits.then(|| row.to_vec());
+            events.push(Event::Token { request: s.req.id, index: s.generated.len() - 1, token, logits });
+            if s.req.stop_tokens.contains(&token) {
+                events.push(self.retire(i, FinishReason::Stop));
+            } else if s.generated.len() >= s.req.max_new_tokens {
+                events.push(self.retire(i, FinishReason::Length));
+            }
+        }
+        Ok(events)
+    }
+
+    /// Removes running request `i`, frees its reservation and (if it has any) its KV.
+    fn retire(&mut self, i: usize, reason: FinishReason) -> Event {
+        let s = self.running.remove(i);
+        self.reserved -= s.reserved;
+        if s.prefilled > 0 {
+            self.frees.push(s.req.id);
+        }
+        done(&s, reason)
+    }
+}
+
+fn done(s: &Seq, reason: FinishReason) -> Event {
+    Event::Done {
+        request: s.req.id,
+        reason,
+        prompt_tokens: s.req.prompt.len(),
+        completion_tokens: s.generated.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: u64, prompt: usize, max_new: usize) -> Request {
+        Request {
+            id,
+            prompt: (0..prompt as u32).map(|t| t + 100 * id as u32).collect(),
+            max_new_tokens: max_new,
+            stop_tokens: vec![0],
+            sampling: Sampling::default(),
+            keep_logits: false,
+        }
+    }
+
+    /// Logits whose argmax is `token`, one row per segment of `plan`.
+    fn answer(s: &mut Scheduler, plan: &StepPlan, token: impl Fn(u64) -> u32) -> Vec<Event> {
+        let rows: Vec<Vec<f32>> = plan
+            .segments
+            .iter()
+            .map(|g| {
+                let mut v = vec![0.0f32; 8];
+                v[token(g.request_id) as usize] = 1.0;
+                v
+            })
+            .collect();
+        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        s.on_logits(plan.id, &refs).unwrap()
+    }
+
+    #[test]
+    fn prompts_are_chunked_the_same_alone_and_together_and_prefill_alternates_with_decode() {
+        let cfg = BatchConfig { prefill_chunk: 4, prefill_tokens: 6, ..BatchConfig::default() };
+        let mut s = Scheduler::new(cfg);
+        s.submit(req(1, 3, 5)).unwrap();
+        let p = s.next_step().unwrap();
+        assert_eq!((p.phase, p.tokens.len()), (Phase::Prefill, 3));
+        assert!(s.next_step().is_none(), "one step in flight");
+        answer(&mut s, &p, |_| 1);
+        // A 10-token newcomer: chunks 4, 4, 2, each alternating with request 1's decode.
+        s.submit(req(2, 10, 2)).unwrap();
+        let mut seen = Vec::new();
+        while let Some(p) = s.next_step() {
+            seen.push((p.phase, p.segments.iter().map(|g| (g.request_id, g.position, g.len, g.last)).collect::<Vec<_>>()));
+            answer(&mut s, &p, |_| 1);
+        }
+        use Phase::{Decode as D, Prefill as P};
+        assert_eq!(
+            seen,
+            vec![
+                (D, vec![(1, 3, 1, true)]),
+                (P, vec![(2, 0, 4, false)]),
+                (D, vec![(1, 4, 1, true)]),
+                (P, vec![(2, 4, 4, false)]),
+                (D, vec![(1, 5, 1, true)]),
+                (P, vec![(2, 8, 2, true)]),
+                (D, vec![(1, 6, 1, true), (2, 10, 1, true)]),
+            ]
+        );
+        assert!(s.is_idle());
+        let mut frees = s.take_frees();
+        frees.sort();
+        assert_eq!(frees, [1, 2]);
+    }
+
+    #[test]
+    fn prefill_packs_whole_chunks_up_to_the_budget() {
+        let cfg = BatchConfig { prefill_chunk: 4, prefill_tokens: 9, ..BatchConfig::default() };
+        let mut s = Scheduler::new(cfg);
+        for (id, n) in [(1, 3), (2, 6), (3, 2)] {
+            s.submit(req(id, n, 1)).unwrap();
+        }
+        let p = s.next_step().unwrap();
+        // 3 + 4 fit; request 3's 2 would make 9: fits too.
+        let lens: Vec<_> = p.segments.iter().map(|g| (g.request_id, g.len, g.last)).collect();
+        assert_eq!(lens, [(1, 3, true), (2, 4, false), (3, 2, true)]);
+        assert_eq!(p.tokens[..3], [100, 101, 102]);
+        assert_eq!(p.tokens[3..7], [200, 201, 202, 203]);
+    }
+
+    #[test]
+    fn stops_lengths_and_tokens_are_reported_in_order() {
+        let mut s = Scheduler::new(BatchConfig::default());
+        s.submit(req(1, 2, 3)).unwrap();
+        s.submit(req(2, 2, 9)).unwrap();
+        let mut events = Vec::new();
+        let mut step = 0;
+        while let Some(p) = s.next_step() {
+            step += 1;
+            // Request 2 says the stop token (0) on its third token.
+            events.extend(answer(&mut s, &p, |r| if r == 2 && step == 3 { 0 } else { 5 }));
+        }
+        let tokens = |r: u64| -> Vec<u32> {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Token { request, token, .. } if *request == r => Some(*token),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(tokens(1), [5, 5, 5]);
+        assert_eq!(tokens(2), [5, 5, 0]);
+        let dones: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Done { request, reason, completion_tokens, .. } => Some((*request, *reason, *completion_tokens)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dones, [(1, FinishReason::Length, 3), (2, FinishReason::Stop, 3)]);
+    }
+
+    #[test]
+    fn kv_budget_queues_what_does_not_fit_and_admits_it_when_room_frees() {
+        let cfg = BatchConfig { kv_positions: Some(20), max_queue: 2, ..BatchConfig::default() };
+        let mut s = Scheduler::new(cfg);
+        s.submit(req(1, 5, 7)).unwrap(); // 12
+        s.submit(req(2, 5, 5)).unwrap(); // 10: waits (22 > 20)
+        assert_eq!(s.submit(req(3, 1, 1)), Err(Refusal::QueueFull(2)));
+        assert_eq!(s.submit(req(4, 15, 10)), Err(Refusal::TooBig { needed: 25, limit: 20 }));
+        let p = s.next_step().unwrap();
+        assert_eq!(p.segments.len(), 1);
+        assert_eq!((s.running(), s.queue_depth(), s.reserved_positions()), (1, 1, 12));
+        let mut admitted_after = None;
+        let mut steps = 1;
+        answer(&mut s, &p, |_| 1);
+        while let Some(p) = s.next_step() {
+            steps += 1;
+            if admitted_after.is_none() && p.segments.iter().any(|g| g.request_id == 2) {
+                admitted_after = Some(steps);
+            }
+            answer(&mut s, &p, |_| 1);
+        }
+        // Request 1: prefill + 6 decode steps; request 2 starts right after.
+        assert_eq!(admitted_after, Some(8));
+        assert_eq!(s.reserved_positions(), 0);
+    }
+
+    #[test]
+    fn cancelling_in_flight_waits_for_the_step_and_frees_the_cache() {
+        let mut s = Scheduler::new(BatchConfig::default());
+        s.submit(req(1, 4, 10)).unwrap();
+        s.submit(req(2, 4, 10)).unwrap();
+        let p = s.next_step().unwrap();
+        assert!(s.cancel(1).is_empty(), "in the step in flight");
+        let ev = answer(&mut s, &p, |_| 3);
+        assert!(matches!(ev[0], Event::Done { request: 1, reason: FinishReason::Cancelled, .. }));
+        assert!(matches!(ev[1], Event::Token { request: 2, token: 3, .. }));
+        assert_eq!(s.take_frees(), [1]);
+        // Between steps, a cancel is immediate.
+        let ev = s.cancel(2);
+        assert!(matches!(ev[0], Event::Done { request: 2, completion_tokens: 1, .. }));
+        assert_eq!(s.take_frees(), [2]);
+        assert!(s.is_idle());
+        // Waiting requests have no cache to free.
+        let mut s = Scheduler::new(BatchConfig { max_batch: 1, ..BatchConfig::default() });
+        s.submit(req(1, 2, 2)).unwrap();
+        s.submit(req(2, 2, 2)).unwrap();
+        let _ = s.next_step();
+        assert!(matches!(s.cancel(2)[0], Event::Done { request: 2, .. }));
+        assert!(s.take_frees().is_empty());
+        assert!(s.on_logits(99, &[]).is_err(), "logits of another step");
+    }
+
+    #[test]
+    fn refusals_name_the_limit() {
+        let mut s = Scheduler::new(BatchConfig { max_positions: 10, ..BatchConfig::default() });
+        let e = s.submit(req(1, 8, 4)).unwrap_err();
+        assert_eq!(e.to_string(), "12 positions (prompt 8 + max_tokens 4) exceed the model's context of 10");
+        assert_eq!(s.submit(req(1, 0, 4)), Err(Refusal::EmptyPrompt));
+        s.submit(req(1, 2, 2)).unwrap();
+        assert_eq!(s.submit(req(1, 2, 2)), Err(Refusal::Duplicate(1)));
+        s.drain();
+        assert_eq!(s.submit(req(2, 2, 2)), Err(Refusal::Draining));
+    }
+}
