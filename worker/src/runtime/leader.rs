@@ -482,6 +482,15 @@ impl Handler<Begin> for Node {
     type Result = ();
     fn handle(&mut self, Begin(job): Begin, ctx: &mut Self::Context) {
         if let Some(cfg) = job.serve {
+            // The model bounds every request; the plan's memory bounds them all together.
+            let model = &job.plan.model;
+            let cfg = BatchConfig {
+                max_positions: cfg.max_positions.min(model.max_position_embeddings as usize),
+                window: cfg.window.or(model.sliding_window.map(|w| w as usize)),
+                kv_positions: cfg.kv_positions.or(job.plan.kv_positions().map(|p| p as usize)),
+                ..cfg
+            };
+            tracing::info!(?cfg, "serving");
             self.serving = Some(Serving::new(Scheduler::new(cfg), self.n));
             return;
         }
