@@ -7,6 +7,8 @@
 //! - [`plan`]: the plan file ([`Plan`]) workers execute, and its validation.
 //! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
 //!   the length-delimited [`wire::FrameCodec`].
+//! - [`openai`]: OpenAI's HTTP API as `lemur-serve` speaks it (requests checked field by
+//!   field, responses, stream chunks, the error body).
 //! - [`gguf`]: a bounds-checked GGUF header reader (model shape, tokenizer metadata).
 //! - [`weights`]: how weights are stored ([`WeightFormat`]: dense or a GGUF block format) and their bits.
 //! - [`timings`]: predicted against measured op times, and the validation table.
@@ -20,6 +22,7 @@ pub mod error;
 pub mod gguf;
 pub mod model;
 pub mod op;
+pub mod openai;
 pub mod plan;
 pub mod profile;
 pub mod timings;

@@ -123,23 +123,60 @@ impl Tok {
 
     /// The prompt wrapped in the checkpoint's chat template as one user message.
     pub fn chat(&self, user: &str) -> Result<String, WorkerError> {
+        self.chat_messages(&[("user".to_string(), user.to_string())])
+    }
+
+    /// A conversation of (role, content) turns in the checkpoint's chat template, ready
+    /// for the assistant's answer.
+    pub fn chat_messages(&self, turns: &[(String, String)]) -> Result<String, WorkerError> {
         let template = self
             .chat_template
             .as_deref()
-            .ok_or_else(|| WorkerError::Plan("the checkpoint has no chat template".into()))?;
+            .ok_or_else(|| WorkerError::Request("the checkpoint has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
         env.add_template("chat", template).map_err(|e| WorkerError::Plan(format!("chat template: {e}")))?;
         let tokens = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();
+        let messages: Vec<_> =
+            turns.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
-                    messages => vec![minijinja::context! { role => "user", content => user }],
+                    messages => messages,
                     add_generation_prompt => true,
                     bos_token => tokens(self.bos),
                     eos_token => tokens(self.eos),
                 })
             })
-            .map_err(|e| WorkerError::Plan(format!("chat template: {e}")))
+            .map_err(|e| WorkerError::Request(format!("chat template: {e}")))
+    }
+
+    /// Tokens that end an answer: end of sequence, and the end-of-turn markers of common
+    /// chat templates that this vocabulary has.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self.eos.into_iter().collect();
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"] {
+            if let Some(id) = self.inner.token_to_id(t) {
+                if !out.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Tokens in the vocabulary, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The tokenizer of a checkpoint: its GGUF metadata, or `tokenizer.json` in its directory.
+    pub fn from_checkpoint(model: &Path) -> Result<Self, WorkerError> {
+        if let Some(file) = lemur_protocol::gguf::gguf_file_of(model) {
+            let mut f = std::fs::File::open(&file).map_err(|e| tok_err(&file, e))?;
+            let header = GgufHeader::read(&mut f).map_err(|e| tok_err(&file, e))?;
+            return Self::from_gguf(&header, &file);
+        }
+        Self::from_dir(model)
     }
 }
 

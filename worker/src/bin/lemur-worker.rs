@@ -410,12 +410,7 @@ fn quantize_arg(s: Option<&str>) -> Result<Option<WeightFormat>> {
 
 /// The tokenizer of a checkpoint: its GGUF metadata, or `tokenizer.json` in its directory.
 fn load_tokenizer(model: &Path) -> Result<Tok> {
-    if let Some(file) = gguf_file_of(model) {
-        let mut f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-        let header = lemur_protocol::gguf::GgufHeader::read(&mut f).with_context(|| format!("{}", file.display()))?;
-        return Ok(Tok::from_gguf(&header, &file)?);
-    }
-    Ok(Tok::from_dir(model)?)
+    Ok(Tok::from_checkpoint(model)?)
 }
 
 /// The training loop rank 0 drives: data, schedule, checkpoints, progress.

@@ -1,0 +1,195 @@
+//! `lemur-serve`: rank 0 of a cluster behind an OpenAI-compatible HTTP API (thin over
+//! `lemur_serve`).
+
+/// candle allocates every op's output; mimalloc reuses freed memory (see lemur-worker).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use lemur_protocol::cli::parse;
+use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
+use lemur_worker::batch::BatchConfig;
+use lemur_worker::cluster::Cluster;
+use lemur_worker::runtime::{Job, NodeConfig};
+use lemur_worker::sampling::Sampling;
+use lemur_worker::tokenizer::Tok;
+use lemur_worker::weights::{parse_dtype, Checkpoint};
+
+/// Serve a model from a Lemurian cluster over OpenAI's HTTP API.
+///
+/// This process is rank 0: it plans (or reads the plan), connects the other ranks
+/// (started as `lemur-worker --rank N --cluster CLUSTER`), loads the weights once and
+/// answers requests, batching them continuously, until SIGINT or SIGTERM.
+#[derive(Debug, Parser)]
+#[command(name = "lemur-serve", version, about, long_about, allow_negative_numbers = true)]
+struct Args {
+    /// The cluster file: each rank's address and machine.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// The checkpoint: a Hugging Face directory or a GGUF file (at the same path on every rank).
+    #[arg(long)]
+    model: PathBuf,
+    /// The plan (from `lemur-plan --out`).
+    #[arg(long, conflicts_with = "profiles", required_unless_present = "profiles")]
+    plan: Option<PathBuf>,
+    /// Plan here from the machine profiles in this folder (the cluster's machines).
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// Where to listen for HTTP.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// The model's id in requests and /v1/models (default: the checkpoint's file or folder name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// cpu, cuda (cuda:N) or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the run: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// The most requests running at once.
+    #[arg(long, default_value_t = 16, value_parser = parse::at_least_one::<usize>)]
+    max_batch: usize,
+    /// Prompts run in chunks of at most this many tokens, between decode steps.
+    #[arg(long, default_value_t = 512, value_parser = parse::at_least_one::<usize>)]
+    prefill_chunk: usize,
+    /// Requests waiting beyond the running ones; more are answered 429.
+    #[arg(long, default_value_t = 256, value_parser = parse::at_least_one::<usize>)]
+    max_queue: usize,
+    /// KV positions for all requests together (default: what the plan's memory leaves).
+    #[arg(long, value_parser = parse::at_least_one::<usize>)]
+    kv_positions: Option<usize>,
+    /// max_tokens of a completion request that gives none (OpenAI's default is 16).
+    #[arg(long, default_value_t = 16, value_parser = parse::at_least_one::<u64>)]
+    default_max_tokens: u64,
+    /// max_tokens of a chat request that gives none.
+    #[arg(long, default_value_t = 512, value_parser = parse::at_least_one::<u64>)]
+    default_chat_max_tokens: u64,
+    /// Seconds running requests may take to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30, value_parser = parse::at_least_one::<u64>)]
+    grace: u64,
+    /// HTTP worker threads.
+    #[arg(long, default_value_t = 2, value_parser = parse::at_least_one::<usize>)]
+    http_workers: usize,
+    /// Planning with --profiles: the prompt and generated lengths to plan for.
+    #[arg(long, default_value_t = 512, value_parser = parse::at_least_one::<u64>)]
+    plan_prompt: u64,
+    #[arg(long, default_value_t = 256, value_parser = parse::at_least_one::<u64>)]
+    plan_gen: u64,
+    /// Dequantize a GGUF's quantized weights at load instead of running them as stored.
+    #[arg(long, conflicts_with = "quantize")]
+    dequantize: bool,
+    /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, ...); a --plan must be for it.
+    #[arg(long)]
+    quantize: Option<String>,
+    /// On failure, also print the error's backtrace.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    lemur_protocol::cli::main(args.verbose, || run(args))
+}
+
+fn run(args: Args) -> Result<()> {
+    let cluster = Cluster::load(&args.cluster)?;
+    let device = lemur_worker::device::open(&args.device).context("--device")?;
+    let dtype = parse_dtype(&args.dtype).context("--dtype")?;
+    let quantize = match args.quantize.as_deref() {
+        None => None,
+        Some(s) => Some(
+            WeightFormat::parse(s)
+                .filter(|f| lemur_worker::weights::ggml_type(*f).is_some())
+                .with_context(|| format!("--quantize: `{s}` is not a block format"))?,
+        ),
+    };
+    let mut checkpoint = Checkpoint::open(&args.model).context("--model")?;
+    (checkpoint.dequantize, checkpoint.quantize) = (args.dequantize, quantize);
+    let plan = match (&args.plan, &args.profiles) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let plan = Plan::from_json(&text).with_context(|| format!("{}", path.display()))?;
+            if plan.workload.mode != WorkloadMode::Infer {
+                bail!("--plan {}: a {} plan; serving needs an inference plan", path.display(), plan.workload.mode);
+            }
+            checkpoint.check_plan_model(&plan.model).with_context(|| format!("--plan {}", path.display()))?;
+            plan
+        }
+        (None, Some(dir)) => plan_here(&args, dir, &cluster, &checkpoint)?,
+        (None, None) => bail!("give --plan PLAN or --profiles DIR"),
+    };
+    let tok = Arc::new(Tok::from_checkpoint(&args.model).context("--model: the server needs the tokenizer")?);
+    let listener = TcpListener::bind(&args.http).with_context(|| format!("--http {}", args.http))?;
+    let model = args.served_model_name.clone().unwrap_or_else(|| {
+        let stem = args.model.file_stem().or(args.model.file_name());
+        stem.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let batch = BatchConfig {
+        max_batch: args.max_batch,
+        prefill_chunk: args.prefill_chunk,
+        prefill_tokens: args.prefill_chunk,
+        max_queue: args.max_queue,
+        kv_positions: args.kv_positions,
+        ..BatchConfig::default()
+    };
+    let predicted = (plan.predicted.ttft_ms.map(|t| t / 1e3), plan.predicted.tpot_ms.map(|t| t / 1e3));
+    let vocab = plan.model.vocab_size as usize;
+    let job = Job {
+        plan,
+        model_dir: args.model.clone(),
+        dtype,
+        prompt: Vec::new(),
+        max_new_tokens: 0,
+        eos: None,
+        sampling: Sampling::default(),
+        on_token: None,
+        timing: false,
+        repeat: 1,
+        train: None,
+        train_loop: None,
+        adapters: None,
+        dequantize: args.dequantize,
+        quantize,
+        serve: Some(batch),
+    };
+    let front = lemur_serve::Front {
+        listener,
+        tok,
+        model,
+        vocab,
+        default_max_tokens: (args.default_max_tokens, args.default_chat_max_tokens),
+        predicted,
+        machines: cluster.ranks.iter().map(|r| r.machine.clone()).collect(),
+        grace: Duration::from_secs(args.grace),
+        http_workers: args.http_workers,
+    };
+    let cfg = NodeConfig::new(0, cluster, device, Some(job));
+    lemur_serve::serve(cfg, front)?;
+    eprintln!("lemur-serve: stopped");
+    Ok(())
+}
+
+/// Plans the cluster's machines for this checkpoint (batch 1 at the given lengths).
+fn plan_here(args: &Args, dir: &std::path::Path, cluster: &Cluster, ck: &Checkpoint) -> Result<Plan> {
+    let dtype = lemur_protocol::DType::parse(&args.dtype).with_context(|| format!("--dtype {}", args.dtype))?;
+    let machines: Vec<&str> = cluster.ranks.iter().map(|r| r.machine.as_str()).collect();
+    let mut planner = lemur_planner::Planner::from_profiles(dir)
+        .with_context(|| format!("--profiles {}", dir.display()))?
+        .machines(&machines)
+        .with_context(|| format!("--cluster {}", args.cluster.display()))?
+        .model(ck.config.clone())
+        .dtype(dtype)
+        .infer(args.plan_prompt, args.plan_gen, 1);
+    planner = planner.weights(ck.weight_format());
+    let planned = planner.plan().context("planning")?;
+    eprint!("{}", lemur_planner::report::summary(&planned));
+    Ok(planned.plan)
+}
