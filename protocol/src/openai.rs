@@ -223,7 +223,11 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(prompt: usize, completion: usize) -> Self {
-        Self { prompt_tokens: prompt as u64, completion_tokens: completion as u64, total_tokens: (prompt + completion) as u64 }
+        Self {
+            prompt_tokens: prompt as u64,
+            completion_tokens: completion as u64,
+            total_tokens: (prompt + completion) as u64,
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use lemur_protocol::wire::{
-    decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, Segment, TensorMeta, WireDType,
-    MAGIC, PROTOCOL_VERSION,
+    decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, Segment, TensorMeta,
+    WireDType, MAGIC, PROTOCOL_VERSION,
 };
 use lemur_protocol::{ModelConfig, Phase, Plan};
 use tokio_util::codec::{Decoder, Encoder};
@@ -208,11 +208,8 @@ fn malformed_frames_are_errors() {
     // Trailing garbage after the tensors.
     assert!(matches!(decode_payload(payload(h, &[0; 13])), Err(FrameError::TensorBytes { .. })));
     // A shape that overflows usize is refused before any allocation.
-    let h = format!(
-        r#"{{"type":"logits","step_id":1,"logits":{{"dtype":"f32","shape":[{},{}]}}}}"#,
-        u64::MAX,
-        u64::MAX
-    );
+    let h =
+        format!(r#"{{"type":"logits","step_id":1,"logits":{{"dtype":"f32","shape":[{},{}]}}}}"#, u64::MAX, u64::MAX);
     assert!(matches!(decode_payload(payload(h.as_bytes(), b"")), Err(FrameError::Overflow { .. })));
     // A frame that claims more than the limit is refused from its length alone.
     let mut codec = FrameCodec::new(1024);

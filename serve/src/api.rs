@@ -74,21 +74,29 @@ pub fn now_s() -> u64 {
 
 /// The routes, for `App::configure`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/v1/chat/completions").route(web::post().to(chat)).default_service(web::to(not_allowed)))
-        .service(web::resource("/v1/completions").route(web::post().to(completions)).default_service(web::to(not_allowed)))
-        .service(web::resource("/v1/models").route(web::get().to(models)))
-        .service(web::resource("/health").route(web::get().to(health)))
-        .service(web::resource("/metrics").route(web::get().to(metrics)))
-        .default_service(web::to(not_found));
+    cfg.service(
+        web::resource("/v1/chat/completions").route(web::post().to(chat)).default_service(web::to(not_allowed)),
+    )
+    .service(web::resource("/v1/completions").route(web::post().to(completions)).default_service(web::to(not_allowed)))
+    .service(web::resource("/v1/models").route(web::get().to(models)))
+    .service(web::resource("/health").route(web::get().to(health)))
+    .service(web::resource("/metrics").route(web::get().to(metrics)))
+    .default_service(web::to(not_found));
 }
 
 async fn not_found(req: actix_web::HttpRequest) -> HttpResponse {
-    let body = ErrorBody::new("invalid_request_error", format!("no route {} {}", req.method(), req.path()), None, Some("not_found"));
+    let body = ErrorBody::new(
+        "invalid_request_error",
+        format!("no route {} {}", req.method(), req.path()),
+        None,
+        Some("not_found"),
+    );
     HttpResponse::NotFound().json(body)
 }
 
 async fn not_allowed(req: actix_web::HttpRequest) -> HttpResponse {
-    let body = ErrorBody::new("invalid_request_error", format!("{} takes POST, not {}", req.path(), req.method()), None, None);
+    let body =
+        ErrorBody::new("invalid_request_error", format!("{} takes POST, not {}", req.path(), req.method()), None, None);
     HttpResponse::MethodNotAllowed().json(body)
 }
 
@@ -98,7 +106,12 @@ async fn read_body(mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad(None, format!("reading the body: {e}"), None))?;
         if body.len() + chunk.len() > MAX_BODY {
-            let body = ErrorBody::new("invalid_request_error", format!("the body exceeds {MAX_BODY} bytes"), None, Some("body_too_large"));
+            let body = ErrorBody::new(
+                "invalid_request_error",
+                format!("the body exceeds {MAX_BODY} bytes"),
+                None,
+                Some("body_too_large"),
+            );
             return Err(ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, body });
         }
         body.extend_from_slice(&chunk);
@@ -528,7 +541,13 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         .map(|r| RankHealth {
             rank: r.rank,
             machine: state.machines.get(r.rank as usize).cloned().unwrap_or_default(),
-            state: if r.lost.is_some() { "lost" } else if s.down.is_some() { "unknown" } else { "up" },
+            state: if r.lost.is_some() {
+                "lost"
+            } else if s.down.is_some() {
+                "unknown"
+            } else {
+                "up"
+            },
             reason: r.lost.clone(),
             peak_rss_bytes: r.peak_rss_bytes,
         })

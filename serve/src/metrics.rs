@@ -40,7 +40,11 @@ impl Histogram {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
     }
 }
 
@@ -139,7 +143,12 @@ impl Metrics {
             gauge(&mut out, "lemur_queue_depth", "Requests waiting for admission.", s.queue_depth as f64);
             gauge(&mut out, "lemur_running_requests", "Requests admitted (prefilling or decoding).", s.running as f64);
             gauge(&mut out, "lemur_batch_size", "Requests in the last step.", s.last_batch as f64);
-            gauge(&mut out, "lemur_kv_positions_reserved", "KV positions reserved by running requests.", s.kv_positions_reserved as f64);
+            gauge(
+                &mut out,
+                "lemur_kv_positions_reserved",
+                "KV positions reserved by running requests.",
+                s.kv_positions_reserved as f64,
+            );
             if let Some(k) = s.kv_positions {
                 gauge(&mut out, "lemur_kv_positions", "KV positions the plan leaves room for.", k as f64);
             }
@@ -159,9 +168,21 @@ impl Metrics {
             gauge(&mut out, "lemur_predicted_tpot_seconds", "The plan's time per output token.", p);
         }
         m.ttft.write(&mut out, "lemur_time_to_first_token_seconds", "Time from arrival to the first token.");
-        m.tpot.write(&mut out, "lemur_time_per_output_token_seconds", "Mean time per token after the first, per request.");
-        m.ttft_ratio.write(&mut out, "lemur_ttft_over_predicted", "Measured over predicted time to first token, per request.");
-        m.tpot_ratio.write(&mut out, "lemur_tpot_over_predicted", "Measured over predicted time per token, per request.");
+        m.tpot.write(
+            &mut out,
+            "lemur_time_per_output_token_seconds",
+            "Mean time per token after the first, per request.",
+        );
+        m.ttft_ratio.write(
+            &mut out,
+            "lemur_ttft_over_predicted",
+            "Measured over predicted time to first token, per request.",
+        );
+        m.tpot_ratio.write(
+            &mut out,
+            "lemur_tpot_over_predicted",
+            "Measured over predicted time per token, per request.",
+        );
         out
     }
 }

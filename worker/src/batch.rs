@@ -215,7 +215,14 @@ impl Scheduler {
             return Err(Refusal::Duplicate(req.id));
         }
         let sampler = Sampler::new(req.sampling);
-        self.waiting.push_back(Seq { req, sampler, prefilled: 0, generated: Vec::new(), cancelled: false, reserved: reserve });
+        self.waiting.push_back(Seq {
+            req,
+            sampler,
+            prefilled: 0,
+            generated: Vec::new(),
+            cancelled: false,
+            reserved: reserve,
+        });
         Ok(())
     }
 
@@ -353,7 +360,12 @@ impl Scheduler {
             let from = s.prefilled;
             s.prefilled += len;
             tokens.extend_from_slice(&s.req.prompt[from..from + len]);
-            segments.push(Segment { request_id: s.req.id, position: from as u64, len: len as u32, last: s.prompt_done() });
+            segments.push(Segment {
+                request_id: s.req.id,
+                position: from as u64,
+                len: len as u32,
+                last: s.prompt_done(),
+            });
         }
         StepPlan { id: self.fresh_id(), phase: Phase::Prefill, segments, tokens }
     }
@@ -405,12 +417,7 @@ impl Scheduler {
 }
 
 fn done(s: &Seq, reason: FinishReason) -> Event {
-    Event::Done {
-        request: s.req.id,
-        reason,
-        prompt_tokens: s.req.prompt.len(),
-        completion_tokens: s.generated.len(),
-    }
+    Event::Done { request: s.req.id, reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len() }
 }
 
 #[cfg(test)]
@@ -456,7 +463,10 @@ mod tests {
         s.submit(req(2, 10, 2)).unwrap();
         let mut seen = Vec::new();
         while let Some(p) = s.next_step() {
-            seen.push((p.phase, p.segments.iter().map(|g| (g.request_id, g.position, g.len, g.last)).collect::<Vec<_>>()));
+            seen.push((
+                p.phase,
+                p.segments.iter().map(|g| (g.request_id, g.position, g.len, g.last)).collect::<Vec<_>>(),
+            ));
             answer(&mut s, &p, |_| 1);
         }
         use Phase::{Decode as D, Prefill as P};

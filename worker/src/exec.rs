@@ -292,7 +292,10 @@ impl Executor {
             OpKind::LmHead => vec![self.linear(kind, layer, one(&[OpKind::FinalNorm])?, step)?],
             OpKind::Rope => {
                 let (q, k) = (one(&[OpKind::QProj])?, one(&[OpKind::KProj])?);
-                vec![self.rope(q, self.cfg.num_heads, &step.segments)?, self.rope(k, self.cfg.num_kv_heads, &step.segments)?]
+                vec![
+                    self.rope(q, self.cfg.num_heads, &step.segments)?,
+                    self.rope(k, self.cfg.num_kv_heads, &step.segments)?,
+                ]
             }
             OpKind::Attention => {
                 let (q, k, v) = attention_inputs(inputs)?;

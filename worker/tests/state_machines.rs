@@ -44,7 +44,8 @@ fn two_ranks_driven_by_hand_give_the_reference_logits() -> Result<()> {
         let phase = if step == 0 { Phase::Prefill } else { Phase::Decode };
         let ids = Tensor::new(input_ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let input = StepInput::single(1, ids, position)?;
-        let mut runs = [StepRun::new(u64::from(step), phase, input.clone()), StepRun::new(u64::from(step), phase, input)];
+        let mut runs =
+            [StepRun::new(u64::from(step), phase, input.clone()), StepRun::new(u64::from(step), phase, input)];
         let mut done = [false, false];
         let mut logits = None;
         let mut rounds = 0;

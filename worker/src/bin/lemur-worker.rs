@@ -23,7 +23,7 @@ use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
-use lemur_worker::weights::{gguf_file_of, parse_dtype, Checkpoint};
+use lemur_worker::weights::{parse_dtype, Checkpoint};
 
 /// Run one rank of a Lemurian cluster.
 ///

@@ -18,8 +18,8 @@ use super::compute::{Compute, Work};
 use super::job::TrainLoop;
 use super::job::{AdapterGrads, Job, Outcome, TokenSink};
 use super::serving::{Serving, Sink};
-use crate::batch::{BatchConfig, Event, Request, Scheduler};
 use super::trainer::{TrainAction, Trainer};
+use crate::batch::{BatchConfig, Event, Request, Scheduler};
 use crate::error::WorkerError;
 use crate::tensor_wire::{f32_to_wire, f32_values, ids_to_wire};
 
@@ -412,7 +412,15 @@ impl Node {
                 self.on_adapters(rank, grads, ctx);
             }
             Message::Stats {
-                rank, request_id, bytes_sent, handover_bytes, handover_ms, op_ms, peak_runs, peak_rss_bytes, ..
+                rank,
+                request_id,
+                bytes_sent,
+                handover_bytes,
+                handover_ms,
+                op_ms,
+                peak_runs,
+                peak_rss_bytes,
+                ..
             } => {
                 if let Some(serving) = self.serving.as_mut() {
                     let r = serving.ranks.entry(rank).or_default();

@@ -1,0 +1,163 @@
+//! `lemur-serve` as users run it: real processes on loopback (rank 0 serving SmolLM2's
+//! quantized GGUF, rank 1 a `lemur-worker`), talked to by the official `openai` Python
+//! package (tests/openai_client.py): chat and completions, streamed and not, concurrent
+//! streams against solo runs, stops, limits, bad requests, a disconnect, a full queue,
+//! and SIGTERM during a stream.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use common::*;
+use lemurian::protocol::{OpKind, WeightFormat};
+
+const MODEL: &str = "smol";
+
+/// A two-rank plan for SmolLM2: layers 15.. and the head on rank 1.
+fn smol_plan(dir: &Path, gguf: &Path) -> Result<(PathBuf, PathBuf)> {
+    let cfg = lemurian::planner::load_model(gguf.to_str().context("path")?)?;
+    let mut plan = plan_with(&cfg, &["m4-pro", "m5-pro"], 64, 32, |op| {
+        usize::from(op.layer.is_some_and(|l| l >= 15) || op.layer.is_none() && op.kind != OpKind::Embedding)
+    })?;
+    plan.workload.weights = WeightFormat::Q4_1;
+    let plan_path = dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(&plan)?)?;
+    Ok((plan_path, cluster_file(dir, &plan)?))
+}
+
+/// A running server and its worker; both killed if the test fails.
+struct Server {
+    url: String,
+    procs: Procs,
+}
+
+impl Server {
+    fn start(dir: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
+        let (plan, cluster) = smol_plan(dir, gguf)?;
+        let mut procs = spawn_workers(&cluster, 2, &[])?;
+        let port = free_ports(1)[0];
+        let server = Command::new(serve_bin())
+            .arg("--cluster")
+            .arg(&cluster)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--model")
+            .arg(gguf)
+            .args(["--http", &format!("127.0.0.1:{port}"), "--served-model-name", MODEL, "--grace", "20"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        procs.0.insert(0, server);
+        let url = format!("http://127.0.0.1:{port}");
+        // Ready once /health answers 200.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Some(status) = procs.0[0].try_wait()? {
+                bail!("lemur-serve exited with {status} before it was ready");
+            }
+            if health_ok(port) {
+                return Ok(Self { url, procs });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("lemur-serve was not ready within 90 s")
+    }
+
+    fn pid(&self) -> u32 {
+        self.procs.0[0].id()
+    }
+}
+
+/// GET /health by hand (no client library on this side).
+fn health_ok(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+fn client(python: &Path, url: &str, mode: &str) -> Command {
+    let mut c = Command::new(python);
+    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py")).args([url, MODEL, mode]);
+    c
+}
+
+fn run_client(python: &Path, url: &str, mode: &str) -> Result<()> {
+    let mut child = client(python, url, mode).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the {mode} client did not finish within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("ok") {
+        bail!("the {mode} client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("process {} did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_openai_client_chats_completes_streams_and_batches_against_two_ranks() -> Result<()> {
+    let (gguf, python) = (smollm2()?, openai_python()?);
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &gguf, &["--max-batch", "8"])?;
+    run_client(&python, &server.url, "api")?;
+    Ok(())
+}
+
+#[test]
+fn a_full_queue_answers_429() -> Result<()> {
+    let (gguf, python) = (smollm2()?, openai_python()?);
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &gguf, &["--max-batch", "1", "--max-queue", "1"])?;
+    run_client(&python, &server.url, "queue")?;
+    Ok(())
+}
+
+#[test]
+fn sigterm_during_a_stream_finishes_it_then_every_rank_exits_cleanly() -> Result<()> {
+    let (gguf, python) = (smollm2()?, openai_python()?);
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path(), &gguf, &[])?;
+    let mut c = client(&python, &server.url, "sigterm").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+    assert_eq!(line.trim(), "streaming", "the client never began streaming");
+    let st = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status()?;
+    assert!(st.success());
+    let served = wait_child(&mut server.procs.0[0], Duration::from_secs(60))?;
+    assert!(served.success(), "lemur-serve exited with {served} after SIGTERM");
+    let worker = wait_child(&mut server.procs.0[1], Duration::from_secs(30))?;
+    assert!(worker.success(), "rank 1 exited with {worker}");
+    let out = c.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("ok"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
