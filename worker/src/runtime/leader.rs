@@ -137,7 +137,8 @@ impl Node {
             match serving.sinks.get(&request) {
                 Some(Sink::Job) => job_events.push(e),
                 Some(Sink::Client(tx)) => {
-                    if tx.send(e).is_err() && !last {
+                    let closed = tx.send(e).is_err();
+                    if closed && !last {
                         gone.push(request);
                     }
                 }
