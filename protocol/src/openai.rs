@@ -68,6 +68,10 @@ pub struct Sampling {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// An extension of vLLM's and llama.cpp's servers: generate `max_tokens` whatever the
+    /// model says (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 impl Sampling {
@@ -109,6 +113,7 @@ impl Sampling {
             stop,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }
@@ -123,6 +128,7 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 /// A chat message's content: a string, or a list of parts of which only text is read.

@@ -132,6 +132,42 @@ pub struct TrainSetup {
     pub dropout: f64,
 }
 
+/// When linear ops on quantized weights multiply by the weight dequantized for that op
+/// (an f32 GEMM over every row at once) instead of candle's quantized kernels, which cost
+/// each row the full dot-product arithmetic. The choice is by phase, never by batch size,
+/// so that a request's numbers do not depend on what runs beside it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenseMatmul {
+    /// Always the quantized kernels (as candle-transformers' `quantized_llama` runs).
+    #[default]
+    Never,
+    /// Prefill steps dequantize; decode runs the quantized kernels.
+    Prefill,
+    /// Every step dequantizes (batched decode amortises it over its rows).
+    Always,
+}
+
+impl DenseMatmul {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "never" => Some(Self::Never),
+            "prefill" => Some(Self::Prefill),
+            "always" => Some(Self::Always),
+            _ => None,
+        }
+    }
+
+    /// Whether a step of `phase` dequantizes.
+    pub fn applies(self, phase: Phase) -> bool {
+        match self {
+            Self::Never => false,
+            Self::Prefill => phase == Phase::Prefill,
+            Self::Always => true,
+        }
+    }
+}
+
 /// One request's share of a batched inference step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
@@ -193,6 +229,9 @@ pub enum Message {
         /// Quantize dense weights to this format at load.
         #[serde(default)]
         quantize: Option<crate::WeightFormat>,
+        /// When quantized linear ops multiply by their dequantized weight.
+        #[serde(default)]
+        dense_matmul: DenseMatmul,
     },
     /// A rank has loaded its weights and connected to its peers.
     Ready {

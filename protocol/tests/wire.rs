@@ -54,6 +54,7 @@ fn every_message() -> Vec<Frame> {
             }),
             dequantize: true,
             quantize: Some(lemur_protocol::WeightFormat::Q8_0),
+            dense_matmul: lemur_protocol::wire::DenseMatmul::Prefill,
         }),
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {

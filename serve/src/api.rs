@@ -252,7 +252,7 @@ async fn start(
         id,
         prompt,
         max_new_tokens: c.max_tokens.min(usize::MAX as u64) as usize,
-        stop_tokens: state.stop_tokens.clone(),
+        stop_tokens: if c.ignore_eos { Vec::new() } else { state.stop_tokens.clone() },
         sampling: Sampling { temperature: c.temperature, top_k: 0, top_p: c.top_p, seed },
         keep_logits: false,
     };

@@ -160,6 +160,9 @@ pub struct StepInput {
     pub targets: Option<Tensor>,
     /// Training: seeds this micro-batch's LoRA dropout masks.
     pub dropout_seed: u64,
+    /// Linear ops on quantized weights multiply by the weight dequantized for the op (an
+    /// f32 GEMM over all rows) instead of running candle's quantized kernels.
+    pub dense: bool,
 }
 
 impl StepInput {
@@ -167,7 +170,7 @@ impl StepInput {
     pub fn single(request: u64, tokens: Tensor, position: usize) -> Result<Self, WorkerError> {
         let len = tokens.dim(1)?;
         let segments = vec![Seg { request, position, len, last: true }];
-        Ok(Self { tokens, segments, targets: None, dropout_seed: 0 })
+        Ok(Self { tokens, segments, targets: None, dropout_seed: 0, dense: false })
     }
 
     /// The first segment's position (training has exactly one segment).
@@ -217,7 +220,8 @@ impl Executor {
             // Training over a quantized base (QLoRA) multiplies with the op's weight
             // dequantized for this op only, as bitsandbytes does: activations stay exact,
             // so gradients are those of the dequantized model.
-            w @ OpWeights::QLinear(_) if step.targets.is_some() => {
+            // A step that asks for it does the same for speed: one GEMM over all its rows.
+            w @ OpWeights::QLinear(_) if step.targets.is_some() || step.dense => {
                 x.broadcast_matmul(&w.dense(&self.device)?.to_dtype(x.dtype())?.t()?)?
             }
             // Quantized kernels take f32 activations (they quantize them to 8 bits).

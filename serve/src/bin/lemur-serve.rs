@@ -86,6 +86,11 @@ struct Args {
     /// Dequantize a GGUF's quantized weights at load instead of running them as stored.
     #[arg(long, conflicts_with = "quantize")]
     dequantize: bool,
+    /// When linear ops on quantized weights multiply by their dequantized weight (one f32
+    /// GEMM over all a step's rows) instead of candle's quantized kernels, whose cost grows
+    /// with every row: never, prefill or always.
+    #[arg(long, default_value = "prefill")]
+    dense_matmul: String,
     /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, ...); a --plan must be for it.
     #[arg(long)]
     quantize: Option<String>,
@@ -159,6 +164,8 @@ fn run(args: Args) -> Result<()> {
         dequantize: args.dequantize,
         quantize,
         serve: Some(batch),
+        dense_matmul: lemur_protocol::wire::DenseMatmul::parse(&args.dense_matmul)
+            .with_context(|| format!("--dense-matmul: `{}` is not one of never, prefill, always", args.dense_matmul))?,
     };
     let front = lemur_serve::Front {
         listener,

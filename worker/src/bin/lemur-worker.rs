@@ -152,6 +152,10 @@ struct Args {
     /// running them as stored with quantized matmuls.
     #[arg(long, conflicts_with = "quantize")]
     dequantize: bool,
+    /// Rank 0: when linear ops on quantized weights multiply by their dequantized weight (one
+    /// f32 GEMM over all rows) instead of the quantized kernels: never, prefill or always.
+    #[arg(long, default_value = "never")]
+    dense_matmul: String,
     /// Rank 0: quantize a checkpoint's dense weights at load (every rank), to q8_0, q4_0,
     /// q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k; the plan must be for that format.
     #[arg(long)]
@@ -202,6 +206,7 @@ const LEADER_ONLY: &[&str] = &[
     "adapter",
     "dequantize",
     "quantize",
+    "dense_matmul",
 ];
 
 fn main() -> ExitCode {
@@ -326,6 +331,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
             dequantize: args.dequantize,
             quantize: quantize_arg(args.quantize.as_deref())?,
             serve: None,
+            dense_matmul: dense_matmul_arg(&args.dense_matmul)?,
         })
     } else {
         None
@@ -394,6 +400,12 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--dense-matmul`: never, prefill or always.
+fn dense_matmul_arg(s: &str) -> Result<lemur_protocol::wire::DenseMatmul> {
+    lemur_protocol::wire::DenseMatmul::parse(s)
+        .with_context(|| format!("--dense-matmul: `{s}` is not one of never, prefill, always"))
 }
 
 /// `--quantize`: a single block format.

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use candle_core::{DType, Device, Tensor};
-use lemur_protocol::wire::{Frame, Gather, Message, RunKey, Segment, WireTensor};
+use lemur_protocol::wire::{DenseMatmul, Frame, Gather, Message, RunKey, Segment, WireTensor};
 use lemur_protocol::Phase;
 
 use super::actors::Router;
@@ -62,6 +62,8 @@ pub(super) struct Compute {
     /// in one test process fail only where their test says.
     #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     pub cluster_id: String,
+    /// When quantized linear ops multiply by their dequantized weight.
+    pub dense_matmul: DenseMatmul,
     runs: HashMap<RunKey, StepRun>,
     trains: HashMap<RunKey, TrainRun>,
     /// Inputs that arrived before their step or micro-batch started.
@@ -156,6 +158,7 @@ impl Compute {
             router,
             timing,
             cluster_id: String::new(),
+            dense_matmul: DenseMatmul::Never,
             runs: HashMap::new(),
             trains: HashMap::new(),
             early: HashMap::new(),
@@ -253,7 +256,8 @@ impl Compute {
                 self.traffic.prefill_started.insert(g.request, Instant::now());
             }
         }
-        let input = StepInput { tokens, segments, targets: None, dropout_seed: 0 };
+        let dense = self.dense_matmul.applies(phase);
+        let input = StepInput { tokens, segments, targets: None, dropout_seed: 0, dense };
         let mut run = StepRun::new(key.request, phase, input);
         run.timing = self.timing;
         for (from_op, ts) in self.early.remove(&key).unwrap_or_default() {

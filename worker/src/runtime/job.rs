@@ -150,6 +150,8 @@ pub struct Job {
     pub dequantize: bool,
     /// Quantize dense weights (safetensors) to this format at load, on every rank.
     pub quantize: Option<lemur_protocol::WeightFormat>,
+    /// When linear ops on quantized weights multiply by their dequantized weight.
+    pub dense_matmul: lemur_protocol::wire::DenseMatmul,
     /// Serve requests (through [`super::Engine`]) with this batching instead of running
     /// `prompt`.
     pub serve: Option<crate::batch::BatchConfig>,

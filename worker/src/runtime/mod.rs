@@ -114,7 +114,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
     let ready = setup::connect_and_load(&cfg).await?;
     let t = cfg.timeouts;
     let prog = Arc::new(ready.prog);
-    let timing = ready.timing;
+    let (timing, dense_matmul) = (ready.timing, ready.dense_matmul);
     let mut conns = ready.conns;
     let node = Node::create(|ctx| {
         let node_addr = ctx.address();
@@ -136,6 +136,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
             let mut c = Compute::new(me, prog2.clone(), router2.clone(), timing);
             c.exec = exec;
             c.cluster_id = id.clone();
+            c.dense_matmul = dense_matmul;
             c
         });
         Node { me, n, router, compute, leader: None, serving: None, result: result.clone(), shutting_down: false }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use futures::{SinkExt, StreamExt};
-use lemur_protocol::wire::{Frame, Hello, Message, TrainSetup};
+use lemur_protocol::wire::{DenseMatmul, Frame, Hello, Message, TrainSetup};
 use lemur_protocol::{Plan, DEFAULT_LORA_RANK};
 
 use super::transport::{Conn, Listener, Transport};
@@ -29,6 +29,7 @@ pub(super) struct Ready {
     pub prog: RankProgram,
     pub exec: Executor,
     pub timing: bool,
+    pub dense_matmul: DenseMatmul,
 }
 
 /// Reads one frame within `limit`; the error names the peer and what was awaited.
@@ -111,7 +112,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     let t = cfg.timeouts;
     let net = cfg.transport.as_ref();
     let mut conns: HashMap<u32, Conn> = HashMap::new();
-    let (plan, model_dir, dtype, timing, train, dequantize) = if me == 0 {
+    let (plan, model_dir, dtype, timing, train, dequantize, dense_matmul) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
         // Check the plan, the request and every rank's weights before dialling anyone (the
@@ -138,11 +139,12 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                     train: job.train.clone(),
                     dequantize: job.dequantize,
                     quantize: job.quantize,
+                    dense_matmul: job.dense_matmul,
                 }))
                 .await?;
             conns.insert(r, conn);
         }
-        (job.plan, job.model_dir, job.dtype, job.timing, job.train, (job.dequantize, job.quantize))
+        (job.plan, job.model_dir, job.dtype, job.timing, job.train, (job.dequantize, job.quantize), job.dense_matmul)
     } else {
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
@@ -175,7 +177,8 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, model_dir, dtype, timing, train, dequantize, quantize } = frame.message
+        let Message::Setup { plan, ranks, model_dir, dtype, timing, train, dequantize, quantize, dense_matmul } =
+            frame.message
         else {
             return Err(WorkerError::Peer {
                 rank: 0,
@@ -187,7 +190,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train, (dequantize, quantize))
+        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train, (dequantize, quantize), dense_matmul)
     };
 
     // Validate and load before any compute; report failures to rank 0 by name.
@@ -220,7 +223,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     } else if let Some(leader) = conns.get_mut(&0) {
         leader.writer.send(Frame::control(Message::Ready { rank: me, weight_bytes, load_seconds })).await?;
     }
-    Ok(Ready { conns, prog, exec, timing })
+    Ok(Ready { conns, prog, exec, timing, dense_matmul })
 }
 
 /// This rank's program, and its weights and adapters loaded (on a blocking thread).

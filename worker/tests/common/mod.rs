@@ -99,6 +99,7 @@ pub fn infer_job(plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Job {
         dequantize: false,
         quantize: None,
         serve: None,
+        dense_matmul: Default::default(),
     }
 }
 
