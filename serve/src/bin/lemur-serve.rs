@@ -88,8 +88,10 @@ struct Args {
     dequantize: bool,
     /// When linear ops on quantized weights multiply by their dequantized weight (one f32
     /// GEMM over all a step's rows) instead of candle's quantized kernels, whose cost grows
-    /// with every row: never, prefill or always.
-    #[arg(long, default_value = "prefill")]
+    /// with every row: never, prefill or always. Dequantizing costs every step a pass over
+    /// the weights (single-threaded in candle), so it pays only for long prompts (prefill)
+    /// or many streams (always).
+    #[arg(long, default_value = "never")]
     dense_matmul: String,
     /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, ...); a --plan must be for it.
     #[arg(long)]
