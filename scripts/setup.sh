@@ -33,6 +33,16 @@ else
   have_libclang || missing+=(libclang-dev)
 fi
 
+# The serving tests drive lemur-serve with the `openai` package from a venv they make:
+# Debian's python3 needs python3-venv (ensurepip) for that.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import ensurepip" >/dev/null 2>&1; then
+  if command -v dpkg-query >/dev/null 2>&1; then
+    missing+=(python3-venv)
+  else
+    echo "setup: python3 cannot make a venv (no ensurepip); the serving tests need one" >&2
+  fi
+fi
+
 if ((${#missing[@]})); then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${missing[*]}; install them with your package manager (libclang-dev is clang's shared library, libclang.so)" >&2
