@@ -27,6 +27,16 @@ struct Served {
 }
 
 fn serve(id: &str, plan: &lemur_protocol::Plan, model: &std::path::Path, batch: BatchConfig) -> Result<Served> {
+    serve_with(id, plan, model, batch, fast())
+}
+
+fn serve_with(
+    id: &str,
+    plan: &lemur_protocol::Plan,
+    model: &std::path::Path,
+    batch: BatchConfig,
+    timeouts: lemur_worker::runtime::Timeouts,
+) -> Result<Served> {
     let cluster = cluster_of(id, plan);
     let net = MemNet::new();
     let mut job = infer_job(plan, model, &[1], 1);
@@ -37,7 +47,7 @@ fn serve(id: &str, plan: &lemur_protocol::Plan, model: &std::path::Path, batch: 
         std::thread::spawn(move || run_node(cfg));
     }
     let mut cfg = NodeConfig::new(0, cluster.clone(), Device::Cpu, Some(job));
-    (cfg.timeouts, cfg.transport) = (fast(), Arc::new(net.clone()));
+    (cfg.timeouts, cfg.transport) = (timeouts, Arc::new(net.clone()));
     let (etx, erx) = mpsc::channel();
     let (dtx, drx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -171,6 +181,36 @@ fn a_dropped_stream_cancels_its_request_and_a_lost_rank_fails_the_rest() -> Resu
         assert!(matches!(&err, SubmitError::Unavailable(m) if m.contains("rank 1")), "{err}");
         let st = engine.status().await?;
         assert!(st.ranks[1].lost.is_some() && st.down.is_some(), "{st:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    s.engine.stop();
+    s.done.recv_timeout(Duration::from_secs(30))??;
+    Ok(())
+}
+
+#[test]
+fn a_step_that_never_ends_fails_its_requests_by_the_step_limit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(2);
+    let model = model(dir.path(), &cfg, 7)?;
+    let plan = infer_plan(&cfg, 2, 8, |op| usize::from(op.layer == Some(1)))?;
+    let limit = lemur_worker::runtime::Timeouts { step: Duration::from_millis(800), ..fast() };
+    let s = serve_with("stuck", &plan, &model, BatchConfig::default(), limit)?;
+    // Rank 1 stays alive (heartbeats flow) but one activation to it is held for 30 s.
+    s.net.add(Rule::on(&s.addrs[0], &s.addrs[1], "activation", Fault::Delay(Duration::from_secs(30))));
+    s.rt.block_on(async {
+        let mut rx = s.engine.submit(request(&s.engine, vec![1, 2, 3], 4)).await?;
+        let reason = loop {
+            match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await? {
+                Some(Event::Done { reason, .. }) => break reason,
+                Some(_) => {}
+                None => return Err(anyhow!("no Done")),
+            }
+        };
+        assert_eq!(reason, FinishReason::Failed);
+        let st = s.engine.status().await?;
+        assert!(st.down.as_deref().is_some_and(|d| d.contains("step limit")), "{st:?}");
+        assert!(st.ranks.iter().all(|r| r.lost.is_none()), "no rank was lost: {st:?}");
         Ok::<_, anyhow::Error>(())
     })?;
     s.engine.stop();

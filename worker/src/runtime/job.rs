@@ -31,6 +31,9 @@ pub struct Timeouts {
     pub heartbeat_interval: Duration,
     /// Silence after which a peer is dead.
     pub peer_dead: Duration,
+    /// Serving: the longest a step may run before rank 0 declares the cluster stuck (a
+    /// rank alive but not computing) and fails the requests in it.
+    pub step: Duration,
 }
 
 impl Default for Timeouts {
@@ -42,6 +45,7 @@ impl Default for Timeouts {
             load: Duration::from_secs(600),
             heartbeat_interval: Duration::from_millis(1000),
             peer_dead: Duration::from_secs(5),
+            step: Duration::from_secs(300),
         }
     }
 }

@@ -78,6 +78,8 @@ pub(super) struct Node {
     pub serving: Option<Serving>,
     pub result: Shared,
     pub shutting_down: bool,
+    /// The longest a serving step may run.
+    pub step_timeout: Duration,
 }
 
 impl Actor for Node {
@@ -501,6 +503,15 @@ impl Handler<Begin> for Node {
             };
             tracing::info!(?cfg, "serving");
             self.serving = Some(Serving::new(Scheduler::new(cfg), self.n));
+            // A step that never ends (a rank alive but stuck) must not hang its requests.
+            ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+                let limit = act.step_timeout;
+                let Some(s) = act.serving.as_ref() else { return };
+                if let Some(step) = s.sched.in_flight().filter(|_| s.step_started.elapsed() > limit) {
+                    let msg = format!("step {} ran past the {:.0} s step limit", step.id, limit.as_secs_f64());
+                    act.fail(WorkerError::Wire(msg), ctx);
+                }
+            });
             return;
         }
         let now = Instant::now();

@@ -139,7 +139,17 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
             c.dense_matmul = dense_matmul;
             c
         });
-        Node { me, n, router, compute, leader: None, serving: None, result: result.clone(), shutting_down: false }
+        Node {
+            me,
+            n,
+            router,
+            compute,
+            leader: None,
+            serving: None,
+            result: result.clone(),
+            shutting_down: false,
+            step_timeout: t.step,
+        }
     });
     if me == 0 {
         let job = cfg.job.ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;

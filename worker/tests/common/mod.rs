@@ -77,6 +77,7 @@ pub fn fast() -> Timeouts {
         load: Duration::from_secs(30),
         heartbeat_interval: Duration::from_millis(50),
         peer_dead: Duration::from_millis(600),
+        step: Duration::from_secs(60),
     }
 }
 
