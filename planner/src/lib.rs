@@ -15,6 +15,8 @@
 //! - [`planning`] runs them all and assembles the [`lemur_protocol::Plan`] with its evidence.
 //! - [`builder`]: [`Planner`], the programmatic way in.
 //! - [`costs_report`] is the per-layer cost table behind `lemur-plan --costs`.
+//! - [`serving`]: plan sets for a server, one placement per load bucket (decode batch
+//!   sizes, prefill lengths), with each machine's memory for all of them.
 //!
 //! The planner opens no sockets and starts no actors: it turns numbers into a plan.
 
@@ -31,6 +33,7 @@ pub mod problem;
 pub mod profiles;
 pub mod refine;
 pub mod report;
+pub mod serving;
 pub mod timeline;
 
 pub use builder::Planner;

@@ -12,7 +12,7 @@ use lemur_planner::{load_model, plan, Finetune, LoraSpec, Mode, Objective, PlanR
 use lemur_protocol::cli::parse;
 use lemur_protocol::{DType, MachineProfile, OpKind, WeightFormat};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ModeArg {
     /// Generation: prefill a prompt, then decode tokens.
     Infer,
@@ -90,6 +90,19 @@ struct Args {
     /// Write the plan (JSON) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Plan a serving plan set: one placement per decode batch size and per prefill
+    /// length (--decode-buckets, --prefill-buckets), printed as one table; --out writes it.
+    #[arg(long, conflicts_with_all = ["costs", "svg", "lora"])]
+    serve: bool,
+    /// With --serve: decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64", value_parser = parse::at_least_one::<u64>)]
+    decode_buckets: Vec<u64>,
+    /// With --serve: prefill prompt lengths.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048", value_parser = parse::at_least_one::<u64>)]
+    prefill_buckets: Vec<u64>,
+    /// With --serve: positions per request (prompt plus generated) decode buckets plan for.
+    #[arg(long, default_value_t = 2048, value_parser = parse::at_least_one::<u64>)]
+    context: u64,
     /// Print the plan as JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -180,6 +193,29 @@ fn run(args: Args) -> Result<()> {
     req.ilp = IlpOptions { time_limit_s: args.time_limit, rel_gap: args.gap, structured: true };
     req.heuristic_budget = Duration::from_secs_f64((args.time_limit * 0.1).min(2.0));
 
+    if args.serve {
+        if args.mode != ModeArg::Infer {
+            bail!("--serve plans inference; it cannot be used with --mode train");
+        }
+        let buckets = lemur_planner::serving::Buckets {
+            decode: args.decode_buckets.clone(),
+            prefill: args.prefill_buckets.clone(),
+            context: args.context,
+        };
+        let n = buckets.decode.len() + buckets.prefill.len();
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        spinner.set_message(format!("solving {n} placements (up to {:.0} s each)", args.time_limit));
+        spinner.enable_steady_tick(Duration::from_millis(120));
+        let set = lemur_planner::serving::plan_set(&Roofline, &req, &buckets);
+        spinner.finish_and_clear();
+        let set = set?;
+        if let Some(path) = &args.out {
+            let json = serde_json::to_string_pretty(&set.to_file())?;
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return emit(&set.table());
+    }
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     spinner.set_message(format!("solving the placement (up to {:.0} s)", args.time_limit));
