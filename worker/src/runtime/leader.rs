@@ -172,7 +172,9 @@ impl Node {
         let Some(serving) = self.serving.as_mut() else { return };
         let vocab = shape.last().copied().unwrap_or(0).max(1);
         let rows: Vec<&[f32]> = rows.chunks(vocab).collect();
-        serving.busy += serving.step_started.elapsed();
+        let took = serving.step_started.elapsed();
+        serving.busy += took;
+        tracing::debug!(step_id, rows = rows.len(), ms = took.as_secs_f64() * 1e3, "step done");
         match serving.sched.on_logits(step_id, &rows) {
             Ok(events) => self.dispatch(events, ctx),
             Err(e) => tracing::warn!(step_id, "{e}"),
