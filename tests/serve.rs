@@ -161,3 +161,32 @@ fn sigterm_during_a_stream_finishes_it_then_every_rank_exits_cleanly() -> Result
     assert!(out.status.success() && stdout.contains("ok"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+#[test]
+fn bad_flags_and_files_are_refused_naming_them() -> Result<()> {
+    let gguf = smollm2()?;
+    let dir = tempfile::tempdir()?;
+    let (plan, cluster) = smol_plan(dir.path(), &gguf)?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken = format!("127.0.0.1:{}", taken.local_addr()?.port());
+    let (c, p, g) = (cluster.to_str().context("path")?, plan.to_str().context("path")?, gguf.to_str().context("path")?);
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--cluster", "/nope.toml", "--model", g, "--plan", p], &["/nope.toml"]),
+        (&["--cluster", c, "--model", "/nope", "--plan", p], &["--model", "/nope"]),
+        (&["--cluster", c, "--model", g, "--plan", "/nope.json"], &["/nope.json"]),
+        (&["--cluster", c, "--model", g], &["--plan"]),
+        (&["--cluster", c, "--model", g, "--plan", p, "--dense-matmul", "sometimes"], &["--dense-matmul", "never"]),
+        (&["--cluster", c, "--model", g, "--plan", p, "--max-batch", "0"], &["--max-batch", "at least 1"]),
+        (&["--cluster", c, "--model", g, "--plan", p, "--http", &taken], &["--http", "in use"]),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(serve_bin()).args(*args).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        for w in *want {
+            assert!(err.contains(w), "{args:?}: `{err}` lacks `{w}`");
+        }
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    Ok(())
+}

@@ -60,6 +60,10 @@ struct Args {
     /// Prompts run in chunks of at most this many tokens, between decode steps.
     #[arg(long, default_value_t = 512, value_parser = parse::at_least_one::<usize>)]
     prefill_chunk: usize,
+    /// The most prompt tokens in one prefill step (whole chunks; at least one runs): lower
+    /// it to bound how long a burst of prompts holds the running streams.
+    #[arg(long, value_parser = parse::at_least_one::<usize>)]
+    prefill_tokens: Option<usize>,
     /// Requests waiting beyond the running ones; more are answered 429.
     #[arg(long, default_value_t = 256, value_parser = parse::at_least_one::<usize>)]
     max_queue: usize,
@@ -142,7 +146,7 @@ fn run(args: Args) -> Result<()> {
     let batch = BatchConfig {
         max_batch: args.max_batch,
         prefill_chunk: args.prefill_chunk,
-        prefill_tokens: args.prefill_chunk,
+        prefill_tokens: args.prefill_tokens.unwrap_or(args.prefill_chunk),
         max_queue: args.max_queue,
         kv_positions: args.kv_positions,
         ..BatchConfig::default()
