@@ -38,6 +38,10 @@ pub struct BatchConfig {
     /// A sliding window bounds each request's cache (to the window plus the cache's
     /// growth room), whatever its length.
     pub window: Option<usize>,
+    /// Steps in flight at once, over disjoint requests: with the ranks of a pipeline, each
+    /// works on one step while the others work on theirs. Decode steps then take an equal
+    /// share of the decoding requests each.
+    pub pipeline: usize,
 }
 
 impl Default for BatchConfig {
@@ -50,6 +54,7 @@ impl Default for BatchConfig {
             kv_positions: None,
             max_positions: usize::MAX,
             window: None,
+            pipeline: 1,
         }
     }
 }
@@ -156,7 +161,7 @@ pub struct Scheduler {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     next_id: u64,
-    in_flight: Option<StepPlan>,
+    in_flight: Vec<StepPlan>,
     last_phase: Option<Phase>,
     reserved: usize,
     draining: bool,
@@ -170,6 +175,7 @@ impl Scheduler {
             max_batch: cfg.max_batch.max(1),
             prefill_chunk: cfg.prefill_chunk.max(1),
             prefill_tokens: cfg.prefill_tokens.max(1),
+            pipeline: cfg.pipeline.max(1),
             ..cfg
         };
         Self {
@@ -177,7 +183,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 1,
-            in_flight: None,
+            in_flight: Vec::new(),
             last_phase: None,
             reserved: 0,
             draining: false,
@@ -233,7 +239,7 @@ impl Scheduler {
             let s = self.waiting.remove(i).expect("index from position");
             return vec![done(&s, FinishReason::Cancelled)];
         }
-        let in_step = self.in_flight.as_ref().is_some_and(|p| p.segments.iter().any(|g| g.request_id == id));
+        let in_step = self.busy(id);
         let Some(i) = self.running.iter().position(|s| s.req.id == id) else { return Vec::new() };
         if in_step {
             self.running[i].cancelled = true;
@@ -260,7 +266,7 @@ impl Scheduler {
 
     /// Fails every request and forgets the step in flight (its logits will not come).
     pub fn fail_all(&mut self) -> Vec<Event> {
-        self.in_flight = None;
+        self.in_flight.clear();
         let mut events: Vec<Event> = self.waiting.drain(..).map(|s| done(&s, FinishReason::Failed)).collect();
         while !self.running.is_empty() {
             events.push(self.retire(0, FinishReason::Failed));
@@ -275,11 +281,17 @@ impl Scheduler {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty() && self.in_flight.is_none()
+        self.waiting.is_empty() && self.running.is_empty() && self.in_flight.is_empty()
     }
 
-    pub fn in_flight(&self) -> Option<&StepPlan> {
-        self.in_flight.as_ref()
+    /// The steps in flight, oldest first.
+    pub fn in_flight(&self) -> &[StepPlan] {
+        &self.in_flight
+    }
+
+    /// Whether request `id` is in a step in flight.
+    fn busy(&self, id: u64) -> bool {
+        self.in_flight.iter().any(|p| p.segments.iter().any(|g| g.request_id == id))
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -295,24 +307,30 @@ impl Scheduler {
         self.reserved
     }
 
-    /// The next step to run, if there is work and no step is in flight.
+    /// The next step to run, if there is work for it and fewer than `pipeline` steps are
+    /// in flight.
     pub fn next_step(&mut self) -> Option<StepPlan> {
-        if self.in_flight.is_some() {
+        if self.in_flight.len() >= self.cfg.pipeline {
             return None;
         }
         self.admit();
-        let decoders: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].prompt_done()).collect();
-        let prefill_waits = self.running.iter().any(|s| !s.prompt_done());
+        let free: Vec<bool> = self.running.iter().map(|s| !self.busy(s.req.id)).collect();
+        let mut decoders: Vec<usize> =
+            (0..self.running.len()).filter(|&i| free[i] && self.running[i].prompt_done()).collect();
+        // With several steps in flight, each decode step takes an equal share.
+        let decoding = self.running.iter().filter(|s| s.prompt_done()).count();
+        decoders.truncate(decoding.div_ceil(self.cfg.pipeline).max(1));
+        let prefill_waits = (0..self.running.len()).any(|i| free[i] && !self.running[i].prompt_done());
         let decode = !decoders.is_empty() && (!prefill_waits || self.last_phase == Some(Phase::Prefill));
         let plan = if decode {
             self.decode_step(&decoders)
         } else if prefill_waits {
-            self.prefill_step()
+            self.prefill_step(&free)
         } else {
             return None;
         };
         self.last_phase = Some(plan.phase);
-        self.in_flight = Some(plan.clone());
+        self.in_flight.push(plan.clone());
         Some(plan)
     }
 
@@ -348,11 +366,11 @@ impl Scheduler {
         StepPlan { id: self.fresh_id(), phase: Phase::Decode, segments, tokens }
     }
 
-    fn prefill_step(&mut self) -> StepPlan {
+    fn prefill_step(&mut self, free: &[bool]) -> StepPlan {
         let (chunk, budget) = (self.cfg.prefill_chunk, self.cfg.prefill_tokens);
         let mut segments = Vec::new();
         let mut tokens = Vec::new();
-        for s in self.running.iter_mut().filter(|s| !s.prompt_done()) {
+        for (s, _) in self.running.iter_mut().zip(free).filter(|(s, f)| **f && !s.prompt_done()) {
             let len = chunk.min(s.req.prompt.len() - s.prefilled);
             if !tokens.is_empty() && tokens.len() + len > budget {
                 break;
@@ -373,11 +391,10 @@ impl Scheduler {
     /// The logits of step `step_id` (one row per segment): samples each request's next
     /// token and ends those that are done. Logits of another step are an error.
     pub fn on_logits(&mut self, step_id: u64, rows: &[&[f32]]) -> Result<Vec<Event>, String> {
-        let plan = match &self.in_flight {
-            Some(p) if p.id == step_id => self.in_flight.take().expect("checked"),
-            Some(p) => return Err(format!("logits for step {step_id} while step {} is in flight", p.id)),
-            None => return Err(format!("logits for step {step_id} with no step in flight")),
+        let Some(at) = self.in_flight.iter().position(|p| p.id == step_id) else {
+            return Err(format!("logits for step {step_id}, which is not in flight"));
         };
+        let plan = self.in_flight.remove(at);
         if rows.len() != plan.segments.len() {
             return Err(format!("step {step_id}: {} rows of logits for {} segments", rows.len(), plan.segments.len()));
         }
@@ -586,6 +603,39 @@ mod tests {
         assert!(matches!(s.cancel(2)[0], Event::Done { request: 2, .. }));
         assert!(s.take_frees().is_empty());
         assert!(s.on_logits(99, &[]).is_err(), "logits of another step");
+    }
+
+    #[test]
+    fn a_pipeline_of_two_runs_disjoint_halves_and_each_request_alone_in_order() {
+        let cfg = BatchConfig { pipeline: 2, ..BatchConfig::default() };
+        let mut s = Scheduler::new(cfg);
+        for id in 1..=4 {
+            s.submit(req(id, 2, 3)).unwrap();
+        }
+        // One prefill of all four, then (nothing else to do) no second step.
+        let p = s.next_step().unwrap();
+        assert_eq!(p.segments.len(), 4);
+        assert!(s.next_step().is_none(), "every request is in the step in flight");
+        answer(&mut s, &p, |_| 1);
+        // Two decode steps in flight at once, two requests each, never sharing one.
+        let a = s.next_step().unwrap();
+        let b = s.next_step().unwrap();
+        assert!(s.next_step().is_none(), "two in flight at most");
+        let ids = |p: &StepPlan| p.segments.iter().map(|g| g.request_id).collect::<Vec<_>>();
+        assert_eq!((ids(&a), ids(&b)), (vec![1, 2], vec![3, 4]));
+        // They may return in either order; each request's positions advance by one.
+        answer(&mut s, &b, |_| 1);
+        let c = s.next_step().unwrap();
+        assert_eq!(ids(&c), [3, 4]);
+        assert_eq!(c.segments[0].position, 3);
+        answer(&mut s, &a, |_| 1);
+        answer(&mut s, &c, |_| 1);
+        let mut left = 0;
+        while let Some(p) = s.next_step() {
+            left += 1;
+            answer(&mut s, &p, |_| 1);
+        }
+        assert!(s.is_idle() && left >= 1);
     }
 
     #[test]

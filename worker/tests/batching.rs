@@ -102,6 +102,15 @@ fn prompts() -> Vec<Vec<u32>> {
 
 #[test]
 fn eight_concurrent_requests_decode_as_they_would_alone_and_as_candle_does() -> Result<()> {
+    eight_concurrent(1, "batching")
+}
+
+#[test]
+fn with_two_steps_in_flight_the_tokens_are_the_same() -> Result<()> {
+    eight_concurrent(2, "pipelined")
+}
+
+fn eight_concurrent(pipeline: usize, id: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = tiny(4);
     let model = model(dir.path(), &cfg, 5)?;
@@ -114,8 +123,8 @@ fn eight_concurrent_requests_decode_as_they_would_alone_and_as_candle_does() -> 
     })?;
     // Chunks of 8 prompt tokens, at most 12 per prefill step: the longer prompts are
     // chunked and interleave with the decode of the shorter ones.
-    let batch = BatchConfig { prefill_chunk: 8, prefill_tokens: 12, max_batch: 8, ..BatchConfig::default() };
-    let s = serve("batching", &plan, &model, batch)?;
+    let batch = BatchConfig { prefill_chunk: 8, prefill_tokens: 12, max_batch: 8, pipeline, ..BatchConfig::default() };
+    let s = serve(id, &plan, &model, batch)?;
     let lens = [9usize, 4, 12, 6, 10, 3, 8, 5];
     let together = s.rt.block_on(run_all(
         &s.engine,

@@ -64,6 +64,10 @@ struct Args {
     /// it to bound how long a burst of prompts holds the running streams.
     #[arg(long, value_parser = parse::at_least_one::<usize>)]
     prefill_tokens: Option<usize>,
+    /// Steps in flight at once over disjoint requests (2 or more keeps a pipeline of ranks
+    /// busy: each works on one step while the others work on theirs).
+    #[arg(long, default_value_t = 1, value_parser = parse::at_least_one::<usize>)]
+    pipeline: usize,
     /// Requests waiting beyond the running ones; more are answered 429.
     #[arg(long, default_value_t = 256, value_parser = parse::at_least_one::<usize>)]
     max_queue: usize,
@@ -148,6 +152,7 @@ fn run(args: Args) -> Result<()> {
         prefill_chunk: args.prefill_chunk,
         prefill_tokens: args.prefill_tokens.unwrap_or(args.prefill_chunk),
         max_queue: args.max_queue,
+        pipeline: args.pipeline,
         kv_positions: args.kv_positions,
         ..BatchConfig::default()
     };

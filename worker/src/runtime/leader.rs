@@ -110,19 +110,23 @@ impl Node {
         System::current().stop();
     }
 
-    /// Runs the scheduler's next step, if there is one and none is in flight.
+    /// Runs the scheduler's next steps, as many as it has room and work for.
     pub(super) fn pump(&mut self) {
         let Some(serving) = self.serving.as_mut() else { return };
         if serving.down.is_some() {
             return;
         }
-        let Some(step) = serving.sched.next_step() else { return };
-        serving.step_started = Instant::now();
-        serving.steps += 1;
-        serving.last_batch = step.segments.len();
-        let tokens = ids_to_wire(&[&step.tokens]);
-        let msg = Message::Start { step_id: step.id, phase: step.phase, tokens: tokens.meta, segments: step.segments };
-        self.router.broadcast(&Frame { message: msg, tensors: vec![tokens.data] });
+        while let Some(step) = serving.sched.next_step() {
+            let now = Instant::now();
+            serving.busy_since.get_or_insert(now);
+            serving.step_started.insert(step.id, now);
+            serving.steps += 1;
+            serving.last_batch = step.segments.len();
+            let tokens = ids_to_wire(&[&step.tokens]);
+            let msg =
+                Message::Start { step_id: step.id, phase: step.phase, tokens: tokens.meta, segments: step.segments };
+            self.router.broadcast(&Frame { message: msg, tensors: vec![tokens.data] });
+        }
     }
 
     /// Hands the scheduler's events to whoever asked, frees finished requests' caches on
@@ -172,10 +176,15 @@ impl Node {
         let Some(serving) = self.serving.as_mut() else { return };
         let vocab = shape.last().copied().unwrap_or(0).max(1);
         let rows: Vec<&[f32]> = rows.chunks(vocab).collect();
-        let took = serving.step_started.elapsed();
-        serving.busy += took;
+        let took = serving.step_started.remove(&step_id).map(|t| t.elapsed()).unwrap_or_default();
         tracing::debug!(step_id, rows = rows.len(), ms = took.as_secs_f64() * 1e3, "step done");
-        match serving.sched.on_logits(step_id, &rows) {
+        let result = serving.sched.on_logits(step_id, &rows);
+        if serving.sched.in_flight().is_empty() {
+            if let Some(since) = serving.busy_since.take() {
+                serving.busy += since.elapsed();
+            }
+        }
+        match result {
             Ok(events) => self.dispatch(events, ctx),
             Err(e) => tracing::warn!(step_id, "{e}"),
         }
@@ -455,6 +464,7 @@ impl Node {
         let Some(serving) = self.serving.as_mut() else { return self.finish_with(Err(e), ctx) };
         tracing::error!("the cluster is down: {e}");
         serving.down.get_or_insert_with(|| e.to_string());
+        serving.step_started.clear();
         let events = serving.sched.fail_all();
         self.dispatch(events, ctx);
     }
@@ -509,7 +519,9 @@ impl Handler<Begin> for Node {
             ctx.run_interval(Duration::from_secs(1), |act, ctx| {
                 let limit = act.step_timeout;
                 let Some(s) = act.serving.as_ref() else { return };
-                if let Some(step) = s.sched.in_flight().filter(|_| s.step_started.elapsed() > limit) {
+                let late =
+                    s.sched.in_flight().iter().find(|p| s.step_started.get(&p.id).is_some_and(|t| t.elapsed() > limit));
+                if let Some(step) = late {
                     let msg = format!("step {} ran past the {:.0} s step limit", step.id, limit.as_secs_f64());
                     act.fail(WorkerError::Wire(msg), ctx);
                 }

@@ -36,7 +36,10 @@ pub(super) struct RankHealth {
 pub(super) struct Serving {
     pub sched: Scheduler,
     pub sinks: HashMap<u64, Sink>,
-    pub step_started: Instant,
+    /// When each step in flight started.
+    pub step_started: HashMap<u64, Instant>,
+    /// Since when a step has been in flight without a break.
+    pub busy_since: Option<Instant>,
     pub steps: u64,
     /// Segments in the last step started.
     pub last_batch: usize,
@@ -54,7 +57,8 @@ impl Serving {
         Self {
             sched,
             sinks: HashMap::new(),
-            step_started: Instant::now(),
+            step_started: HashMap::new(),
+            busy_since: None,
             steps: 0,
             last_batch: 0,
             busy: Duration::ZERO,
