@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -93,34 +93,13 @@ fn client(python: &Path, url: &str, mode: &str) -> Command {
 }
 
 fn run_client(python: &Path, url: &str, mode: &str) -> Result<()> {
-    let mut child = client(python, url, mode).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the {mode} client did not finish within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output()?;
+    let child = client(python, url, mode).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let out = wait_exit(child, Duration::from_secs(300)).with_context(|| format!("the {mode} client"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !stdout.contains("ok") {
         bail!("the {mode} client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
-}
-
-fn wait_child(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            bail!("process {} did not exit within {limit:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -152,9 +131,9 @@ fn sigterm_during_a_stream_finishes_it_then_every_rank_exits_cleanly() -> Result
     assert_eq!(line.trim(), "streaming", "the client never began streaming");
     let st = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status()?;
     assert!(st.success());
-    let served = wait_child(&mut server.procs.0[0], Duration::from_secs(60))?;
+    let served = wait_exit(server.procs.0.remove(0), Duration::from_secs(60))?.status;
     assert!(served.success(), "lemur-serve exited with {served} after SIGTERM");
-    let worker = wait_child(&mut server.procs.0[1], Duration::from_secs(30))?;
+    let worker = wait_exit(server.procs.0.remove(0), Duration::from_secs(30))?.status;
     assert!(worker.success(), "rank 1 exited with {worker}");
     let out = c.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);

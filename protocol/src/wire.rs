@@ -149,12 +149,13 @@ pub enum DenseMatmul {
 }
 
 impl DenseMatmul {
-    pub fn parse(s: &str) -> Option<Self> {
+    /// By name (what `--dense-matmul` takes); the error lists the names.
+    pub fn parse(s: &str) -> Result<Self, String> {
         match s {
-            "never" => Some(Self::Never),
-            "prefill" => Some(Self::Prefill),
-            "always" => Some(Self::Always),
-            _ => None,
+            "never" => Ok(Self::Never),
+            "prefill" => Ok(Self::Prefill),
+            "always" => Ok(Self::Always),
+            _ => Err(format!("`{s}` is not one of never, prefill, always")),
         }
     }
 

@@ -31,10 +31,6 @@ impl Histogram {
         self.count += 1;
     }
 
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
     fn write(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (b, c) in self.bounds.iter().zip(&self.counts) {
@@ -115,11 +111,6 @@ impl Metrics {
                 m.tpot_ratio.observe(t / p);
             }
         }
-    }
-
-    /// Generations measured so far.
-    pub fn generations(&self) -> u64 {
-        self.lock().ttft.count()
     }
 
     /// The Prometheus text of everything, with the cluster's `status`.

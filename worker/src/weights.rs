@@ -61,6 +61,14 @@ pub fn block_formats() -> impl Iterator<Item = WeightFormat> {
     BLOCK_TYPES.iter().map(|(w, _)| *w)
 }
 
+/// A block format by name (what `--quantize` takes); the error lists them all.
+pub fn parse_block_format(s: &str) -> Result<WeightFormat, String> {
+    WeightFormat::parse(s).filter(|f| ggml_type(*f).is_some()).ok_or_else(|| {
+        let all: Vec<&str> = block_formats().map(WeightFormat::name).collect();
+        format!("`{s}` is not a block format ({})", all.join(", "))
+    })
+}
+
 /// candle's block type of a single-type weight format (`None` for dense and for mixes).
 pub fn ggml_type(f: WeightFormat) -> Option<GgmlDType> {
     BLOCK_TYPES.iter().find(|(w, _)| *w == f).map(|(_, t)| *t)

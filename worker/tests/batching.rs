@@ -72,26 +72,33 @@ fn request(engine: &Engine, prompt: Vec<u32>, max_new: usize) -> Request {
     }
 }
 
+/// A request's tokens, logits and finish reason.
+type Generated = (Vec<u32>, Vec<Vec<f32>>, FinishReason);
+
+/// Reads a request's events to its `Done`, each within `limit`.
+async fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>, limit: Duration) -> Result<Generated> {
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    loop {
+        match tokio::time::timeout(limit, rx.recv()).await? {
+            Some(Event::Token { token, logits: l, .. }) => {
+                tokens.push(token);
+                logits.extend(l);
+            }
+            Some(Event::Done { reason, .. }) => return Ok((tokens, logits, reason)),
+            None => return Err(anyhow!("the stream ended without Done")),
+        }
+    }
+}
+
 /// Runs requests at once; each one's tokens, logits and finish reason, in order.
-async fn run_all(engine: &Engine, reqs: Vec<Request>) -> Result<Vec<(Vec<u32>, Vec<Vec<f32>>, FinishReason)>> {
+async fn run_all(engine: &Engine, reqs: Vec<Request>) -> Result<Vec<Generated>> {
     let mut streams = Vec::new();
     for r in reqs {
         streams.push(engine.submit(r).await?);
     }
     let mut out = Vec::new();
     for mut rx in streams {
-        let (mut tokens, mut logits) = (Vec::new(), Vec::new());
-        let reason = loop {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await? {
-                Some(Event::Token { token, logits: l, .. }) => {
-                    tokens.push(token);
-                    logits.extend(l);
-                }
-                Some(Event::Done { reason, .. }) => break reason,
-                None => return Err(anyhow!("the stream ended without Done")),
-            }
-        };
-        out.push((tokens, logits, reason));
+        out.push(collect(&mut rx, Duration::from_secs(60)).await?);
     }
     Ok(out)
 }
@@ -178,13 +185,7 @@ fn a_dropped_stream_cancels_its_request_and_a_lost_rank_fails_the_rest() -> Resu
         let mut rx = engine.submit(request(engine, vec![4, 5, 6], 2000)).await?;
         assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
         s.net.add(Rule::on(&s.addrs[0], &s.addrs[1], "start", Fault::Cut));
-        let reason = loop {
-            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await? {
-                Some(Event::Done { reason, .. }) => break reason,
-                Some(_) => {}
-                None => return Err(anyhow!("no Done")),
-            }
-        };
+        let (.., reason) = collect(&mut rx, Duration::from_secs(30)).await?;
         assert_eq!(reason, FinishReason::Failed);
         let err = engine.submit(request(engine, vec![1], 1)).await.unwrap_err();
         assert!(matches!(&err, SubmitError::Unavailable(m) if m.contains("rank 1")), "{err}");
@@ -209,13 +210,7 @@ fn a_step_that_never_ends_fails_its_requests_by_the_step_limit() -> Result<()> {
     s.net.add(Rule::on(&s.addrs[0], &s.addrs[1], "activation", Fault::Delay(Duration::from_secs(30))));
     s.rt.block_on(async {
         let mut rx = s.engine.submit(request(&s.engine, vec![1, 2, 3], 4)).await?;
-        let reason = loop {
-            match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await? {
-                Some(Event::Done { reason, .. }) => break reason,
-                Some(_) => {}
-                None => return Err(anyhow!("no Done")),
-            }
-        };
+        let (.., reason) = collect(&mut rx, Duration::from_secs(20)).await?;
         assert_eq!(reason, FinishReason::Failed);
         let st = s.engine.status().await?;
         assert!(st.down.as_deref().is_some_and(|d| d.contains("step limit")), "{st:?}");

@@ -14,13 +14,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lemur_protocol::cli::parse;
+use lemur_protocol::wire::DenseMatmul;
 use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
 use lemur_worker::batch::BatchConfig;
 use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::{Job, NodeConfig};
-use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::Tok;
-use lemur_worker::weights::{parse_dtype, Checkpoint};
+use lemur_worker::weights::{parse_block_format, parse_dtype, Checkpoint};
 
 /// Serve a model from a Lemurian cluster over OpenAI's HTTP API.
 ///
@@ -99,11 +99,11 @@ struct Args {
     /// with every row: never, prefill or always. Dequantizing costs every step a pass over
     /// the weights (single-threaded in candle), so it pays only for long prompts (prefill)
     /// or many streams (always).
-    #[arg(long, default_value = "never")]
-    dense_matmul: String,
+    #[arg(long, default_value = "never", value_parser = DenseMatmul::parse)]
+    dense_matmul: DenseMatmul,
     /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, ...); a --plan must be for it.
-    #[arg(long)]
-    quantize: Option<String>,
+    #[arg(long, value_parser = parse_block_format)]
+    quantize: Option<WeightFormat>,
     /// On failure, also print the error's backtrace.
     #[arg(short, long)]
     verbose: bool,
@@ -118,14 +118,7 @@ fn run(args: Args) -> Result<()> {
     let cluster = Cluster::load(&args.cluster)?;
     let device = lemur_worker::device::open(&args.device).context("--device")?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
-    let quantize = match args.quantize.as_deref() {
-        None => None,
-        Some(s) => Some(
-            WeightFormat::parse(s)
-                .filter(|f| lemur_worker::weights::ggml_type(*f).is_some())
-                .with_context(|| format!("--quantize: `{s}` is not a block format"))?,
-        ),
-    };
+    let quantize = args.quantize;
     let mut checkpoint = Checkpoint::open(&args.model).context("--model")?;
     (checkpoint.dequantize, checkpoint.quantize) = (args.dequantize, quantize);
     let plan = match (&args.plan, &args.profiles) {
@@ -159,24 +152,11 @@ fn run(args: Args) -> Result<()> {
     let predicted = (plan.predicted.ttft_ms.map(|t| t / 1e3), plan.predicted.tpot_ms.map(|t| t / 1e3));
     let vocab = plan.model.vocab_size as usize;
     let job = Job {
-        plan,
-        model_dir: args.model.clone(),
-        dtype,
-        prompt: Vec::new(),
-        max_new_tokens: 0,
-        eos: None,
-        sampling: Sampling::default(),
-        on_token: None,
-        timing: false,
-        repeat: 1,
-        train: None,
-        train_loop: None,
-        adapters: None,
         dequantize: args.dequantize,
         quantize,
         serve: Some(batch),
-        dense_matmul: lemur_protocol::wire::DenseMatmul::parse(&args.dense_matmul)
-            .with_context(|| format!("--dense-matmul: `{}` is not one of never, prefill, always", args.dense_matmul))?,
+        dense_matmul: args.dense_matmul,
+        ..Job::new(plan, args.model.clone(), dtype)
     };
     let front = lemur_serve::Front {
         listener,

@@ -16,6 +16,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use lemur_protocol::cli::parse;
 use lemur_protocol::timings::Timings;
+use lemur_protocol::wire::DenseMatmul;
 use lemur_protocol::wire::TrainSetup;
 use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
 use lemur_worker::checkpoint::{AdapterConfig, LossLog};
@@ -23,7 +24,7 @@ use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
-use lemur_worker::weights::{parse_dtype, Checkpoint};
+use lemur_worker::weights::{parse_block_format, parse_dtype, Checkpoint};
 
 /// Run one rank of a Lemurian cluster.
 ///
@@ -154,12 +155,12 @@ struct Args {
     dequantize: bool,
     /// Rank 0: when linear ops on quantized weights multiply by their dequantized weight (one
     /// f32 GEMM over all rows) instead of the quantized kernels: never, prefill or always.
-    #[arg(long, default_value = "never")]
-    dense_matmul: String,
+    #[arg(long, default_value = "never", value_parser = DenseMatmul::parse)]
+    dense_matmul: DenseMatmul,
     /// Rank 0: quantize a checkpoint's dense weights at load (every rank), to q8_0, q4_0,
     /// q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k; the plan must be for that format.
-    #[arg(long)]
-    quantize: Option<String>,
+    #[arg(long, value_parser = parse_block_format)]
+    quantize: Option<WeightFormat>,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600, value_parser = parse::at_least_one::<u64>)]
     wait: u64,
@@ -265,7 +266,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
                 if text.trim().is_empty() {
                     bail!("--prompt is empty: give some text (or token ids with --prompt-ids)");
                 }
-                let t = Arc::new(load_tokenizer(&model_dir)?);
+                let t = Arc::new(Tok::from_checkpoint(&model_dir)?);
                 let text = if args.chat { t.chat(text)? } else { text.clone() };
                 let ids = t.encode(&text)?;
                 if ids.is_empty() {
@@ -329,9 +330,9 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
             },
             adapters: adapter.map(|(_, t)| t),
             dequantize: args.dequantize,
-            quantize: quantize_arg(args.quantize.as_deref())?,
+            quantize: args.quantize,
             serve: None,
-            dense_matmul: dense_matmul_arg(&args.dense_matmul)?,
+            dense_matmul: args.dense_matmul,
         })
     } else {
         None
@@ -402,29 +403,6 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `--dense-matmul`: never, prefill or always.
-fn dense_matmul_arg(s: &str) -> Result<lemur_protocol::wire::DenseMatmul> {
-    lemur_protocol::wire::DenseMatmul::parse(s)
-        .with_context(|| format!("--dense-matmul: `{s}` is not one of never, prefill, always"))
-}
-
-/// `--quantize`: a single block format.
-fn quantize_arg(s: Option<&str>) -> Result<Option<WeightFormat>> {
-    let Some(s) = s else { return Ok(None) };
-    match WeightFormat::parse(s).filter(|f| lemur_worker::weights::ggml_type(*f).is_some()) {
-        Some(f) => Ok(Some(f)),
-        None => {
-            let all: Vec<&str> = lemur_worker::weights::block_formats().map(WeightFormat::name).collect();
-            bail!("--quantize: `{s}` is not a block format ({})", all.join(", "))
-        }
-    }
-}
-
-/// The tokenizer of a checkpoint: its GGUF metadata, or `tokenizer.json` in its directory.
-fn load_tokenizer(model: &Path) -> Result<Tok> {
-    Ok(Tok::from_checkpoint(model)?)
-}
-
 /// The training loop rank 0 drives: data, schedule, checkpoints, progress.
 fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Result<TrainLoop> {
     let adapter_config = AdapterConfig {
@@ -468,7 +446,7 @@ fn train_loop(args: &Args, plan: &Plan, model: &Path, check_ids: &[u32]) -> Resu
     }
     let data = args.train.as_ref().context("--train DATA.jsonl")?;
     let seq = plan.workload.seq as usize;
-    let tok = load_tokenizer(model).ok();
+    let tok = Tok::from_checkpoint(model).ok();
     let sequences = lemur_worker::dataset::read_sequences(data, seq + 1, tok.as_ref())?;
     let per_step = base.batch * base.micro_batches;
     if sequences.len() < per_step {

@@ -162,6 +162,31 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job for `plan` over the checkpoint at `model_dir` with nothing else set: no prompt
+    /// (give one, a training loop or `serve`), one token, greedy, no adapters, weights as
+    /// stored.
+    pub fn new(plan: Plan, model_dir: PathBuf, dtype: DType) -> Self {
+        Self {
+            plan,
+            model_dir,
+            dtype,
+            prompt: Vec::new(),
+            max_new_tokens: 1,
+            eos: None,
+            sampling: Sampling::default(),
+            on_token: None,
+            timing: false,
+            repeat: 1,
+            train: None,
+            train_loop: None,
+            adapters: None,
+            dequantize: false,
+            quantize: None,
+            serve: None,
+            dense_matmul: lemur_protocol::wire::DenseMatmul::Never,
+        }
+    }
+
     /// Checks the request against the model before any rank is contacted: a prompt of at
     /// least one token, every id inside the vocabulary, at least one token to generate,
     /// and prompt plus generated tokens within the model's positions.

@@ -210,13 +210,7 @@ impl Node {
             }
             Event::Done { request, .. } => {
                 l.done = true;
-                // Every rank reports its stats on the request's Finish; after them (or 5 s),
-                // the request completes.
-                ctx.run_later(Duration::from_secs(5), move |act, ctx| {
-                    if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
-                        act.complete_request(ctx);
-                    }
-                });
+                Self::await_stats(request, ctx);
             }
         }
     }
@@ -255,6 +249,12 @@ impl Node {
         l.done = true;
         let request = l.request;
         self.router.broadcast(&Frame::control(Message::Finish { request_id: request }));
+        Self::await_stats(request, ctx);
+    }
+
+    /// Every rank reports its stats on a request's Finish; the request completes after
+    /// them, or after 5 s.
+    fn await_stats(request: u64, ctx: &mut Context<Self>) {
         ctx.run_later(Duration::from_secs(5), move |act, ctx| {
             if act.leader.as_ref().is_some_and(|l| l.request == request && l.done) {
                 act.complete_request(ctx);
@@ -436,8 +436,7 @@ impl Node {
                 peak_rss_bytes,
                 ..
             } => {
-                if let Some(serving) = self.serving.as_mut() {
-                    let r = serving.ranks.entry(rank).or_default();
+                if let Some(r) = self.serving.as_mut().and_then(|s| s.ranks.get_mut(rank as usize)) {
                     r.peak_rss_bytes = r.peak_rss_bytes.max(peak_rss_bytes);
                     r.bytes_sent += bytes_sent;
                 }
@@ -578,7 +577,7 @@ impl Handler<PeerDown> for Node {
             return;
         }
         if self.me == 0 {
-            if let Some(r) = self.serving.as_mut().map(|s| s.ranks.entry(m.rank).or_default()) {
+            if let Some(r) = self.serving.as_mut().and_then(|s| s.ranks.get_mut(m.rank as usize)) {
                 r.lost = Some(m.reason.clone());
             }
             self.fail(WorkerError::Peer { rank: m.rank, message: format!("lost: {}", m.reason) }, ctx);

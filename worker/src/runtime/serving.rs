@@ -24,14 +24,6 @@ pub(super) enum Sink {
     Client(mpsc::UnboundedSender<Event>),
 }
 
-/// What rank 0 knows of each rank while serving.
-#[derive(Debug, Clone, Default)]
-pub(super) struct RankHealth {
-    pub peak_rss_bytes: u64,
-    pub bytes_sent: u64,
-    pub lost: Option<String>,
-}
-
 /// Rank 0's inference state.
 pub(super) struct Serving {
     pub sched: Scheduler,
@@ -47,7 +39,8 @@ pub(super) struct Serving {
     pub busy: Duration,
     /// Why the cluster cannot serve (a rank lost, a rank's error).
     pub down: Option<String>,
-    pub ranks: HashMap<u32, RankHealth>,
+    /// What rank 0 knows of each rank, by rank.
+    pub ranks: Vec<RankStatus>,
     pub draining: bool,
     pub drained: Vec<oneshot::Sender<()>>,
 }
@@ -63,7 +56,7 @@ impl Serving {
             last_batch: 0,
             busy: Duration::ZERO,
             down: None,
-            ranks: (0..ranks).map(|r| (r, RankHealth::default())).collect(),
+            ranks: (0..ranks).map(|rank| RankStatus { rank, ..RankStatus::default() }).collect(),
             draining: false,
             drained: Vec::new(),
         }
@@ -81,7 +74,7 @@ pub enum SubmitError {
 }
 
 /// One rank as the server sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RankStatus {
     pub rank: u32,
     /// Why it is gone, if it is.
@@ -91,7 +84,7 @@ pub struct RankStatus {
 }
 
 /// A snapshot of the cluster and its scheduler.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterStatus {
     pub ranks: Vec<RankStatus>,
     pub down: Option<String>,
@@ -253,32 +246,10 @@ impl Handler<Status> for Node {
     type Result = MessageResult<Status>;
     fn handle(&mut self, _: Status, _ctx: &mut Self::Context) -> Self::Result {
         let Some(s) = self.serving.as_ref() else {
-            return MessageResult(ClusterStatus {
-                ranks: Vec::new(),
-                down: Some("not serving".into()),
-                draining: false,
-                queue_depth: 0,
-                running: 0,
-                kv_positions_reserved: 0,
-                kv_positions: None,
-                steps: 0,
-                last_batch: 0,
-                busy_seconds: 0.0,
-            });
+            return MessageResult(ClusterStatus { down: Some("not serving".into()), ..ClusterStatus::default() });
         };
-        let mut ranks: Vec<RankStatus> = s
-            .ranks
-            .iter()
-            .map(|(&rank, h)| RankStatus {
-                rank,
-                lost: h.lost.clone(),
-                peak_rss_bytes: h.peak_rss_bytes,
-                bytes_sent: h.bytes_sent,
-            })
-            .collect();
-        ranks.sort_by_key(|r| r.rank);
         MessageResult(ClusterStatus {
-            ranks,
+            ranks: s.ranks.clone(),
             down: s.down.clone(),
             draining: s.draining,
             queue_depth: s.sched.queue_depth(),

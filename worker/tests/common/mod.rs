@@ -16,7 +16,6 @@ use lemur_worker::checkpoint::AdapterConfig;
 use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::memnet::MemNet;
 use lemur_worker::runtime::{run_node, Job, NodeConfig, Outcome, Timeouts, TrainLoop};
-use lemur_worker::sampling::Sampling;
 use lemur_worker::WorkerError;
 
 pub const TARGETS: [OpKind; 2] = [OpKind::QProj, OpKind::VProj];
@@ -83,25 +82,7 @@ pub fn fast() -> Timeouts {
 
 /// Greedy generation of `n` tokens from `prompt`.
 pub fn infer_job(plan: &Plan, model: &Path, prompt: &[u32], n: usize) -> Job {
-    Job {
-        plan: plan.clone(),
-        model_dir: model.to_path_buf(),
-        dtype: DType::F32,
-        prompt: prompt.to_vec(),
-        max_new_tokens: n,
-        eos: None,
-        sampling: Sampling::default(),
-        on_token: None,
-        timing: false,
-        repeat: 1,
-        train: None,
-        train_loop: None,
-        adapters: None,
-        dequantize: false,
-        quantize: None,
-        serve: None,
-        dense_matmul: Default::default(),
-    }
+    Job { prompt: prompt.to_vec(), max_new_tokens: n, ..Job::new(plan.clone(), model.to_path_buf(), DType::F32) }
 }
 
 /// A training loop over `sequences` (width seq + 1) for `steps` steps, saving every 10.
