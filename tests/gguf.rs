@@ -95,12 +95,13 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
     let text = tok.decode(&one)?;
     assert!(text.contains("Paris"), "{text:?}");
 
-    // Independent check: candle-transformers' quantized Llama on the same file, with the
-    // same quantized kernels. On the tiny models of the test below the two agree exactly
-    // (logits bit for bit); on SmolLM2 they agree closely but not exactly (prompt logits
-    // cosine 0.9989): the attention's dot products are summed in another order (Q and K
-    // un-permuted, halves rotated; the same math), SmolLM2's activations sit near 8-bit
-    // rounding boundaries, and greedy paths part at the sixth token (docs/running.md).
+    // Independent check: candle-transformers' quantized Llama on the same file (ggml's
+    // arithmetic: 8-bit activations, the same per-block integer sums). On the tiny models of
+    // the test below the two agree to 1e-4; on SmolLM2 closely but not exactly (prompt logits
+    // cosine 0.997): the sums are accumulated in another order (Lemurian's AVX2 kernels in
+    // eight lanes, candle's Q4_1 sequentially; Q and K un-permuted, halves rotated), SmolLM2's
+    // activations sit near 8-bit rounding boundaries, and greedy paths part after a few
+    // tokens (docs/running.md).
     let reference = quantized_reference(&gguf, &prompt, 16)?;
     let ref_logits = quantized_prompt_logits(&gguf, &prompt)?;
     let c = cosine(&one_logits[0], &ref_logits);
@@ -108,10 +109,12 @@ fn smollm2_split_matches_one_process_and_quantized_llama() -> Result<()> {
     let agree = one.iter().zip(&reference).take_while(|(a, b)| a == b).count();
     assert!(agree >= 4, "ours {one:?} vs quantized_llama {reference:?}");
 
-    // Dequantized to f32 at load (`--dequantize`): the same text here.
+    // Dequantized to f32 at load (`--dequantize`): the same text here. (Prompt logits cosine
+    // 0.9990 with Lemurian's kernels, 0.9994 with candle's: the same per-block integer sums,
+    // accumulated in another order, and SmolLM2 amplifies the last bit; see above.)
     let deq = run_cluster_with(&dir.path().join("deq"), &dense_single, &gguf, &prompt, n, &["--dequantize"])?;
     let c = cosine(&deq.logits[0], &one_logits[0]);
-    assert!(c > 0.999, "dequantized against as-stored prompt logits: cosine {c}");
+    assert!(c > 0.998, "dequantized against as-stored prompt logits: cosine {c}");
     Ok(())
 }
 

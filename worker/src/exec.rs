@@ -27,7 +27,8 @@ pub enum OpWeights {
     QEmbedding(Arc<QTensor>),
     Norm(Tensor),
     Linear(Linear),
-    /// A linear op on quantized weights (GGUF, as stored): candle's quantized matmul.
+    /// A linear op on quantized weights (GGUF, as stored): `qmm`'s kernels on the CPU,
+    /// candle's quantized matmul elsewhere.
     QLinear(QMatMul),
     None,
 }
@@ -224,8 +225,16 @@ impl Executor {
             w @ OpWeights::QLinear(_) if step.targets.is_some() || step.dense => {
                 x.broadcast_matmul(&w.dense(&self.device)?.to_dtype(x.dtype())?.t()?)?
             }
-            // Quantized kernels take f32 activations (they quantize them to 8 bits).
-            OpWeights::QLinear(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+            // Quantized kernels take f32 activations (they quantize them to 8 bits): Lemurian's
+            // own on the CPU (`qmm`), candle's elsewhere.
+            OpWeights::QLinear(q) => {
+                let x32 = x.to_dtype(DType::F32)?;
+                match crate::qmm::forward(q, &x32)? {
+                    Some(y) => y,
+                    None => q.forward(&x32)?,
+                }
+                .to_dtype(x.dtype())?
+            }
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };
         Ok(match self.adapters.get(&(kind, layer)) {

@@ -105,6 +105,9 @@ fn softmax_row(src: &[f32], dst: &mut [f32], scale: f32, lo: usize, hi: usize) {
     dst[lo..hi].iter_mut().for_each(|d| *d *= inv);
 }
 
+/// Scores from which the masked softmax spreads its rows over threads.
+const PARALLEL_SCORES: usize = 1 << 16;
+
 impl CustomOp1 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "lemur-masked-softmax"
@@ -120,11 +123,17 @@ impl CustomOp1 for MaskedSoftmax {
         let run = |src: &[f32]| -> Vec<f32> {
             use rayon::prelude::*;
             let mut out = vec![0f32; src.len()];
-            // Rows are independent: spread them over the cores, as candle's softmax does.
-            out.par_chunks_mut(kv).zip(src.par_chunks(kv)).enumerate().for_each(|(i, (d, s))| {
+            let row = |(i, (d, s)): (usize, (&mut [f32], &[f32]))| {
                 let (lo, hi) = self.vis.range(i % rows_per_head, kv);
                 softmax_row(s, d, self.scale, lo, hi);
-            });
+            };
+            // Rows are independent: spread big score matrices over the cores, as candle's
+            // softmax does; a decode step's few rows run here (waking threads costs more).
+            if src.len() >= PARALLEL_SCORES {
+                out.par_chunks_mut(kv).zip(src.par_chunks(kv)).enumerate().for_each(row);
+            } else {
+                out.chunks_mut(kv).zip(src.chunks(kv)).enumerate().for_each(row);
+            }
             out
         };
         let out = match storage {

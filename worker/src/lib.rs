@@ -36,6 +36,7 @@ pub mod link;
 pub mod lora;
 pub mod profiler;
 pub mod program;
+pub mod qmm;
 pub mod random_model;
 pub mod rng;
 pub mod runtime;

@@ -1,0 +1,131 @@
+//! AVX2 kernels for the 32-element formats: one weight row against up to four activation
+//! rows at once, so a prompt's rows share each weight block's load and unpacking.
+//!
+//! Each block is unpacked to 32 bytes, multiplied with the activation block's 32 bytes by
+//! `maddubs` (unsigned times signed; a signed weight lends its sign to the activation) and
+//! `madd` into eight 32-bit sums, and accumulated in f32 scaled by the two block scales:
+//! the arithmetic of ggml's AVX2 `vec_dot_*` kernels.
+
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::blocks::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1};
+
+/// Whether this CPU runs these kernels.
+pub fn available() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    })
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn h2f(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(x: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// 16 bytes of nibbles as 32 bytes: the low nibbles first, then the high ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    let t = _mm_loadu_si128(qs.as_ptr().cast());
+    let both = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4));
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bits as 32 bytes: 0xFF where the bit is set, 0 where not.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bits(qh: &[u8; 4]) -> __m256i {
+    let x = i32::from_le_bytes(*qh);
+    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+macro_rules! kernel {
+    (@abs true, $q:expr) => { _mm256_sign_epi8($q, $q) };
+    (@abs false, $q:expr) => { $q };
+    (@sign true, $y:expr, $q:expr) => { _mm256_sign_epi8($y, $q) };
+    (@sign false, $y:expr, $q:expr) => { $y };
+    ($(#[$doc:meta])* $name:ident, $W:ty, $A:ty, signed: $signed:tt, |$b:ident| $unpack:expr,
+     offset: |$a:ident| $offset:expr) => {
+        $(#[$doc])*
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C ([`available`]).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name<const R: usize>(w: &[$W], acts: [&[$A]; R]) -> [f32; R] {
+            for a in &acts {
+                assert!(a.len() >= w.len(), "activation row shorter than the weight row");
+            }
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut off = [0f32; R];
+            for (i, $b) in w.iter().enumerate() {
+                let dw = h2f($b.d);
+                let q: __m256i = $unpack;
+                let qa = kernel!(@abs $signed, q);
+                for r in 0..R {
+                    let $a = &acts[r][i];
+                    let y = kernel!(@sign $signed, _mm256_loadu_si256($a.qs.as_ptr().cast()), q);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, y), ones);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f($a.d)), _mm256_cvtepi32_ps(p), acc[r]);
+                    off[r] += $offset;
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + off[r];
+            }
+            out
+        }
+    };
+}
+
+kernel!(
+    /// Q4_0 weights (nibble - 8) against Q8_0 activations.
+    q4_0, Q4_0, Q8_0, signed: true, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8)), offset: |a| {
+        let _ = a;
+        0.0
+    }
+);
+kernel!(
+    /// Q4_1 weights (nibble, plus a minimum) against Q8_1 activations.
+    q4_1, Q4_1, Q8_1, signed: false, |b| nibbles(&b.qs), offset: |a| h2f(b.m) * h2f(a.s)
+);
+kernel!(
+    /// Q5_0 weights (five bits - 16) against Q8_0 activations.
+    q5_0, Q5_0, Q8_0, signed: true,
+    |b| _mm256_or_si256(nibbles(&b.qs), _mm256_andnot_si256(bits(&b.qh), _mm256_set1_epi8(0xF0u8 as i8))),
+    offset: |a| {
+        let _ = a;
+        0.0
+    }
+);
+kernel!(
+    /// Q5_1 weights (five bits, plus a minimum) against Q8_1 activations.
+    q5_1, Q5_1, Q8_1, signed: false,
+    |b| _mm256_or_si256(nibbles(&b.qs), _mm256_and_si256(bits(&b.qh), _mm256_set1_epi8(0x10))),
+    offset: |a| h2f(b.m) * h2f(a.s)
+);
+kernel!(
+    /// Q8_0 weights against Q8_0 activations.
+    q8_0, Q8_0, Q8_0, signed: true, |b| _mm256_loadu_si256(b.qs.as_ptr().cast()), offset: |a| {
+        let _ = a;
+        0.0
+    }
+);

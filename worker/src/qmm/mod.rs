@@ -1,0 +1,243 @@
+//! Lemurian's CPU kernels for linear ops on quantized weights (GGUF's blocks as stored).
+//!
+//! candle 0.11's CPU quantized matmul runs Q4_1, Q5_0 and Q5_1 with scalar code, costs a
+//! prompt's every row in full, and its spinning thread pool slows the ops between matmuls;
+//! these kernels are what a linear op on the CPU runs instead (`exec`'s `QLinear`):
+//!
+//! - activations are quantized per row to 8-bit blocks exactly as ggml and candle do
+//!   (Q8_0 for the symmetric formats, Q8_1 for those with a minimum, Q8_K for K-quants), so
+//!   results equal candle's to float rounding;
+//! - the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run the AVX2 kernels of
+//!   [`avx2`], one weight row against four activation rows at a time; the K-quants (Q2_K to
+//!   Q6_K) run candle's own AVX2 dot products per row; a CPU without AVX2 runs the plain
+//!   dot products of [`blocks`];
+//! - work is split over the weight's rows across [`pool`]'s spinning threads (each task
+//!   computes its own columns), prompts in tiles of rows that stay in cache while a task's
+//!   weight rows are read once per tile.
+//!
+//! [`forward`] answers `None` for what it does not handle (other devices, other formats),
+//! and the caller falls back to candle's `QMatMul`.
+
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod blocks;
+pub mod pool;
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, GgmlType, QK_K};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use blocks::{Block, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK};
+
+/// Activation rows a task keeps in cache while it streams its weight rows.
+const ROW_TILE: usize = 64;
+/// Block products below which one thread does the whole matmul.
+const MIN_PARALLEL: usize = 1024;
+
+/// A format's SIMD kernels for one and for four activation rows, where the CPU has them.
+type Dot<B, const R: usize> = unsafe fn(&[B], [&[<B as Block>::Act]; R]) -> [f32; R];
+struct Simd<B: Block> {
+    one: Dot<B, 1>,
+    four: Dot<B, 4>,
+}
+
+macro_rules! kernels {
+    ($name:ident) => {{
+        #[cfg(target_arch = "x86_64")]
+        let k = avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4> });
+        #[cfg(not(target_arch = "x86_64"))]
+        let k = None;
+        k
+    }};
+}
+
+/// Whether [`forward`] runs weights of this format.
+pub fn supports(dtype: GgmlDType) -> bool {
+    use GgmlDType as G;
+    matches!(dtype, G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_0 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K)
+}
+
+/// `x @ w.T` for a quantized weight `[n, k]` and activations `[..., k]` on the CPU, or `None`
+/// where these kernels do not apply.
+pub fn forward(q: &QMatMul, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let QMatMul::QTensor(w) = q else { return Ok(None) };
+    if !matches!(x.device(), Device::Cpu) || !supports(w.dtype()) {
+        return Ok(None);
+    }
+    let (n, k) = w.shape().dims2()?;
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        return Ok(None);
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let m = xs.len() / k;
+    let Some(out) = matmul(w, &xs, m)? else { return Ok(None) };
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, x.device()).map(Some)
+}
+
+/// `x @ w.T` for `m` rows of `x` (`[m, k]`, row-major), as `[m, n]`; `None` for a format or
+/// storage these kernels do not take.
+pub fn matmul(w: &QTensor, x: &[f32], m: usize) -> candle_core::Result<Option<Vec<f32>>> {
+    let (n, k) = w.shape().dims2()?;
+    if x.len() != m * k {
+        candle_core::bail!("quantized matmul: {} activations for {m} rows of {k}", x.len());
+    }
+    let data = w.data()?;
+    let Cow::Borrowed(bytes) = data else { return Ok(None) };
+    use GgmlDType as G;
+    Ok(match w.dtype() {
+        G::Q4_0 => blocks32::<Q4_0>(bytes, n, k, x, m, kernels!(q4_0)),
+        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1)),
+        G::Q5_0 => blocks32::<Q5_0>(bytes, n, k, x, m, kernels!(q5_0)),
+        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1)),
+        G::Q8_0 => blocks32::<Q8_0>(bytes, n, k, x, m, kernels!(q8_0)),
+        G::Q2K => kquant::<BlockQ2K>(bytes, n, k, x, m),
+        G::Q3K => kquant::<BlockQ3K>(bytes, n, k, x, m),
+        G::Q4K => kquant::<BlockQ4K>(bytes, n, k, x, m),
+        G::Q5K => kquant::<BlockQ5K>(bytes, n, k, x, m),
+        G::Q6K => kquant::<BlockQ6K>(bytes, n, k, x, m),
+        _ => None,
+    })
+}
+
+/// A weight's bytes as its blocks (candle stores them as a vector of the same layout).
+fn cast<T>(bytes: &[u8]) -> Option<&[T]> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        return None;
+    }
+    // SAFETY: the pointer is aligned for `T`, the length a whole number of `T`s, and every
+    // `T` here is plain bytes and f16s (any bit pattern is a value); the borrow keeps the
+    // storage alive.
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
+}
+
+fn blocks32<B: Block>(
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    simd: Option<Simd<B>>,
+) -> Option<Vec<f32>> {
+    if k % QK != 0 {
+        return None;
+    }
+    let w = cast::<B>(bytes).filter(|w| w.len() == n * k / QK)?;
+    let acts = quantize(x, k, m, B::quantize);
+    Some(match simd {
+        // SAFETY: `simd` exists only where the CPU has the kernels' features.
+        Some(s) => {
+            drive(w, n, k / QK, &acts, m, |w, a| unsafe { (s.one)(w, [a]) }[0], |w, a| unsafe { (s.four)(w, a) })
+        }
+        None => drive(w, n, k / QK, &acts, m, blocks::dot, |w, a| a.map(|a| blocks::dot(w, a))),
+    })
+}
+
+fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Option<Vec<f32>> {
+    if k % QK_K != 0 {
+        return None;
+    }
+    let w = cast::<T>(bytes).filter(|w| w.len() == n * k / QK_K)?;
+    let acts = quantize(x, k, m, |row, out: &mut Vec<BlockQ8K>| {
+        let start = out.len();
+        out.extend((0..row.len() / QK_K).map(|_| BlockQ8K::zeros()));
+        BlockQ8K::from_float(row, &mut out[start..]);
+    });
+    let dot = |w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a);
+    Some(drive(w, n, k / QK_K, &acts, m, dot, |w, a| a.map(|a| dot(w, a))))
+}
+
+/// Each row of `x` (`m` rows of `k`) as activation blocks, concatenated.
+fn quantize<A: Send + Sync>(x: &[f32], k: usize, m: usize, q: impl Fn(&[f32], &mut Vec<A>) + Sync) -> Vec<A> {
+    if m < 32 {
+        let mut out = Vec::new();
+        for row in x.chunks_exact(k) {
+            q(row, &mut out);
+        }
+        return out;
+    }
+    let chunks: Vec<&[f32]> = x.chunks(k * 16).collect();
+    let parts: Vec<OnceLock<Vec<A>>> = chunks.iter().map(|_| OnceLock::new()).collect();
+    pool::run(chunks.len(), &|t| {
+        let mut out = Vec::new();
+        for row in chunks[t].chunks_exact(k) {
+            q(row, &mut out);
+        }
+        let _ = parts[t].set(out);
+    });
+    parts.into_iter().filter_map(OnceLock::into_inner).flatten().collect()
+}
+
+/// The matmul over weight rows `w` (`n` rows of `kb` blocks) and activation rows `acts`
+/// (`m` rows of `kb` blocks), split over the weight's rows; `[m, n]`.
+fn drive<W: Sync, A: Sync>(
+    w: &[W],
+    n: usize,
+    kb: usize,
+    acts: &[A],
+    m: usize,
+    dot1: impl Fn(&[W], &[A]) -> f32 + Sync,
+    dot4: impl Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
+) -> Vec<f32> {
+    let row = |r: usize| &acts[r * kb..(r + 1) * kb];
+    // Columns j0..j1 of every row, as `[m, j1 - j0]`.
+    let columns = |j0: usize, j1: usize| {
+        let width = j1 - j0;
+        let mut part = vec![0f32; m * width];
+        for r0 in (0..m).step_by(ROW_TILE) {
+            let r1 = (r0 + ROW_TILE).min(m);
+            for j in j0..j1 {
+                let wr = &w[j * kb..(j + 1) * kb];
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let v = dot4(wr, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                    for (i, v) in v.into_iter().enumerate() {
+                        part[(r + i) * width + j - j0] = v;
+                    }
+                    r += 4;
+                }
+                for r in r..r1 {
+                    part[r * width + j - j0] = dot1(wr, row(r));
+                }
+            }
+        }
+        part
+    };
+    let work = n * kb * m;
+    let tasks = (work / MIN_PARALLEL).clamp(1, pool::threads() * 4).min(n);
+    if tasks <= 1 {
+        return columns(0, n);
+    }
+    let per = n.div_ceil(tasks);
+    let parts: Vec<OnceLock<Vec<f32>>> = (0..n.div_ceil(per)).map(|_| OnceLock::new()).collect();
+    pool::run(parts.len(), &|t| {
+        let _ = parts[t].set(columns(t * per, ((t + 1) * per).min(n)));
+    });
+    let mut out = vec![0f32; m * n];
+    for (t, part) in parts.into_iter().enumerate() {
+        let (j0, part) = (t * per, part.into_inner().unwrap_or_default());
+        let width = part.len() / m.max(1);
+        for r in 0..m {
+            out[r * n + j0..r * n + j0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

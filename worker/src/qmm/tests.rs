@@ -1,0 +1,121 @@
+//! The kernels against candle's generic quantized matmul (`k_quants::matmul`: ggml's
+//! arithmetic, what `quantized_llama` runs wherever candle does not repack) and against the
+//! plain dot products, on odd shapes.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::*;
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// candle's generic CPU matmul over the same blocks.
+fn reference(q: &QTensor, xs: &[f32], m: usize) -> Vec<f32> {
+    use candle_core::quantized::k_quants::{self as kq, *};
+    let (n, k) = q.shape().dims2().unwrap();
+    let data = q.data().unwrap();
+    let mut out = vec![0f32; m * n];
+    macro_rules! run {
+        ($t:ty) => {
+            kq::matmul::<$t>((m, k, n), xs, cast::<$t>(&data).unwrap(), &mut out).unwrap()
+        };
+    }
+    match q.dtype() {
+        GgmlDType::Q4_0 => run!(BlockQ4_0),
+        GgmlDType::Q4_1 => run!(BlockQ4_1),
+        GgmlDType::Q5_0 => run!(BlockQ5_0),
+        GgmlDType::Q5_1 => run!(BlockQ5_1),
+        GgmlDType::Q8_0 => run!(BlockQ8_0),
+        GgmlDType::Q2K => run!(BlockQ2K),
+        GgmlDType::Q3K => run!(BlockQ3K),
+        GgmlDType::Q4K => run!(BlockQ4K),
+        GgmlDType::Q5K => run!(BlockQ5K),
+        GgmlDType::Q6K => run!(BlockQ6K),
+        d => panic!("{d:?}"),
+    }
+    out
+}
+
+fn check(dtype: GgmlDType, shapes: &[(usize, usize, usize)]) {
+    let dev = Device::Cpu;
+    for &(m, n, k) in shapes {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let reference = reference(&q, &xs, m);
+        let ours = matmul(&q, &xs, m).unwrap().expect("supported");
+        let d = max_rel_diff(&ours, &reference);
+        assert!(d < 1e-5, "{dtype:?} m={m} n={n} k={k}: differs from candle by {d}");
+        let y = forward(&QMatMul::from_qtensor(q).unwrap(), &x.reshape((1, m, k)).unwrap()).unwrap().unwrap();
+        assert_eq!(y.dims(), &[1, m, n]);
+    }
+}
+
+const SHAPES_32: &[(usize, usize, usize)] =
+    &[(1, 1, 32), (1, 7, 96), (3, 64, 576), (4, 130, 64), (5, 33, 160), (17, 200, 576), (70, 96, 1536), (1, 1536, 576)];
+const SHAPES_K: &[(usize, usize, usize)] = &[(1, 1, 256), (1, 7, 512), (3, 64, 256), (9, 130, 1536), (70, 33, 512)];
+
+#[test]
+fn q4_0_matches_candle() {
+    check(GgmlDType::Q4_0, SHAPES_32);
+}
+#[test]
+fn q4_1_matches_candle() {
+    check(GgmlDType::Q4_1, SHAPES_32);
+}
+#[test]
+fn q5_0_matches_candle() {
+    check(GgmlDType::Q5_0, SHAPES_32);
+}
+#[test]
+fn q5_1_matches_candle() {
+    check(GgmlDType::Q5_1, SHAPES_32);
+}
+#[test]
+fn q8_0_matches_candle() {
+    check(GgmlDType::Q8_0, SHAPES_32);
+}
+#[test]
+fn k_quants_match_candle() {
+    for dtype in [GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        check(dtype, SHAPES_K);
+    }
+}
+
+/// The SIMD kernels and the plain dot products give the same sums (both exact in integers
+/// per block; only the float accumulation order differs).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_kernels_equal_the_plain_dot_products() {
+    if !avx2::available() {
+        return;
+    }
+    fn one<B: Block>(dtype: GgmlDType, simd: Simd<B>) {
+        let dev = Device::Cpu;
+        let (m, n, k) = (6, 37, 320);
+        let w = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &dev).unwrap().to_vec1().unwrap();
+        let data = w.data().unwrap();
+        let fast = blocks32::<B>(&data, n, k, &xs, m, Some(simd)).unwrap();
+        let plain = blocks32::<B>(&data, n, k, &xs, m, None).unwrap();
+        let d = max_rel_diff(&fast, &plain);
+        assert!(d < 1e-5, "{dtype:?}: {d}");
+    }
+    one::<Q4_0>(GgmlDType::Q4_0, kernels!(q4_0).unwrap());
+    one::<Q4_1>(GgmlDType::Q4_1, kernels!(q4_1).unwrap());
+    one::<Q5_0>(GgmlDType::Q5_0, kernels!(q5_0).unwrap());
+    one::<Q5_1>(GgmlDType::Q5_1, kernels!(q5_1).unwrap());
+    one::<Q8_0>(GgmlDType::Q8_0, kernels!(q8_0).unwrap());
+}
+
+#[test]
+fn what_it_does_not_take_is_left_to_candle() {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
+    let f16 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::F16).unwrap()).unwrap();
+    assert!(forward(&f16, &Tensor::zeros((2, 64), candle_core::DType::F32, &dev).unwrap()).unwrap().is_none());
+}
