@@ -432,7 +432,8 @@ pub(crate) fn attention_inputs<'a>(
 /// with `vis` saying which keys each query sees; returns `[b, s, h * d]`. The query heads
 /// of each KV head's group are folded into its rows (`[b, kv_heads, groups * s, d]`), so
 /// K and V are never copied per head; scale, mask and softmax are one fused pass
-/// ([`masked_softmax`]). (`lemur-profile` times exactly this function for the attention curve.)
+/// ([`masked_softmax`]); on the CPU in f32, [`crate::attend`]'s one-pass kernel computes the
+/// same. (`lemur-profile` times exactly this function for the attention curve.)
 pub fn attention_core(
     q: &Tensor,
     k: &Tensor,
@@ -440,6 +441,9 @@ pub fn attention_core(
     vis: Visibility,
     groups: usize,
 ) -> Result<Tensor, WorkerError> {
+    if let Some(out) = crate::attend::cpu_attention(q, k, v, vis, groups)? {
+        return Ok(out);
+    }
     Ok(attention_with_probs(q, k, v, vis, groups)?.0)
 }
 

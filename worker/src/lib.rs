@@ -23,6 +23,7 @@
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
+pub mod attend;
 pub mod backward;
 pub mod batch;
 pub mod checkpoint;

@@ -11,9 +11,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use half::f16;
-
-use super::blocks::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1};
+use super::blocks::{A8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
 /// Whether this CPU runs these kernels.
 pub fn available() -> bool {
@@ -21,12 +19,6 @@ pub fn available() -> bool {
     *HAS.get_or_init(|| {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     })
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn h2f(h: f16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
 }
 
 #[inline]
@@ -62,34 +54,55 @@ macro_rules! kernel {
     (@abs false, $q:expr) => { $q };
     (@sign true, $y:expr, $q:expr) => { _mm256_sign_epi8($y, $q) };
     (@sign false, $y:expr, $q:expr) => { $y };
-    ($(#[$doc:meta])* $name:ident, $W:ty, $A:ty, signed: $signed:tt, |$b:ident| $unpack:expr,
-     offset: |$a:ident| $offset:expr) => {
+    // The block's scale (and minimum) as f32 lanes [d, m, 0, 0].
+    (@scales true, $b:expr) => {
+        _mm_cvtph_ps(_mm_cvtsi32_si128((u32::from($b.d.to_bits()) | u32::from($b.m.to_bits()) << 16) as i32))
+    };
+    (@scales false, $b:expr) => { _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from($b.d.to_bits()))) };
+    (@offset true, $off:expr, $sc:expr, $a:expr) => { $off += _mm_cvtss_f32(_mm_movehdup_ps($sc)) * $a.s };
+    (@offset false, $off:expr, $sc:expr, $a:expr) => {};
+    ($(#[$doc:meta])* $name:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
         $(#[$doc])*
         /// # Safety
         /// The CPU has AVX2, FMA and F16C ([`available`]).
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn $name<const R: usize>(w: &[$W], acts: [&[$A]; R]) -> [f32; R] {
+        pub unsafe fn $name<const R: usize>(w: &[$W], acts: [&[A8]; R]) -> [f32; R] {
             for a in &acts {
                 assert!(a.len() >= w.len(), "activation row shorter than the weight row");
             }
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut off = [0f32; R];
-            for (i, $b) in w.iter().enumerate() {
-                let dw = h2f($b.d);
-                let q: __m256i = $unpack;
-                let qa = kernel!(@abs $signed, q);
-                for r in 0..R {
-                    let $a = &acts[r][i];
-                    let y = kernel!(@sign $signed, _mm256_loadu_si256($a.qs.as_ptr().cast()), q);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, y), ones);
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f($a.d)), _mm256_cvtepi32_ps(p), acc[r]);
-                    off[r] += $offset;
-                }
+            // Two sets of accumulators, for even and odd blocks: the adds of one block do not
+            // wait for the previous block's.
+            let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+            #[allow(unused_mut)] // the symmetric formats have no offsets
+            let (mut off0, mut off1) = ([0f32; R], [0f32; R]);
+            macro_rules! step {
+                ($i:expr, $acc:ident, $off:ident) => {{
+                    let $b = &w[$i];
+                    let sc = kernel!(@scales $min, $b);
+                    let vd = _mm256_broadcastss_ps(sc);
+                    let q: __m256i = $unpack;
+                    let qa = kernel!(@abs $signed, q);
+                    for r in 0..R {
+                        let a = &acts[r][$i];
+                        let y = kernel!(@sign $signed, _mm256_loadu_si256(a.qs.as_ptr().cast()), q);
+                        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa, y), ones));
+                        $acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_set1_ps(a.d)), p, $acc[r]);
+                        kernel!(@offset $min, $off[r], sc, a);
+                    }
+                }};
+            }
+            let pairs = w.len() / 2;
+            for i in 0..pairs {
+                step!(2 * i, acc0, off0);
+                step!(2 * i + 1, acc1, off1);
+            }
+            if w.len() % 2 == 1 {
+                step!(w.len() - 1, acc0, off0);
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = hsum(acc[r]) + off[r];
+                out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
             }
             out
         }
@@ -97,35 +110,24 @@ macro_rules! kernel {
 }
 
 kernel!(
-    /// Q4_0 weights (nibble - 8) against Q8_0 activations.
-    q4_0, Q4_0, Q8_0, signed: true, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8)), offset: |a| {
-        let _ = a;
-        0.0
-    }
+    /// Q4_0 weights (nibble - 8).
+    q4_0, Q4_0, signed: true, min: false, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
 );
 kernel!(
-    /// Q4_1 weights (nibble, plus a minimum) against Q8_1 activations.
-    q4_1, Q4_1, Q8_1, signed: false, |b| nibbles(&b.qs), offset: |a| h2f(b.m) * h2f(a.s)
+    /// Q4_1 weights (nibble, plus a minimum).
+    q4_1, Q4_1, signed: false, min: true, |b| nibbles(&b.qs)
 );
 kernel!(
-    /// Q5_0 weights (five bits - 16) against Q8_0 activations.
-    q5_0, Q5_0, Q8_0, signed: true,
-    |b| _mm256_or_si256(nibbles(&b.qs), _mm256_andnot_si256(bits(&b.qh), _mm256_set1_epi8(0xF0u8 as i8))),
-    offset: |a| {
-        let _ = a;
-        0.0
-    }
+    /// Q5_0 weights (five bits - 16).
+    q5_0, Q5_0, signed: true, min: false,
+    |b| _mm256_or_si256(nibbles(&b.qs), _mm256_andnot_si256(bits(&b.qh), _mm256_set1_epi8(0xF0u8 as i8)))
 );
 kernel!(
-    /// Q5_1 weights (five bits, plus a minimum) against Q8_1 activations.
-    q5_1, Q5_1, Q8_1, signed: false,
-    |b| _mm256_or_si256(nibbles(&b.qs), _mm256_and_si256(bits(&b.qh), _mm256_set1_epi8(0x10))),
-    offset: |a| h2f(b.m) * h2f(a.s)
+    /// Q5_1 weights (five bits, plus a minimum).
+    q5_1, Q5_1, signed: false, min: true,
+    |b| _mm256_or_si256(nibbles(&b.qs), _mm256_and_si256(bits(&b.qh), _mm256_set1_epi8(0x10)))
 );
 kernel!(
-    /// Q8_0 weights against Q8_0 activations.
-    q8_0, Q8_0, Q8_0, signed: true, |b| _mm256_loadu_si256(b.qs.as_ptr().cast()), offset: |a| {
-        let _ = a;
-        0.0
-    }
+    /// Q8_0 weights.
+    q8_0, Q8_0, signed: true, min: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast())
 );

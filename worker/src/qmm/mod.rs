@@ -6,7 +6,8 @@
 //!
 //! - activations are quantized per row to 8-bit blocks exactly as ggml and candle do
 //!   (Q8_0 for the symmetric formats, Q8_1 for those with a minimum, Q8_K for K-quants), so
-//!   results equal candle's to float rounding;
+//!   results equal candle's to float rounding; their scales are widened to f32 once, since
+//!   every weight row reads them;
 //! - the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run the AVX2 kernels of
 //!   [`avx2`], one weight row against four activation rows at a time; the K-quants (Q2_K to
 //!   Q6_K) run candle's own AVX2 dot products per row; a CPU without AVX2 runs the plain
@@ -32,7 +33,7 @@ use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, B
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use blocks::{Block, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK};
+use blocks::{Block, A8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK};
 
 /// Activation rows a task keeps in cache while it streams its weight rows.
 const ROW_TILE: usize = 64;
@@ -40,7 +41,7 @@ const ROW_TILE: usize = 64;
 const MIN_PARALLEL: usize = 1024;
 
 /// A format's SIMD kernels for one and for four activation rows, where the CPU has them.
-type Dot<B, const R: usize> = unsafe fn(&[B], [&[<B as Block>::Act]; R]) -> [f32; R];
+type Dot<B, const R: usize> = unsafe fn(&[B], [&[A8]; R]) -> [f32; R];
 struct Simd<B: Block> {
     one: Dot<B, 1>,
     four: Dot<B, 4>,
@@ -132,7 +133,7 @@ fn blocks32<B: Block>(
         return None;
     }
     let w = cast::<B>(bytes).filter(|w| w.len() == n * k / QK)?;
-    let acts = quantize(x, k, m, B::quantize);
+    let acts = quantize(x, k, m, blocks::quantize);
     Some(match simd {
         // SAFETY: `simd` exists only where the CPU has the kernels' features.
         Some(s) => {
