@@ -60,10 +60,9 @@ pub fn cpu_attention(
                 &kd[o..o + d]
             };
             let mut max = f32::NEG_INFINITY;
-            for j in lo..hi_k {
-                let x = dot(qrow, key(j)) * scale;
-                probs[j] = x;
-                max = max.max(x);
+            for (j, p) in probs.iter_mut().enumerate().take(hi_k).skip(lo) {
+                *p = dot(qrow, key(j)) * scale;
+                max = max.max(*p);
             }
             let mut sum = 0f32;
             for p in &mut probs[lo..hi_k] {
