@@ -242,11 +242,18 @@ fn quantized_gguf_runs_as_stored_on_one_two_and_three_ranks_like_quantized_llama
         rope_theta: 100_000.0,
         ..tiny(2, None)
     };
+    // K-quants need rows of 256: a model whose every matrix has them (Q4_K's and Q6_K's
+    // dot products are candle's; the 32-element formats run Lemurian's AVX2 kernels).
+    let wide = ModelConfig { hidden_size: 256, intermediate_size: 512, num_heads: 4, head_dim: 64, ..tiny(2, None) };
     let prompt = [3u32, 14, 15, 92, 65, 35, 8];
     let cases = [
+        (wide.clone(), "q4_k", GgmlDType::Q4K),
+        (wide, "q6_k", GgmlDType::Q6K),
         (tiny(3, None), "q8_0", GgmlDType::Q8_0),
         (tiny(3, None), "q4_0", GgmlDType::Q4_0),
         (tiny(3, None), "q4_1", GgmlDType::Q4_1),
+        (tiny(2, None), "q5_0", GgmlDType::Q5_0),
+        (tiny(2, None), "q5_1", GgmlDType::Q5_1),
         (smol.clone(), "smol-q4_1", GgmlDType::Q4_1),
         (smol, "smol-q8_0", GgmlDType::Q8_0),
     ];

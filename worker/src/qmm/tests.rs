@@ -119,4 +119,3 @@ fn what_it_does_not_take_is_left_to_candle() {
     let f16 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::F16).unwrap()).unwrap();
     assert!(forward(&f16, &Tensor::zeros((2, 64), candle_core::DType::F32, &dev).unwrap()).unwrap().is_none());
 }
-
