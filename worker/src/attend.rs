@@ -66,7 +66,7 @@ pub fn cpu_attention(
             }
             let mut sum = 0f32;
             for p in &mut probs[lo..hi_k] {
-                *p = (*p - max).exp();
+                *p = crate::fastmath::exp(*p - max);
                 sum += *p;
             }
             let inv = 1.0 / sum;

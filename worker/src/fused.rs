@@ -201,7 +201,7 @@ impl CustomOp2 for SiluMul {
         };
         let out = match (g, u) {
             (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(g[g0..g1].iter().zip(&u[u0..u1]).map(|(&a, &b)| silu_mul_f32(a, b)).collect())
+                CpuStorage::F32(crate::fastmath::silu_mul(&g[g0..g1], &u[u0..u1]))
             }
             (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(
                 g[g0..g1]

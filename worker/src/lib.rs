@@ -32,6 +32,7 @@ pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod exec;
+pub mod fastmath;
 pub mod fused;
 pub mod link;
 pub mod lora;
