@@ -14,6 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
+# Lemurian's kernel pool and candle's rayon pool get the same thread count as llama.cpp.
+export LEMUR_THREADS="$threads" RAYON_NUM_THREADS="$threads"
 cache="${LEMUR_CACHE:-$HOME/.cache/lemurian}"
 mkdir -p "$cache"
 root="$(pwd)"
@@ -59,21 +61,11 @@ peak_kb() { grep "Maximum resident" "$1" | awk '{print $NF}'; }
 printf '%-6s %8s | %10s %10s %6s | %10s %10s %6s | %10s %10s %6s | %8s %8s %6s\n' \
   format MB "dec lemur" "dec llama" ratio "pp64 lemur" "pp64 llama" ratio "pp512 lem" "pp512 lla" ratio \
   "RSS lem" "RSS lla" ratio
+rounds="${ROUNDS:-3}"
+median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 for f in q4_1 q8_0 q4_k; do
   g="${file[$f]}"
   mb=$(( $(stat -c %s "$g") / 1000000 ))
-  # llama.cpp: one llama-bench run with every measurement, JSON out.
-  /usr/bin/time -v "$lcpp/build/bin/llama-bench" -m "$g" -t "$threads" -p 64,512 -n 64 -r 3 -o json \
-    > "$work/llama-$f.json" 2> "$work/llama-$f.time"
-  read -r l_tg l_pp64 l_pp512 < <(python3 - "$work/llama-$f.json" <<'PY'
-import json, sys
-rows = json.load(open(sys.argv[1]))
-def ts(p, n):
-    return next(r["avg_ts"] for r in rows if r["n_prompt"] == p and r["n_gen"] == n)
-print(ts(0, 64), ts(64, 0), ts(512, 0))
-PY
-)
-  # Lemurian: one rank, greedy; the decode rate from 64 generated, prefill from TTFT.
   lemur() { # prompt_len max_new
     ids=$(python3 -c "print(','.join(str(100 + i % 200) for i in range($1)))")
     "$bin/lemur-plan" --profiles profiles --model "$g" --machines m4-pro --seq "$1" --gen-tokens "$2" \
@@ -81,15 +73,32 @@ PY
     /usr/bin/time -v "$bin/lemur-worker" --rank 0 --cluster "$work/cluster.toml" --plan "$work/plan.json" \
       --model "$g" --prompt-ids "$ids" --max-new-tokens "$2" --repeat 3 > /dev/null 2> "$work/lemur.err"
   }
-  lemur 16 64
-  e_tg=$(grep "time per token" "$work/lemur.err" | sed 's/.*(\([0-9.]*\) tokens.*/\1/')
-  e_rss=$(peak_kb "$work/lemur.err")
-  lemur 64 1
-  e_pp64=$(grep "time to first token" "$work/lemur.err" | awk '{print 64000 / $5}')
-  lemur 512 1
-  e_pp512=$(grep "time to first token" "$work/lemur.err" | awk '{print 512000 / $5}')
-  l_rss=$(peak_kb "$work/llama-$f.time")
-  python3 - "$f" "$mb" "$e_tg" "$l_tg" "$e_pp64" "$l_pp64" "$e_pp512" "$l_pp512" "$e_rss" "$l_rss" <<'PY'
+  # Rounds alternate the two programs, so a slow minute on this shared VM hits both;
+  # each figure is the median over the rounds.
+  declare -a L_TG=() L_64=() L_512=() E_TG=() E_64=() E_512=() E_RSS=() L_RSS=()
+  for _ in $(seq "$rounds"); do
+    /usr/bin/time -v "$lcpp/build/bin/llama-bench" -m "$g" -t "$threads" -p 64,512 -n 64 -r 1 -o json \
+      > "$work/llama-$f.json" 2> "$work/llama-$f.time"
+    read -r l_tg l_pp64 l_pp512 < <(python3 - "$work/llama-$f.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+def ts(p, n):
+    return next(r["avg_ts"] for r in rows if r["n_prompt"] == p and r["n_gen"] == n)
+print(ts(0, 64), ts(64, 0), ts(512, 0))
+PY
+)
+    L_TG+=("$l_tg"); L_64+=("$l_pp64"); L_512+=("$l_pp512"); L_RSS+=("$(peak_kb "$work/llama-$f.time")")
+    lemur 16 64
+    E_TG+=("$(grep "time per token" "$work/lemur.err" | sed 's/.*(\([0-9.]*\) tokens.*/\1/')")
+    E_RSS+=("$(peak_kb "$work/lemur.err")")
+    lemur 64 1
+    E_64+=("$(grep "time to first token" "$work/lemur.err" | awk '{print 64000 / $5}')")
+    lemur 512 1
+    E_512+=("$(grep "time to first token" "$work/lemur.err" | awk '{print 512000 / $5}')")
+  done
+  python3 - "$f" "$mb" "$(median "${E_TG[@]}")" "$(median "${L_TG[@]}")" "$(median "${E_64[@]}")" \
+    "$(median "${L_64[@]}")" "$(median "${E_512[@]}")" "$(median "${L_512[@]}")" "$(median "${E_RSS[@]}")" \
+    "$(median "${L_RSS[@]}")" <<'PY'
 import sys
 f, mb, *v = sys.argv[1:]
 e_tg, l_tg, e64, l64, e512, l512, e_rss, l_rss = map(float, v)
@@ -97,4 +106,4 @@ print(f"{f:<6} {mb:>8} | {e_tg:10.1f} {l_tg:10.1f} {e_tg / l_tg:5.2f}x | {e64:10
       f" {e512:10.0f} {l512:10.0f} {e512 / l512:5.2f}x | {e_rss / 1e3:8.0f} {l_rss / 1e3:8.0f} {e_rss / l_rss:5.2f}x")
 PY
 done
-echo "(decode and prefill in tokens/s, ${threads} threads; RSS in MB; ratio = Lemurian / llama.cpp)"
+echo "(decode and prefill in tokens/s, ${threads} threads, medians of ${rounds} alternating rounds; RSS in MB; ratio = Lemurian / llama.cpp)"

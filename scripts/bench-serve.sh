@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
+export LEMUR_THREADS="$threads" RAYON_NUM_THREADS="$threads"
 cache="${LEMUR_CACHE:-$HOME/.cache/lemurian}"
 root="$(pwd)"
 bin="$root/target/release"

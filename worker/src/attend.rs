@@ -10,11 +10,15 @@ use crate::error::WorkerError;
 use crate::fused::Visibility;
 use crate::qmm::pool;
 
+/// Query rows per head above which candle's GEMMs (vectorised for the CPU they run on)
+/// beat this loop: prompts go there, decode steps and short chunks come here.
+const MAX_ROWS: usize = 16;
+
 /// Score entries (rows times keys times head dim) from which heads run on several threads.
 const PARALLEL_WORK: usize = 1 << 18;
 
 /// `q [b, h, s, d]` against `k, v [b, h / groups, kv, d]` (any strides with unit stride in
-/// `d`) as `[b, s, h * d]`; `None` off the CPU or for another dtype.
+/// `d`) as `[b, s, h * d]`; `None` off the CPU, for another dtype, or past `MAX_ROWS` rows.
 pub fn cpu_attention(
     q: &Tensor,
     k: &Tensor,
@@ -24,7 +28,7 @@ pub fn cpu_attention(
 ) -> Result<Option<Tensor>, WorkerError> {
     let (b, h, s, d) = q.dims4()?;
     let (_, kvh, kv, _) = k.dims4()?;
-    if groups == 0 || kvh * groups != h || v.dims4()? != (b, kvh, kv, d) {
+    if groups == 0 || kvh * groups != h || v.dims4()? != (b, kvh, kv, d) || s > MAX_ROWS {
         return Ok(None);
     }
     let (qs, ql) = q.storage_and_layout();
@@ -131,8 +135,8 @@ mod tests {
             (1, 9, 3, 1, 80, 64, 79, 0, None),
             (1, 4, 1, 7, 7, 16, 0, 0, None),
             (2, 6, 2, 5, 12, 8, 7, 0, Some(4)),
-            (1, 8, 4, 33, 40, 32, 20, 3, None),
-            (1, 4, 2, 64, 64, 64, 0, 0, None),
+            (1, 8, 4, 13, 40, 32, 20, 3, None),
+            (1, 4, 2, 16, 64, 64, 48, 0, None),
         ] {
             let kvh = h / groups;
             let q = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();

@@ -59,9 +59,13 @@ macro_rules! kernel {
         _mm_cvtph_ps(_mm_cvtsi32_si128((u32::from($b.d.to_bits()) | u32::from($b.m.to_bits()) << 16) as i32))
     };
     (@scales false, $b:expr) => { _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from($b.d.to_bits()))) };
-    (@offset true, $off:expr, $sc:expr, $a:expr) => { $off += _mm_cvtss_f32(_mm_movehdup_ps($sc)) * $a.s };
-    (@offset false, $off:expr, $sc:expr, $a:expr) => {};
-    ($(#[$doc:meta])* $name:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
+    // The minimum broadcast, for the offset term (nothing for the symmetric formats).
+    (@min true, $sc:expr) => { _mm256_broadcastss_ps(_mm_movehdup_ps($sc)) };
+    (@min false, $sc:expr) => { () };
+    // The offset term m * s, an eighth of it in each lane of the accumulator.
+    (@offset true, $acc:expr, $vm:expr, $a:expr) => { $acc = _mm256_fmadd_ps($vm, _mm256_set1_ps($a.s8), $acc) };
+    (@offset false, $acc:expr, $vm:expr, $a:expr) => { let _ = ($vm, $a); };
+    ($(#[$doc:meta])* $name:ident, $tile:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
         $(#[$doc])*
         /// # Safety
         /// The CPU has AVX2, FMA and F16C ([`available`]).
@@ -74,13 +78,12 @@ macro_rules! kernel {
             // Two sets of accumulators, for even and odd blocks: the adds of one block do not
             // wait for the previous block's.
             let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-            #[allow(unused_mut)] // the symmetric formats have no offsets
-            let (mut off0, mut off1) = ([0f32; R], [0f32; R]);
             macro_rules! step {
-                ($i:expr, $acc:ident, $off:ident) => {{
+                ($i:expr, $acc:ident) => {{
                     let $b = &w[$i];
                     let sc = kernel!(@scales $min, $b);
                     let vd = _mm256_broadcastss_ps(sc);
+                    let vm = kernel!(@min $min, sc);
                     let q: __m256i = $unpack;
                     let qa = kernel!(@abs $signed, q);
                     for r in 0..R {
@@ -88,21 +91,67 @@ macro_rules! kernel {
                         let y = kernel!(@sign $signed, _mm256_loadu_si256(a.qs.as_ptr().cast()), q);
                         let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa, y), ones));
                         $acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_set1_ps(a.d)), p, $acc[r]);
-                        kernel!(@offset $min, $off[r], sc, a);
+                        kernel!(@offset $min, $acc[r], vm, a);
                     }
                 }};
             }
             let pairs = w.len() / 2;
             for i in 0..pairs {
-                step!(2 * i, acc0, off0);
-                step!(2 * i + 1, acc1, off1);
+                step!(2 * i, acc0);
+                step!(2 * i + 1, acc1);
             }
             if w.len() % 2 == 1 {
-                step!(w.len() - 1, acc0, off0);
+                step!(w.len() - 1, acc0);
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
+                out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+            }
+            out
+        }
+
+        $(#[$doc])*
+        /// Two weight rows against `R` activation rows: each activation block loaded once
+        /// for both (a prompt's GEMM tile).
+        ///
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C ([`available`]).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $tile<const R: usize>(w: [&[$W]; 2], acts: [&[A8]; R]) -> [[f32; R]; 2] {
+            let blocks = w[0].len();
+            assert!(w[1].len() == blocks, "weight rows of unequal length");
+            for a in &acts {
+                assert!(a.len() >= blocks, "activation row shorter than the weight row");
+            }
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); R]; 2];
+            for i in 0..blocks {
+                let (b0, b1) = (&w[0][i], &w[1][i]);
+                let (sc0, sc1) = (kernel!(@scales $min, b0), kernel!(@scales $min, b1));
+                let (vd0, vd1) = (_mm256_broadcastss_ps(sc0), _mm256_broadcastss_ps(sc1));
+                let (vm0, vm1) = (kernel!(@min $min, sc0), kernel!(@min $min, sc1));
+                let q0: __m256i = { let $b = b0; $unpack };
+                let q1: __m256i = { let $b = b1; $unpack };
+                let (qa0, qa1) = (kernel!(@abs $signed, q0), kernel!(@abs $signed, q1));
+                for r in 0..R {
+                    let a = &acts[r][i];
+                    let y = _mm256_loadu_si256(a.qs.as_ptr().cast());
+                    let da = _mm256_set1_ps(a.d);
+                    let y0 = kernel!(@sign $signed, y, q0);
+                    let y1 = kernel!(@sign $signed, y, q1);
+                    let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa0, y0), ones));
+                    let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa1, y1), ones));
+                    acc[0][r] = _mm256_fmadd_ps(_mm256_mul_ps(vd0, da), p0, acc[0][r]);
+                    acc[1][r] = _mm256_fmadd_ps(_mm256_mul_ps(vd1, da), p1, acc[1][r]);
+                    kernel!(@offset $min, acc[0][r], vm0, a);
+                    kernel!(@offset $min, acc[1][r], vm1, a);
+                }
+            }
+            let mut out = [[0f32; R]; 2];
+            for c in 0..2 {
+                for r in 0..R {
+                    out[c][r] = hsum(acc[c][r]);
+                }
             }
             out
         }
@@ -111,23 +160,23 @@ macro_rules! kernel {
 
 kernel!(
     /// Q4_0 weights (nibble - 8).
-    q4_0, Q4_0, signed: true, min: false, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
+    q4_0, q4_0_tile, Q4_0, signed: true, min: false, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
 );
 kernel!(
     /// Q4_1 weights (nibble, plus a minimum).
-    q4_1, Q4_1, signed: false, min: true, |b| nibbles(&b.qs)
+    q4_1, q4_1_tile, Q4_1, signed: false, min: true, |b| nibbles(&b.qs)
 );
 kernel!(
     /// Q5_0 weights (five bits - 16).
-    q5_0, Q5_0, signed: true, min: false,
+    q5_0, q5_0_tile, Q5_0, signed: true, min: false,
     |b| _mm256_or_si256(nibbles(&b.qs), _mm256_andnot_si256(bits(&b.qh), _mm256_set1_epi8(0xF0u8 as i8)))
 );
 kernel!(
     /// Q5_1 weights (five bits, plus a minimum).
-    q5_1, Q5_1, signed: false, min: true,
+    q5_1, q5_1_tile, Q5_1, signed: false, min: true,
     |b| _mm256_or_si256(nibbles(&b.qs), _mm256_and_si256(bits(&b.qh), _mm256_set1_epi8(0x10)))
 );
 kernel!(
     /// Q8_0 weights.
-    q8_0, Q8_0, signed: true, min: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast())
+    q8_0, q8_0_tile, Q8_0, signed: true, min: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast())
 );

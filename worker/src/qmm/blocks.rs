@@ -56,6 +56,8 @@ pub struct Q8_0 {
 pub struct A8 {
     pub d: f32,
     pub s: f32,
+    /// `s / 8`: the SIMD kernels add the offset term to each of their eight lanes.
+    pub s8: f32,
     pub qs: [i8; 32],
 }
 
@@ -79,7 +81,8 @@ pub fn quantize(xs: &[f32], out: &mut Vec<A8>) {
         }
         let d = f16::from_f32(d);
         let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
-        out.push(A8 { d: d.to_f32(), s: (f16::from_f32(sum as f32) * d).to_f32(), qs });
+        let s = (f16::from_f32(sum as f32) * d).to_f32();
+        out.push(A8 { d: d.to_f32(), s, s8: s * 0.125, qs });
     }
 }
 

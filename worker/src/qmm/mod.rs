@@ -42,15 +42,18 @@ const MIN_PARALLEL: usize = 1024;
 
 /// A format's SIMD kernels for one and for four activation rows, where the CPU has them.
 type Dot<B, const R: usize> = unsafe fn(&[B], [&[A8]; R]) -> [f32; R];
+type Tile<B> = unsafe fn([&[B]; 2], [&[A8]; 4]) -> [[f32; 4]; 2];
 struct Simd<B: Block> {
     one: Dot<B, 1>,
     four: Dot<B, 4>,
+    tile: Tile<B>,
 }
 
 macro_rules! kernels {
-    ($name:ident) => {{
+    ($name:ident, $tile:ident) => {{
         #[cfg(target_arch = "x86_64")]
-        let k = avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4> });
+        let k =
+            avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4>, tile: avx2::$tile::<4> });
         #[cfg(not(target_arch = "x86_64"))]
         let k = None;
         k
@@ -67,7 +70,13 @@ pub fn supports(dtype: GgmlDType) -> bool {
 /// where these kernels do not apply.
 pub fn forward(q: &QMatMul, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let QMatMul::QTensor(w) = q else { return Ok(None) };
-    if !matches!(x.device(), Device::Cpu) || !supports(w.dtype()) {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    if !matches!(x.device(), Device::Cpu) {
+        record(w.dtype(), "candle's QMatMul (not the CPU)", rows);
+        return Ok(None);
+    }
+    if !supports(w.dtype()) {
+        record(w.dtype(), "candle's QMatMul (format)", rows);
         return Ok(None);
     }
     let (n, k) = w.shape().dims2()?;
@@ -77,11 +86,48 @@ pub fn forward(q: &QMatMul, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     }
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let m = xs.len() / k;
-    let Some(out) = matmul(w, &xs, m)? else { return Ok(None) };
+    let Some(out) = matmul(w, &xs, m)? else {
+        record(w.dtype(), "candle's QMatMul (storage)", rows);
+        return Ok(None);
+    };
+    record(w.dtype(), path(w.dtype()), m);
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
     Tensor::from_vec(out, dims, x.device()).map(Some)
+}
+
+/// Which kernels a format runs on this CPU.
+fn path(dtype: GgmlDType) -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    let (simd, fma) = (avx2::available(), is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (simd, fma) = (false, false);
+    use GgmlDType as G;
+    match dtype {
+        G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K if fma => "Lemurian's, candle's AVX2 K-quant dot",
+        G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K => "Lemurian's, candle's plain K-quant dot",
+        _ if simd => "Lemurian's AVX2",
+        _ => "Lemurian's plain (no AVX2)",
+    }
+}
+
+/// How often each format ran on each path in this process: (format, path) -> (calls, rows).
+type Uses = std::collections::BTreeMap<(String, &'static str), (u64, u64)>;
+static USES: std::sync::Mutex<Uses> = std::sync::Mutex::new(Uses::new());
+
+fn record(dtype: GgmlDType, path: &'static str, rows: usize) {
+    let mut u = USES.lock().unwrap_or_else(|p| p.into_inner());
+    let e = u.entry((format!("{dtype:?}"), path)).or_default();
+    e.0 += 1;
+    e.1 += rows as u64;
+}
+
+/// The kernel paths quantized linear ops took in this process, one line each: format, path,
+/// calls and activation rows (`lemur-worker --timings` prints them).
+pub fn report() -> Vec<String> {
+    let u = USES.lock().unwrap_or_else(|p| p.into_inner());
+    u.iter().map(|((f, p), (c, r))| format!("{f}: {p} ({c} calls, {r} rows)")).collect()
 }
 
 /// `x @ w.T` for `m` rows of `x` (`[m, k]`, row-major), as `[m, n]`; `None` for a format or
@@ -95,11 +141,11 @@ pub fn matmul(w: &QTensor, x: &[f32], m: usize) -> candle_core::Result<Option<Ve
     let Cow::Borrowed(bytes) = data else { return Ok(None) };
     use GgmlDType as G;
     Ok(match w.dtype() {
-        G::Q4_0 => blocks32::<Q4_0>(bytes, n, k, x, m, kernels!(q4_0)),
-        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1)),
-        G::Q5_0 => blocks32::<Q5_0>(bytes, n, k, x, m, kernels!(q5_0)),
-        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1)),
-        G::Q8_0 => blocks32::<Q8_0>(bytes, n, k, x, m, kernels!(q8_0)),
+        G::Q4_0 => blocks32::<Q4_0>(bytes, n, k, x, m, kernels!(q4_0, q4_0_tile)),
+        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1, q4_1_tile)),
+        G::Q5_0 => blocks32::<Q5_0>(bytes, n, k, x, m, kernels!(q5_0, q5_0_tile)),
+        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1, q5_1_tile)),
+        G::Q8_0 => blocks32::<Q8_0>(bytes, n, k, x, m, kernels!(q8_0, q8_0_tile)),
         G::Q2K => kquant::<BlockQ2K>(bytes, n, k, x, m),
         G::Q3K => kquant::<BlockQ3K>(bytes, n, k, x, m),
         G::Q4K => kquant::<BlockQ4K>(bytes, n, k, x, m),
@@ -136,10 +182,26 @@ fn blocks32<B: Block>(
     let acts = quantize(x, k, m, blocks::quantize);
     Some(match simd {
         // SAFETY: `simd` exists only where the CPU has the kernels' features.
-        Some(s) => {
-            drive(w, n, k / QK, &acts, m, |w, a| unsafe { (s.one)(w, [a]) }[0], |w, a| unsafe { (s.four)(w, a) })
-        }
-        None => drive(w, n, k / QK, &acts, m, blocks::dot, |w, a| a.map(|a| blocks::dot(w, a))),
+        Some(s) => drive(
+            w,
+            n,
+            k / QK,
+            &acts,
+            m,
+            |w, a| unsafe { (s.one)(w, [a]) }[0],
+            |w, a| unsafe { (s.four)(w, a) },
+            |w, a| unsafe { (s.tile)(w, a) },
+        ),
+        None => drive(
+            w,
+            n,
+            k / QK,
+            &acts,
+            m,
+            blocks::dot,
+            |w, a| a.map(|a| blocks::dot(w, a)),
+            |w, a| w.map(|w| a.map(|a| blocks::dot(w, a))),
+        ),
     })
 }
 
@@ -160,7 +222,7 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
         BlockQ8K::from_float(row, &mut out[start..]);
     });
     let dot = |w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a);
-    Some(drive(w, n, k / QK_K, &acts, m, dot, |w, a| a.map(|a| dot(w, a))))
+    Some(drive(w, n, k / QK_K, &acts, m, dot, |w, a| a.map(|a| dot(w, a)), |w, a| w.map(|w| a.map(|a| dot(w, a)))))
 }
 
 /// Each row of `x` (`m` rows of `k`) as activation blocks, concatenated.
@@ -194,16 +256,39 @@ fn drive<W: Sync, A: Sync>(
     m: usize,
     dot1: impl Fn(&[W], &[A]) -> f32 + Sync,
     dot4: impl Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
+    tile: impl Fn([&[W]; 2], [&[A]; 4]) -> [[f32; 4]; 2] + Sync,
 ) -> Vec<f32> {
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
+    let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
     // Columns j0..j1 of every row, as `[m, j1 - j0]`.
     let columns = |j0: usize, j1: usize| {
         let width = j1 - j0;
         let mut part = vec![0f32; m * width];
         for r0 in (0..m).step_by(ROW_TILE) {
             let r1 = (r0 + ROW_TILE).min(m);
-            for j in j0..j1 {
-                let wr = &w[j * kb..(j + 1) * kb];
+            let mut j = j0;
+            // Pairs of weight rows against groups of four activation rows.
+            while j + 2 <= j1 && r1 - r0 >= 4 {
+                let ws = [wrow(j), wrow(j + 1)];
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let v = tile(ws, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                    for (c, col) in v.into_iter().enumerate() {
+                        for (i, v) in col.into_iter().enumerate() {
+                            part[(r + i) * width + j + c - j0] = v;
+                        }
+                    }
+                    r += 4;
+                }
+                for r in r..r1 {
+                    for (c, w) in ws.into_iter().enumerate() {
+                        part[r * width + j + c - j0] = dot1(w, row(r));
+                    }
+                }
+                j += 2;
+            }
+            for j in j..j1 {
+                let wr = wrow(j);
                 let mut r = r0;
                 while r + 4 <= r1 {
                     let v = dot4(wr, [row(r), row(r + 1), row(r + 2), row(r + 3)]);

@@ -158,8 +158,16 @@ pub fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
         g
     };
     work(s, g, job);
+    // A helper may still run a task it claimed; if the machine is oversubscribed (ranks
+    // of a loopback cluster share the cores), give it the core now and then.
+    let mut spins = 0u32;
     while s.done.load(Ordering::Acquire) < n {
-        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins % 64 == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
     s.slot.lock().unwrap_or_else(|p| p.into_inner()).1 = None;
     if s.panicked.load(Ordering::Acquire) {
