@@ -188,9 +188,11 @@ fn blocks32<B: Block>(
             k / QK,
             &acts,
             m,
-            |w, a| unsafe { (s.one)(w, [a]) }[0],
-            |w, a| unsafe { (s.four)(w, a) },
-            |w, a| unsafe { (s.tile)(w, a) },
+            (
+                |w: &[B], a: &[A8]| unsafe { (s.one)(w, [a]) }[0],
+                |w: &[B], a: [&[A8]; 4]| unsafe { (s.four)(w, a) },
+                |w: [&[B]; 2], a: [&[A8]; 4]| unsafe { (s.tile)(w, a) },
+            ),
         ),
         None => drive(
             w,
@@ -198,9 +200,11 @@ fn blocks32<B: Block>(
             k / QK,
             &acts,
             m,
-            blocks::dot,
-            |w, a| a.map(|a| blocks::dot(w, a)),
-            |w, a| w.map(|w| a.map(|a| blocks::dot(w, a))),
+            (
+                blocks::dot::<B>,
+                |w: &[B], a: [&[A8]; 4]| a.map(|a| blocks::dot(w, a)),
+                |w: [&[B]; 2], a: [&[A8]; 4]| w.map(|w| a.map(|a| blocks::dot(w, a))),
+            ),
         ),
     })
 }
@@ -222,7 +226,9 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
         BlockQ8K::from_float(row, &mut out[start..]);
     });
     let dot = |w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a);
-    Some(drive(w, n, k / QK_K, &acts, m, dot, |w, a| a.map(|a| dot(w, a)), |w, a| w.map(|w| a.map(|a| dot(w, a)))))
+    let four = |w: &[T], a: [&[BlockQ8K]; 4]| a.map(|a| dot(w, a));
+    let tile = |w: [&[T]; 2], a: [&[BlockQ8K]; 4]| w.map(|w| a.map(|a| dot(w, a)));
+    Some(drive(w, n, k / QK_K, &acts, m, (dot, four, tile)))
 }
 
 /// Each row of `x` (`m` rows of `k`) as activation blocks, concatenated.
@@ -248,16 +254,19 @@ fn quantize<A: Send + Sync>(x: &[f32], k: usize, m: usize, q: impl Fn(&[f32], &m
 
 /// The matmul over weight rows `w` (`n` rows of `kb` blocks) and activation rows `acts`
 /// (`m` rows of `kb` blocks), split over the weight's rows; `[m, n]`.
-fn drive<W: Sync, A: Sync>(
+fn drive<W: Sync, A: Sync, F1, F4, FT>(
     w: &[W],
     n: usize,
     kb: usize,
     acts: &[A],
     m: usize,
-    dot1: impl Fn(&[W], &[A]) -> f32 + Sync,
-    dot4: impl Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
-    tile: impl Fn([&[W]; 2], [&[A]; 4]) -> [[f32; 4]; 2] + Sync,
-) -> Vec<f32> {
+    (dot1, dot4, tile): (F1, F4, FT),
+) -> Vec<f32>
+where
+    F1: Fn(&[W], &[A]) -> f32 + Sync,
+    F4: Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
+    FT: Fn([&[W]; 2], [&[A]; 4]) -> [[f32; 4]; 2] + Sync,
+{
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
     let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
     // Columns j0..j1 of every row, as `[m, j1 - j0]`.
