@@ -112,7 +112,7 @@ macro_rules! kernel {
 
         $(#[$doc])*
         /// Two weight rows against `R` activation rows: each activation block loaded once
-        /// for both (a prompt's GEMM tile).
+        /// for both (a prompt's GEMM tile); per (row, column) the one-row kernel's arithmetic.
         ///
         /// # Safety
         /// The CPU has AVX2, FMA and F16C ([`available`]).
@@ -124,33 +124,45 @@ macro_rules! kernel {
                 assert!(a.len() >= blocks, "activation row shorter than the weight row");
             }
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); R]; 2];
-            for i in 0..blocks {
-                let (b0, b1) = (&w[0][i], &w[1][i]);
-                let (sc0, sc1) = (kernel!(@scales $min, b0), kernel!(@scales $min, b1));
-                let (vd0, vd1) = (_mm256_broadcastss_ps(sc0), _mm256_broadcastss_ps(sc1));
-                let (vm0, vm1) = (kernel!(@min $min, sc0), kernel!(@min $min, sc1));
-                let q0: __m256i = { let $b = b0; $unpack };
-                let q1: __m256i = { let $b = b1; $unpack };
-                let (qa0, qa1) = (kernel!(@abs $signed, q0), kernel!(@abs $signed, q1));
-                for r in 0..R {
-                    let a = &acts[r][i];
-                    let y = _mm256_loadu_si256(a.qs.as_ptr().cast());
-                    let da = _mm256_set1_ps(a.d);
-                    let y0 = kernel!(@sign $signed, y, q0);
-                    let y1 = kernel!(@sign $signed, y, q1);
-                    let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa0, y0), ones));
-                    let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa1, y1), ones));
-                    acc[0][r] = _mm256_fmadd_ps(_mm256_mul_ps(vd0, da), p0, acc[0][r]);
-                    acc[1][r] = _mm256_fmadd_ps(_mm256_mul_ps(vd1, da), p1, acc[1][r]);
-                    kernel!(@offset $min, acc[0][r], vm0, a);
-                    kernel!(@offset $min, acc[1][r], vm1, a);
-                }
+            // Even and odd blocks apart, as in the one-row kernel: each (row, column) is
+            // summed in exactly the same order whichever kernel computes it, so a request's
+            // results do not depend on the batch it shares a step with.
+            let (mut acc0, mut acc1) = ([[_mm256_setzero_ps(); R]; 2], [[_mm256_setzero_ps(); R]; 2]);
+            macro_rules! step {
+                ($i:expr, $acc:ident) => {{
+                    let (b0, b1) = (&w[0][$i], &w[1][$i]);
+                    let (sc0, sc1) = (kernel!(@scales $min, b0), kernel!(@scales $min, b1));
+                    let (vd0, vd1) = (_mm256_broadcastss_ps(sc0), _mm256_broadcastss_ps(sc1));
+                    let (vm0, vm1) = (kernel!(@min $min, sc0), kernel!(@min $min, sc1));
+                    let q0: __m256i = { let $b = b0; $unpack };
+                    let q1: __m256i = { let $b = b1; $unpack };
+                    let (qa0, qa1) = (kernel!(@abs $signed, q0), kernel!(@abs $signed, q1));
+                    for r in 0..R {
+                        let a = &acts[r][$i];
+                        let y = _mm256_loadu_si256(a.qs.as_ptr().cast());
+                        let da = _mm256_set1_ps(a.d);
+                        let y0 = kernel!(@sign $signed, y, q0);
+                        let y1 = kernel!(@sign $signed, y, q1);
+                        let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa0, y0), ones));
+                        let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa1, y1), ones));
+                        $acc[0][r] = _mm256_fmadd_ps(_mm256_mul_ps(vd0, da), p0, $acc[0][r]);
+                        $acc[1][r] = _mm256_fmadd_ps(_mm256_mul_ps(vd1, da), p1, $acc[1][r]);
+                        kernel!(@offset $min, $acc[0][r], vm0, a);
+                        kernel!(@offset $min, $acc[1][r], vm1, a);
+                    }
+                }};
+            }
+            for i in 0..blocks / 2 {
+                step!(2 * i, acc0);
+                step!(2 * i + 1, acc1);
+            }
+            if blocks % 2 == 1 {
+                step!(blocks - 1, acc0);
             }
             let mut out = [[0f32; R]; 2];
             for c in 0..2 {
                 for r in 0..R {
-                    out[c][r] = hsum(acc[c][r]);
+                    out[c][r] = hsum(_mm256_add_ps(acc0[c][r], acc1[c][r]));
                 }
             }
             out

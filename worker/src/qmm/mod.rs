@@ -42,7 +42,7 @@ const MIN_PARALLEL: usize = 1024;
 
 /// A format's SIMD kernels for one and for four activation rows, where the CPU has them.
 type Dot<B, const R: usize> = unsafe fn(&[B], [&[A8]; R]) -> [f32; R];
-type Tile<B> = unsafe fn([&[B]; 2], [&[A8]; 4]) -> [[f32; 4]; 2];
+type Tile<B> = unsafe fn([&[B]; 2], [&[A8]; 2]) -> [[f32; 2]; 2];
 struct Simd<B: Block> {
     one: Dot<B, 1>,
     four: Dot<B, 4>,
@@ -53,7 +53,7 @@ macro_rules! kernels {
     ($name:ident, $tile:ident) => {{
         #[cfg(target_arch = "x86_64")]
         let k =
-            avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4>, tile: avx2::$tile::<4> });
+            avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4>, tile: avx2::$tile::<2> });
         #[cfg(not(target_arch = "x86_64"))]
         let k = None;
         k
@@ -191,7 +191,7 @@ fn blocks32<B: Block>(
             (
                 |w: &[B], a: &[A8]| unsafe { (s.one)(w, [a]) }[0],
                 |w: &[B], a: [&[A8]; 4]| unsafe { (s.four)(w, a) },
-                |w: [&[B]; 2], a: [&[A8]; 4]| unsafe { (s.tile)(w, a) },
+                |w: [&[B]; 2], a: [&[A8]; 2]| unsafe { (s.tile)(w, a) },
             ),
         ),
         None => drive(
@@ -203,7 +203,7 @@ fn blocks32<B: Block>(
             (
                 blocks::dot::<B>,
                 |w: &[B], a: [&[A8]; 4]| a.map(|a| blocks::dot(w, a)),
-                |w: [&[B]; 2], a: [&[A8]; 4]| w.map(|w| a.map(|a| blocks::dot(w, a))),
+                |w: [&[B]; 2], a: [&[A8]; 2]| w.map(|w| a.map(|a| blocks::dot(w, a))),
             ),
         ),
     })
@@ -227,7 +227,7 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
     });
     let dot = |w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a);
     let four = |w: &[T], a: [&[BlockQ8K]; 4]| a.map(|a| dot(w, a));
-    let tile = |w: [&[T]; 2], a: [&[BlockQ8K]; 4]| w.map(|w| a.map(|a| dot(w, a)));
+    let tile = |w: [&[T]; 2], a: [&[BlockQ8K]; 2]| w.map(|w| a.map(|a| dot(w, a)));
     Some(drive(w, n, k / QK_K, &acts, m, (dot, four, tile)))
 }
 
@@ -265,7 +265,7 @@ fn drive<W: Sync, A: Sync, F1, F4, FT>(
 where
     F1: Fn(&[W], &[A]) -> f32 + Sync,
     F4: Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
-    FT: Fn([&[W]; 2], [&[A]; 4]) -> [[f32; 4]; 2] + Sync,
+    FT: Fn([&[W]; 2], [&[A]; 2]) -> [[f32; 2]; 2] + Sync,
 {
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
     let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
@@ -276,18 +276,18 @@ where
         for r0 in (0..m).step_by(ROW_TILE) {
             let r1 = (r0 + ROW_TILE).min(m);
             let mut j = j0;
-            // Pairs of weight rows against groups of four activation rows.
-            while j + 2 <= j1 && r1 - r0 >= 4 {
+            // Pairs of weight rows against pairs of activation rows.
+            while j + 2 <= j1 && r1 - r0 >= 2 {
                 let ws = [wrow(j), wrow(j + 1)];
                 let mut r = r0;
-                while r + 4 <= r1 {
-                    let v = tile(ws, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
+                while r + 2 <= r1 {
+                    let v = tile(ws, [row(r), row(r + 1)]);
                     for (c, col) in v.into_iter().enumerate() {
                         for (i, v) in col.into_iter().enumerate() {
                             part[(r + i) * width + j + c - j0] = v;
                         }
                     }
-                    r += 4;
+                    r += 2;
                 }
                 for r in r..r1 {
                     for (c, w) in ws.into_iter().enumerate() {

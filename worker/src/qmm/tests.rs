@@ -119,3 +119,23 @@ fn what_it_does_not_take_is_left_to_candle() {
     let f16 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::F16).unwrap()).unwrap();
     assert!(forward(&f16, &Tensor::zeros((2, 64), candle_core::DType::F32, &dev).unwrap()).unwrap().is_none());
 }
+
+/// A row's result is bit for bit the same whatever rows share its matmul (alone, first,
+/// last, in a pair or a four): what lets a batched request give exactly its solo tokens.
+#[test]
+fn a_rows_result_does_not_depend_on_its_batch() {
+    let dev = Device::Cpu;
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let (n, k) = (37, 512);
+        let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+        let m = 9;
+        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &dev).unwrap().to_vec1().unwrap();
+        let alone: Vec<Vec<f32>> = (0..m).map(|r| matmul(&q, &xs[r * k..(r + 1) * k], 1).unwrap().unwrap()).collect();
+        for rows in [2, 3, 4, 5, 9] {
+            let got = matmul(&q, &xs[..rows * k], rows).unwrap().unwrap();
+            for r in 0..rows {
+                assert_eq!(&got[r * n..(r + 1) * n], &alone[r][..], "{dtype:?}: row {r} of {rows}");
+            }
+        }
+    }
+}
