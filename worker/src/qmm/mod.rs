@@ -42,18 +42,15 @@ const MIN_PARALLEL: usize = 1024;
 
 /// A format's SIMD kernels for one and for four activation rows, where the CPU has them.
 type Dot<B, const R: usize> = unsafe fn(&[B], [&[A8]; R]) -> [f32; R];
-type Tile<B> = unsafe fn([&[B]; 2], [&[A8]; 2]) -> [[f32; 2]; 2];
 struct Simd<B: Block> {
     one: Dot<B, 1>,
     four: Dot<B, 4>,
-    tile: Tile<B>,
 }
 
 macro_rules! kernels {
-    ($name:ident, $tile:ident) => {{
+    ($name:ident) => {{
         #[cfg(target_arch = "x86_64")]
-        let k =
-            avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4>, tile: avx2::$tile::<2> });
+        let k = avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4> });
         #[cfg(not(target_arch = "x86_64"))]
         let k = None;
         k
@@ -141,11 +138,11 @@ pub fn matmul(w: &QTensor, x: &[f32], m: usize) -> candle_core::Result<Option<Ve
     let Cow::Borrowed(bytes) = data else { return Ok(None) };
     use GgmlDType as G;
     Ok(match w.dtype() {
-        G::Q4_0 => blocks32::<Q4_0>(bytes, n, k, x, m, kernels!(q4_0, q4_0_tile)),
-        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1, q4_1_tile)),
-        G::Q5_0 => blocks32::<Q5_0>(bytes, n, k, x, m, kernels!(q5_0, q5_0_tile)),
-        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1, q5_1_tile)),
-        G::Q8_0 => blocks32::<Q8_0>(bytes, n, k, x, m, kernels!(q8_0, q8_0_tile)),
+        G::Q4_0 => blocks32::<Q4_0>(bytes, n, k, x, m, kernels!(q4_0)),
+        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1)),
+        G::Q5_0 => blocks32::<Q5_0>(bytes, n, k, x, m, kernels!(q5_0)),
+        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1)),
+        G::Q8_0 => blocks32::<Q8_0>(bytes, n, k, x, m, kernels!(q8_0)),
         G::Q2K => kquant::<BlockQ2K>(bytes, n, k, x, m),
         G::Q3K => kquant::<BlockQ3K>(bytes, n, k, x, m),
         G::Q4K => kquant::<BlockQ4K>(bytes, n, k, x, m),
@@ -188,24 +185,11 @@ fn blocks32<B: Block>(
             k / QK,
             &acts,
             m,
-            (
-                |w: &[B], a: &[A8]| unsafe { (s.one)(w, [a]) }[0],
-                |w: &[B], a: [&[A8]; 4]| unsafe { (s.four)(w, a) },
-                |w: [&[B]; 2], a: [&[A8]; 2]| unsafe { (s.tile)(w, a) },
-            ),
+            (|w: &[B], a: &[A8]| unsafe { (s.one)(w, [a]) }[0], |w: &[B], a: [&[A8]; 4]| unsafe { (s.four)(w, a) }),
         ),
-        None => drive(
-            w,
-            n,
-            k / QK,
-            &acts,
-            m,
-            (
-                blocks::dot::<B>,
-                |w: &[B], a: [&[A8]; 4]| a.map(|a| blocks::dot(w, a)),
-                |w: [&[B]; 2], a: [&[A8]; 2]| w.map(|w| a.map(|a| blocks::dot(w, a))),
-            ),
-        ),
+        None => {
+            drive(w, n, k / QK, &acts, m, (blocks::dot::<B>, |w: &[B], a: [&[A8]; 4]| a.map(|a| blocks::dot(w, a))))
+        }
     })
 }
 
@@ -227,8 +211,7 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
     });
     let dot = |w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a);
     let four = |w: &[T], a: [&[BlockQ8K]; 4]| a.map(|a| dot(w, a));
-    let tile = |w: [&[T]; 2], a: [&[BlockQ8K]; 2]| w.map(|w| a.map(|a| dot(w, a)));
-    Some(drive(w, n, k / QK_K, &acts, m, (dot, four, tile)))
+    Some(drive(w, n, k / QK_K, &acts, m, (dot, four)))
 }
 
 /// Each row of `x` (`m` rows of `k`) as activation blocks, concatenated.
@@ -254,18 +237,17 @@ fn quantize<A: Send + Sync>(x: &[f32], k: usize, m: usize, q: impl Fn(&[f32], &m
 
 /// The matmul over weight rows `w` (`n` rows of `kb` blocks) and activation rows `acts`
 /// (`m` rows of `kb` blocks), split over the weight's rows; `[m, n]`.
-fn drive<W: Sync, A: Sync, F1, F4, FT>(
+fn drive<W: Sync, A: Sync, F1, F4>(
     w: &[W],
     n: usize,
     kb: usize,
     acts: &[A],
     m: usize,
-    (dot1, dot4, tile): (F1, F4, FT),
+    (dot1, dot4): (F1, F4),
 ) -> Vec<f32>
 where
     F1: Fn(&[W], &[A]) -> f32 + Sync,
     F4: Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
-    FT: Fn([&[W]; 2], [&[A]; 2]) -> [[f32; 2]; 2] + Sync,
 {
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
     let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
@@ -275,28 +257,7 @@ where
         let mut part = vec![0f32; m * width];
         for r0 in (0..m).step_by(ROW_TILE) {
             let r1 = (r0 + ROW_TILE).min(m);
-            let mut j = j0;
-            // Pairs of weight rows against pairs of activation rows.
-            while j + 2 <= j1 && r1 - r0 >= 2 {
-                let ws = [wrow(j), wrow(j + 1)];
-                let mut r = r0;
-                while r + 2 <= r1 {
-                    let v = tile(ws, [row(r), row(r + 1)]);
-                    for (c, col) in v.into_iter().enumerate() {
-                        for (i, v) in col.into_iter().enumerate() {
-                            part[(r + i) * width + j + c - j0] = v;
-                        }
-                    }
-                    r += 2;
-                }
-                for r in r..r1 {
-                    for (c, w) in ws.into_iter().enumerate() {
-                        part[r * width + j + c - j0] = dot1(w, row(r));
-                    }
-                }
-                j += 2;
-            }
-            for j in j..j1 {
+            for j in j0..j1 {
                 let wr = wrow(j);
                 let mut r = r0;
                 while r + 4 <= r1 {

@@ -105,11 +105,11 @@ fn simd_kernels_equal_the_plain_dot_products() {
         let d = max_rel_diff(&fast, &plain);
         assert!(d < 1e-5, "{dtype:?}: {d}");
     }
-    one::<Q4_0>(GgmlDType::Q4_0, kernels!(q4_0, q4_0_tile).unwrap());
-    one::<Q4_1>(GgmlDType::Q4_1, kernels!(q4_1, q4_1_tile).unwrap());
-    one::<Q5_0>(GgmlDType::Q5_0, kernels!(q5_0, q5_0_tile).unwrap());
-    one::<Q5_1>(GgmlDType::Q5_1, kernels!(q5_1, q5_1_tile).unwrap());
-    one::<Q8_0>(GgmlDType::Q8_0, kernels!(q8_0, q8_0_tile).unwrap());
+    one::<Q4_0>(GgmlDType::Q4_0, kernels!(q4_0).unwrap());
+    one::<Q4_1>(GgmlDType::Q4_1, kernels!(q4_1).unwrap());
+    one::<Q5_0>(GgmlDType::Q5_0, kernels!(q5_0).unwrap());
+    one::<Q5_1>(GgmlDType::Q5_1, kernels!(q5_1).unwrap());
+    one::<Q8_0>(GgmlDType::Q8_0, kernels!(q8_0).unwrap());
 }
 
 #[test]
