@@ -3,8 +3,11 @@
 //! A tour, from the arithmetic up:
 //! - Compute, no I/O: [`exec`] (the candle arithmetic of every op kind: RoPE, GQA attention
 //!   with causal and sliding-window masks, the KV cache), [`fused`] (kernels added to
-//!   candle's, CPU reference and CUDA), [`backward`] (the hand-written backward of every op),
-//!   [`lora`] (adapters, initialisation, PEFT names, dropout masks), [`rng`].
+//!   candle's, CPU reference and CUDA), [`qmm`] (Lemurian's CPU kernels for linear ops on
+//!   quantized weights, over a spinning thread pool), [`attend`] (CPU attention in one pass
+//!   over the KV cache), [`fastmath`] (vectorised exp, SiLU-multiply), [`backward`] (the
+//!   hand-written backward of every op), [`lora`] (adapters, initialisation, PEFT names,
+//!   dropout masks), [`rng`].
 //! - One rank's view of a plan, and the plain state machines that run it as inputs arrive
 //!   and return what to send (no actors): [`view`] (what they share: one op type, the
 //!   plan index, the outputs), [`program`] (the rank's program of either workload;
