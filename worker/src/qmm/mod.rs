@@ -9,7 +9,7 @@
 //!   results equal candle's to float rounding; their scales are widened to f32 once, since
 //!   every weight row reads them;
 //! - the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run the AVX2 kernels of
-//!   [`avx2`], one weight row against four activation rows at a time; the K-quants (Q2_K to
+//!   `avx2`, one weight row against four activation rows at a time; the K-quants (Q2_K to
 //!   Q6_K) run candle's own AVX2 dot products per row; a CPU without AVX2 runs the plain
 //!   dot products of [`blocks`];
 //! - work is split over the weight's rows across [`pool`]'s spinning threads (each task
