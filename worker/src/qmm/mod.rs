@@ -109,22 +109,32 @@ fn path(dtype: GgmlDType) -> &'static str {
     }
 }
 
-/// How often each format ran on each path in this process: (format, path) -> (calls, rows).
-type Uses = std::collections::BTreeMap<(String, &'static str), (u64, u64)>;
-static USES: std::sync::Mutex<Uses> = std::sync::Mutex::new(Uses::new());
+/// How often each format ran on each path in this process: (format, path, calls, rows).
+/// A handful of entries, searched in place: recording is on every matmul's path, so it
+/// allocates nothing.
+type Uses = Vec<(GgmlDType, &'static str, u64, u64)>;
+static USES: std::sync::Mutex<Uses> = std::sync::Mutex::new(Vec::new());
 
 fn record(dtype: GgmlDType, path: &'static str, rows: usize) {
     let mut u = USES.lock().unwrap_or_else(|p| p.into_inner());
-    let e = u.entry((format!("{dtype:?}"), path)).or_default();
-    e.0 += 1;
-    e.1 += rows as u64;
+    let at = match u.iter().position(|e| e.0 == dtype && e.1 == path) {
+        Some(at) => at,
+        None => {
+            u.push((dtype, path, 0, 0));
+            u.len() - 1
+        }
+    };
+    u[at].2 += 1;
+    u[at].3 += rows as u64;
 }
 
 /// The kernel paths quantized linear ops took in this process, one line each: format, path,
 /// calls and activation rows (`lemur-worker --timings` prints them).
 pub fn report() -> Vec<String> {
     let u = USES.lock().unwrap_or_else(|p| p.into_inner());
-    u.iter().map(|((f, p), (c, r))| format!("{f}: {p} ({c} calls, {r} rows)")).collect()
+    let mut lines: Vec<String> = u.iter().map(|(f, p, c, r)| format!("{f:?}: {p} ({c} calls, {r} rows)")).collect();
+    lines.sort();
+    lines
 }
 
 /// `x @ w.T` for `m` rows of `x` (`[m, k]`, row-major), as `[m, n]`; `None` for a format or
