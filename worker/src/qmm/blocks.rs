@@ -93,7 +93,9 @@ pub trait Block: Copy + Send + Sync + 'static {
     fn scale(&self) -> f32;
     /// The offset term: the block's minimum times the activation's scaled sum (0 for the
     /// symmetric formats).
-    fn offset(&self, a: &A8) -> f32;
+    fn offset(&self, _a: &A8) -> f32 {
+        0.0
+    }
 }
 
 fn nibbles(qs: &[u8; 16]) -> [i32; 32] {
@@ -121,9 +123,6 @@ impl Block for Q4_0 {
     fn scale(&self) -> f32 {
         self.d.to_f32()
     }
-    fn offset(&self, _: &A8) -> f32 {
-        0.0
-    }
 }
 
 impl Block for Q4_1 {
@@ -145,9 +144,6 @@ impl Block for Q5_0 {
     fn scale(&self) -> f32 {
         self.d.to_f32()
     }
-    fn offset(&self, _: &A8) -> f32 {
-        0.0
-    }
 }
 
 impl Block for Q5_1 {
@@ -168,9 +164,6 @@ impl Block for Q8_0 {
     }
     fn scale(&self) -> f32 {
         self.d.to_f32()
-    }
-    fn offset(&self, _: &A8) -> f32 {
-        0.0
     }
 }
 
