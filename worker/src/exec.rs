@@ -162,7 +162,7 @@ pub struct StepInput {
     /// Training: seeds this micro-batch's LoRA dropout masks.
     pub dropout_seed: u64,
     /// Linear ops on quantized weights multiply by the weight dequantized for the op (an
-    /// f32 GEMM over all rows) instead of running candle's quantized kernels.
+    /// f32 GEMM over all rows) instead of running the quantized kernels.
     pub dense: bool,
 }
 

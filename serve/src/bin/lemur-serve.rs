@@ -95,10 +95,9 @@ struct Args {
     #[arg(long, conflicts_with = "quantize")]
     dequantize: bool,
     /// When linear ops on quantized weights multiply by their dequantized weight (one f32
-    /// GEMM over all a step's rows) instead of candle's quantized kernels, whose cost grows
-    /// with every row: never, prefill or always. Dequantizing costs every step a pass over
-    /// the weights (single-threaded in candle), so it pays only for long prompts (prefill)
-    /// or many streams (always).
+    /// GEMM over all a step's rows) instead of the quantized kernels: never, prefill or
+    /// always. Dequantizing costs every step a pass over the weights (single-threaded in
+    /// candle); on the CPU it is slower than the quantized kernels (docs/serving.md).
     #[arg(long, default_value = "never", value_parser = DenseMatmul::parse)]
     dense_matmul: DenseMatmul,
     /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, ...); a --plan must be for it.
