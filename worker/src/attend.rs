@@ -57,15 +57,8 @@ pub fn cpu_attention(
         vis: Visibility { rows_per_group: s, ..vis },
     };
     let head = |bh: usize| head(&args, bh);
-    let heads: Vec<Vec<f32>> = if b * h * s * kv * d >= PARALLEL_WORK {
-        let parts: Vec<std::sync::OnceLock<Vec<f32>>> = (0..b * h).map(|_| std::sync::OnceLock::new()).collect();
-        pool::run(b * h, &|bh| {
-            let _ = parts[bh].set(head(bh));
-        });
-        parts.into_iter().map(|p| p.into_inner().unwrap_or_default()).collect()
-    } else {
-        (0..b * h).map(head).collect()
-    };
+    let heads: Vec<Vec<f32>> =
+        if b * h * s * kv * d >= PARALLEL_WORK { pool::map(b * h, &head) } else { (0..b * h).map(head).collect() };
     // [b, h, s, d] -> [b, s, h * d]
     let mut out = vec![0f32; b * s * h * d];
     for (bh, rows) in heads.iter().enumerate() {

@@ -59,24 +59,19 @@ fn silu_mul_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
 /// `silu(g) * u` element-wise.
 pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
     let n = g.len().min(u.len());
-    let mut out = vec![0f32; n];
     if n < PARALLEL {
+        let mut out = vec![0f32; n];
         silu_mul_chunk(&g[..n], &u[..n], &mut out);
         return out;
     }
     let per = n.div_ceil(pool::threads() * 2);
-    let parts: Vec<std::sync::OnceLock<Vec<f32>>> = (0..n.div_ceil(per)).map(|_| std::sync::OnceLock::new()).collect();
-    pool::run(parts.len(), &|t| {
+    pool::map(n.div_ceil(per), &|t| {
         let (a, b) = (t * per, ((t + 1) * per).min(n));
         let mut o = vec![0f32; b - a];
         silu_mul_chunk(&g[a..b], &u[a..b], &mut o);
-        let _ = parts[t].set(o);
-    });
-    for (t, p) in parts.into_iter().enumerate() {
-        let p = p.into_inner().unwrap_or_default();
-        out[t * per..t * per + p.len()].copy_from_slice(&p);
-    }
-    out
+        o
+    })
+    .concat()
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ pub mod blocks;
 pub mod pool;
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
 
 use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, GgmlType, QK_K};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -234,15 +233,14 @@ fn quantize<A: Send + Sync>(x: &[f32], k: usize, m: usize, q: impl Fn(&[f32], &m
         return out;
     }
     let chunks: Vec<&[f32]> = x.chunks(k * 16).collect();
-    let parts: Vec<OnceLock<Vec<A>>> = chunks.iter().map(|_| OnceLock::new()).collect();
-    pool::run(chunks.len(), &|t| {
+    let parts = pool::map(chunks.len(), &|t| {
         let mut out = Vec::new();
         for row in chunks[t].chunks_exact(k) {
             q(row, &mut out);
         }
-        let _ = parts[t].set(out);
+        out
     });
-    parts.into_iter().filter_map(OnceLock::into_inner).flatten().collect()
+    parts.into_iter().flatten().collect()
 }
 
 /// The matmul over weight rows `w` (`n` rows of `kb` blocks) and activation rows `acts`
@@ -290,13 +288,10 @@ where
         return columns(0, n);
     }
     let per = n.div_ceil(tasks);
-    let parts: Vec<OnceLock<Vec<f32>>> = (0..n.div_ceil(per)).map(|_| OnceLock::new()).collect();
-    pool::run(parts.len(), &|t| {
-        let _ = parts[t].set(columns(t * per, ((t + 1) * per).min(n)));
-    });
+    let parts = pool::map(n.div_ceil(per), &|t| columns(t * per, ((t + 1) * per).min(n)));
     let mut out = vec![0f32; m * n];
     for (t, part) in parts.into_iter().enumerate() {
-        let (j0, part) = (t * per, part.into_inner().unwrap_or_default());
+        let j0 = t * per;
         let width = part.len() / m.max(1);
         for r in 0..m {
             out[r * n + j0..r * n + j0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);

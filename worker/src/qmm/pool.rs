@@ -175,6 +175,16 @@ pub fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// `f(0..n)` over the pool as [`run`] runs it, each task's value in task order.
+pub fn map<T: Send + Sync>(n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<T> {
+    let slots: Vec<std::sync::OnceLock<T>> = (0..n).map(|_| std::sync::OnceLock::new()).collect();
+    run(n, &|i| {
+        let _ = slots[i].set(f(i));
+    });
+    // `run` returns only once every task has run (it panics if one did).
+    slots.into_iter().map(|s| s.into_inner().expect("every task ran")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
