@@ -152,12 +152,69 @@ fn safetensors_quantized_at_load_run_as_the_same_gguf_does() -> Result<()> {
     Ok(())
 }
 
+/// `--quantize q4_k_m` on a safetensors checkpoint lays the tensors out as llama-quantize
+/// does (layer 1 of 2 is a Q6_K layer for attn_v and ffn_down; the head is Q6_K) and runs
+/// as the GGUF with that layout does, through candle-transformers' quantized_llama too.
+#[test]
+fn safetensors_quantized_to_a_mix_run_like_its_gguf_and_quantized_llama() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = ModelConfig { hidden_size: 256, intermediate_size: 512, num_heads: 4, head_dim: 64, ..tiny(2, None) };
+    let st = dir.path().join("st");
+    write_model(&st, &cfg, 5)?;
+    let gguf = dir.path().join("tiny-q4_k_m.gguf");
+    write_gguf_laid_out(&st, &cfg, &gguf, WeightFormat::Q4KM)?;
+    let header = GgufHeader::read(&mut std::fs::File::open(&gguf)?)?;
+    let ty = |n: &str| header.tensors.iter().find(|t| t.name == n).map(|t| WeightFormat::from_ggml_type(t.ggml_type));
+    assert_eq!(ty("blk.0.ffn_down.weight"), Some(Some(WeightFormat::Q4K)));
+    assert_eq!(ty("blk.1.ffn_down.weight"), Some(Some(WeightFormat::Q6K)));
+    assert_eq!(ty("output.weight"), Some(Some(WeightFormat::Q6K)));
+    let prompt = [5u32, 6, 7, 8, 9, 10];
+    let want = quantized_reference(&gguf, &prompt, 16)?;
+    let mut plan = plan_with(&cfg, &["m4-pro", "m5-pro"], prompt.len() as u64, 16, |op| op.id % 2)?;
+    plan.workload.weights = WeightFormat::Q4KM;
+    let (a, la) = run(&dir.path().join("gguf"), &plan, &gguf, &prompt, 16)?;
+    let b = run_cluster_with(&dir.path().join("st"), &plan, &st, &prompt, 16, &["--quantize", "q4_k_m"])?;
+    assert_eq!(a, want, "the GGUF through two ranks against quantized_llama");
+    assert_eq!(b.tokens, want, "--quantize q4_k_m through two ranks against quantized_llama");
+    let d =
+        la.iter().zip(&b.logits).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+    assert!(d < 1e-6, "logits differ by {d}");
+    Ok(())
+}
+
 #[test]
 fn a_gguf_says_how_its_weights_are_stored() -> Result<()> {
     let gguf = smollm2()?;
     let w = lemurian::planner::model_source::weights_of(gguf.to_str().unwrap());
     assert_eq!(w, Some(lemurian::protocol::WeightFormat::Q4_1));
     assert_eq!(lemurian::planner::model_source::weights_of("mistral-7b"), None);
+    Ok(())
+}
+
+/// The planner prices each tensor in the format llama.cpp's `llama-quantize` gives it
+/// (`WeightFormat::tensor_format`); the shipped file was made by it: every tensor agrees
+/// (Q4_1 everywhere but the tied embedding, which takes the head's Q6_K and falls back to
+/// Q8_0 because 576-wide rows are not a multiple of 256).
+#[test]
+fn the_planners_tensor_formats_are_the_files() -> Result<()> {
+    use lemurian::protocol::OpKind::*;
+    let gguf = smollm2()?;
+    let header = GgufHeader::read(&mut std::fs::File::open(&gguf)?)?;
+    let cfg = header.model_config("smollm2")?;
+    let format = header.weight_format().expect("the file says its type");
+    let mut checked = 0;
+    let layers = (0..cfg.num_layers as u32).map(Some);
+    let ops = [Embedding, LmHead].into_iter().map(|k| (k, None)).chain(layers.flat_map(|l| {
+        [AttnNorm, QProj, KProj, VProj, OProj, MlpNorm, GateProj, UpProj, DownProj].into_iter().map(move |k| (k, l))
+    }));
+    for (kind, layer) in ops {
+        let name = &lemurian::worker::weights::tensor_names(&cfg, true, kind, layer)[0];
+        let info = header.tensors.iter().find(|t| &t.name == name).expect("tensor in the file");
+        let stored = WeightFormat::from_ggml_type(info.ggml_type);
+        assert_eq!(format.tensor_format(kind, layer, &cfg), stored, "{name} (ggml type {})", info.ggml_type);
+        checked += 1;
+    }
+    assert_eq!(checked, 2 + 9 * cfg.num_layers);
     Ok(())
 }
 

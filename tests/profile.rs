@@ -1,5 +1,6 @@
 //! `lemur-profile` as a user runs it: a quick profile of this machine loads, plans and runs
-//! (with every op timed), the timings refine it, and a link between two processes measures.
+//! (with every op timed, dense and quantized), the timings refine it, and a link between
+//! two processes measures.
 
 mod common;
 
@@ -9,6 +10,7 @@ use anyhow::Result;
 use common::*;
 use lemurian::planner::profiles::ProfileSet;
 use lemurian::protocol::timings::Timings;
+use lemurian::protocol::WeightFormat;
 
 fn bin(name: &str) -> std::path::PathBuf {
     worker_bin().with_file_name(name)
@@ -20,7 +22,7 @@ fn a_measured_profile_loads_plans_runs_and_refines() -> Result<()> {
     let profiles = dir.path().join("profiles");
     std::fs::create_dir(&profiles)?;
     let out = Command::new(env!("CARGO_BIN_EXE_lemur-profile"))
-        .args(["--device", "cpu", "--name", "this-cpu", "--quick", "--out"])
+        .args(["--device", "cpu", "--name", "this-cpu", "--quick", "--quantized", "q4_1,q8_0,q4_k", "--out"])
         .arg(profiles.join("this-cpu.toml"))
         .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -33,6 +35,12 @@ fn a_measured_profile_loads_plans_runs_and_refines() -> Result<()> {
     let set = ProfileSet::load(&profiles)?;
     let p = set.machine("this-cpu")?;
     assert!(p.gemm.contains_key(&lemurian::protocol::DType::F32) && p.elementwise.is_some());
+    let formats: Vec<WeightFormat> = p.quantized.keys().copied().collect();
+    assert_eq!(formats, [WeightFormat::Q8_0, WeightFormat::Q4_1, WeightFormat::Q4K]);
+    for q in p.quantized.values() {
+        assert!(!q.estimate && q.source.contains("measured") && q.dequantize_gbps.is_some(), "{q:?}");
+        assert_eq!(q.gemm.size.len(), 3, "three row counts");
+    }
 
     // Plan a tiny random model on it and run it with every op timed.
     let model = dir.path().join("model");
@@ -65,18 +73,50 @@ fn a_measured_profile_loads_plans_runs_and_refines() -> Result<()> {
     assert_eq!(t.ops.len(), plan.ops.len(), "every op is timed");
     assert!(t.ops.iter().all(|o| o.measured_ms > 0.0 && o.predicted_ms > 0.0));
 
-    // Fold the timings back in.
+    // SmolLM2's Q4_1 file: its projections (Q4_1) and tied embedding (Q8_0) are priced at
+    // the measured rates, and the summary says so.
+    let gguf = smollm2()?;
+    let q_plan = dir.path().join("q-plan.json");
+    let out = Command::new(bin("lemur-plan"))
+        .arg("--profiles")
+        .arg(&profiles)
+        .arg("--model")
+        .arg(&gguf)
+        .args(["--seq", "32", "--gen-tokens", "8", "--dtype", "f32", "--out"])
+        .arg(&q_plan)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Quantized GEMM rates: this-cpu q8_0/q4_1 measured"), "{text}");
+    let q_timings = dir.path().join("q-timings.json");
+    let out = run_leader(
+        &cluster,
+        &q_plan,
+        &gguf,
+        &(1..=32).collect::<Vec<u32>>(),
+        8,
+        &["--repeat", "2", "--timings", q_timings.to_str().unwrap()],
+    )?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Fold both runs' timings back in: the dense rates and the quantized formats' rates.
     let refined = dir.path().join("refined.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_lemur-profile"))
         .args(["refine", "--profile"])
         .arg(profiles.join("this-cpu.toml"))
         .arg("--from")
         .arg(&timings)
+        .arg("--from")
+        .arg(&q_timings)
         .arg("--out")
         .arg(&refined)
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    lemurian::planner::profiles::parse_machine(&refined, &std::fs::read_to_string(&refined)?)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("matrix-vector q4_1") && err.contains("gemm q4_1 at N="), "{err}");
+    let r = lemurian::planner::profiles::parse_machine(&refined, &std::fs::read_to_string(&refined)?)?;
+    assert!(r.quantized[&WeightFormat::Q4_1].source.ends_with("refined from timed runs"), "{:?}", r.quantized);
+    assert_eq!(r.quantized[&WeightFormat::Q4K], p.quantized[&WeightFormat::Q4K], "no Q4_K op ran");
     Ok(())
 }
 

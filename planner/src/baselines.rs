@@ -209,7 +209,7 @@ fn contiguous_dp(inst: &Instance, ch: &Chain, orders: &[Vec<usize>]) -> Option<A
         dp[0][0] = 0.0;
         for j in 1..=k {
             let m = order[j - 1];
-            let cap = inst.machines[m].profile.memory.usable_bytes;
+            let cap = inst.machines[m].profile.memory.usable_bytes.saturating_sub(inst.workspace_bytes);
             for i in 0..=n {
                 // Machine m takes items s..i.
                 for s in 0..=i {
@@ -292,7 +292,7 @@ pub fn greedy(inst: &Instance) -> Assignment {
                     }
                 }
                 let t = ph.weight * (ph.unit_time(u, m) + comm);
-                let over = mem[m] + add_mem > inst.machines[m].profile.memory.usable_bytes;
+                let over = mem[m] + add_mem + inst.workspace_bytes > inst.machines[m].profile.memory.usable_bytes;
                 let v = match inst.objective {
                     Objective::Latency => t,
                     Objective::Throughput => load[m] + t,

@@ -3,7 +3,10 @@
 //! [`Roofline`] prices each [`Kernel`] of an op separately and adds them up:
 //! - GEMMs run at the measured square-GEMM rate of the problem with the same work
 //!   (`N = cbrt(m n k)`, log-log interpolated), or at memory speed if streaming the
-//!   operands takes longer (decode's matrix-vector products);
+//!   operands takes longer (decode's matrix-vector products); a GEMM on weights in a block
+//!   format takes the machine's rates for that format (`[quantized.q4_k]`: its GEMM curve
+//!   and matrix-vector rate), and the dense rates of its dtype where the profile has none
+//!   ([`gemm_rates`] says which, for the plan's report);
 //! - attention runs at the measured attention rate for its key length, or at memory speed
 //!   for the KV cache, whichever is slower;
 //! - element-wise work moves its bytes at the measured copy bandwidth, times the extra
@@ -11,7 +14,7 @@
 //!   as eight kernels in f32; a fused kernel reads and writes once);
 //! - every kernel pays the machine's dispatch overhead once.
 
-use lemur_protocol::{DType, KernelStyle, LinkProfile, MachineProfile};
+use lemur_protocol::{DType, KernelStyle, LinkProfile, MachineProfile, WeightFormat};
 
 use crate::graph::{EwClass, Kernel, Op};
 
@@ -77,7 +80,51 @@ pub fn elementwise_factor(class: EwClass, backward: bool, style: KernelStyle) ->
         (CrossEntropy, false, KernelStyle::Fused) => (2, 2.0),
         (CrossEntropy, true, _) => (3, 2.0),
         (SoftmaxBackward, _, _) => (2, 1.0),
+        (Dequantize(_), _, _) => (1, 1.0),
     }
+}
+
+/// Where a GEMM's rates came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateSource {
+    /// Dense weights: the dtype's GEMM curve and matrix-vector (or read) rate.
+    Dense,
+    /// The profile's rates for the weights' block format (`estimate`: derived, not measured).
+    Quantized { estimate: bool },
+    /// A block format the profile has no rates for: priced at the dtype's dense rates.
+    Unpriced,
+}
+
+/// The rates that price one GEMM on a machine: FLOP/s at its size and bytes/s when memory-bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemmRates {
+    pub flops_per_s: f64,
+    pub stream_bytes_per_s: f64,
+    pub source: RateSource,
+}
+
+/// The rates for a GEMM of equivalent size `size` (`cbrt(m n k)`) in `dtype` whose weight
+/// is stored as `quant` (see the module docs).
+pub fn gemm_rates(
+    machine: &MachineProfile,
+    dtype: DType,
+    quant: Option<WeightFormat>,
+    size: f64,
+) -> Result<GemmRates, CostError> {
+    if let Some(q) = quant.and_then(|f| machine.quantized.get(&f)) {
+        return Ok(GemmRates {
+            flops_per_s: q.gemm.at(size) * 1e12,
+            stream_bytes_per_s: q.gemv_gbps * 1e9,
+            source: RateSource::Quantized { estimate: q.estimate },
+        });
+    }
+    let read_bw = machine.bandwidth.read_gbps * 1e9;
+    Ok(GemmRates {
+        flops_per_s: curve(machine, "gemm", dtype)?.at(size) * 1e12,
+        // A measured matrix-vector rate for the dtype wins over the plain read rate.
+        stream_bytes_per_s: machine.bandwidth.gemv_gbps.get(&dtype).map_or(read_bw, |g| g * 1e9),
+        source: if quant.is_some() { RateSource::Unpriced } else { RateSource::Dense },
+    })
 }
 
 fn curve<'a>(
@@ -97,12 +144,9 @@ impl CostModel for Roofline {
         let (w, a) = kernel.bytes_read();
         let streamed = (w + a + kernel.bytes_written()) as f64;
         Ok(match *kernel {
-            Kernel::Gemm { m, n, k, dtype, .. } => {
-                let size = ((m * n * k) as f64).cbrt();
-                let rate = curve(machine, "gemm", dtype)?.at(size) * 1e12;
-                // A measured matrix-vector rate for the dtype wins over the plain read rate.
-                let stream_bw = machine.bandwidth.gemv_gbps.get(&dtype).map_or(read_bw, |g| g * 1e9);
-                dispatch + (kernel.flops() as f64 / rate).max(streamed / stream_bw)
+            Kernel::Gemm { m, n, k, dtype, quant, .. } => {
+                let r = gemm_rates(machine, dtype, quant, ((m * n * k) as f64).cbrt())?;
+                dispatch + (kernel.flops() as f64 / r.flops_per_s).max(streamed / r.stream_bytes_per_s)
             }
             Kernel::Attention { kv_len, dtype, .. } => {
                 let rate = curve(machine, "attention", dtype)?.at(kv_len as f64) * 1e12;
@@ -121,6 +165,11 @@ impl CostModel for Roofline {
                     (Some(e), EwClass::Add, _) => Some(e.add_gbps),
                     (Some(e), EwClass::CrossEntropy, false) => e.cross_entropy_gbps,
                     (Some(e), EwClass::CrossEntropy, true) => e.cross_entropy_backward_gbps,
+                    // Dequantizing: the format's measured rate of dense bytes written.
+                    (_, EwClass::Dequantize(f), _) => match machine.quantized.get(&f).and_then(|q| q.dequantize_gbps) {
+                        Some(gbps) => return Ok(dispatch + kernel.bytes_written() as f64 / (gbps * 1e9)),
+                        None => None,
+                    },
                     _ => None,
                 };
                 match measured {

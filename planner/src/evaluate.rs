@@ -134,6 +134,11 @@ pub fn evaluate(inst: &Instance, a: &Assignment) -> Metrics {
             }
         }
     }
+    for (m, mem) in memory_bytes.iter_mut().enumerate() {
+        if a.units.iter().flatten().any(|&x| x == m) {
+            *mem += inst.workspace_bytes;
+        }
+    }
     let mut handover_s = 0.0;
     let mut handover_bytes = 0;
     let mut handover_in = vec![0.0; k];
@@ -239,6 +244,11 @@ pub fn schedule(inst: &Instance, a: &Assignment) -> Option<Schedule> {
         for (p, ph) in inst.phases.iter().enumerate() {
             for (id, op) in ph.graph.ops() {
                 mem[a.machine_of(inst, p, id)] += op.weight_bytes + op.state_bytes(inflight);
+            }
+        }
+        for (m, b) in mem.iter_mut().enumerate() {
+            if a.units.iter().flatten().any(|&x| x == m) {
+                *b += inst.workspace_bytes;
             }
         }
         mem

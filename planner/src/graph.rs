@@ -28,13 +28,17 @@ pub enum EwClass {
     CrossEntropy,
     /// Softmax backward over materialised attention scores.
     SoftmaxBackward,
+    /// A whole weight stored in a block format expanded to the run's dtype (training over
+    /// a quantized base: each linear op's forward and input gradient).
+    Dequantize(WeightFormat),
 }
 
 /// One kernel's worth of work, the unit the cost model prices.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kernel {
-    /// `batch` independent (m x k) . (k x n) products; `weight_bytes` of the operands are parameters.
-    Gemm { batch: u64, m: u64, n: u64, k: u64, dtype: DType, weight_bytes: u64 },
+    /// `batch` independent (m x k) . (k x n) products; `weight_bytes` of the operands are
+    /// parameters, stored in block format `quant` (the quantized kernels run) or dense.
+    Gemm { batch: u64, m: u64, n: u64, k: u64, dtype: DType, weight_bytes: u64, quant: Option<WeightFormat> },
     /// Materialised-score attention: `bh` (batch x heads) products of `q_len` queries against
     /// `kv_len` keys of width `head_dim`; FLOPs = 4 bh q_len kv_len head_dim (QK^T and PV),
     /// times `gemms / 2` (the backward pass runs four such products).
@@ -62,7 +66,7 @@ impl Kernel {
             }
             Kernel::Gemm { batch, m, n, k, dtype, .. } => (0, batch * (m * k + k * n) * dtype.bytes()),
             Kernel::Attention { read_bytes, .. } => (0, read_bytes),
-            Kernel::Elementwise { class: EwClass::Gather, read_bytes, .. } => (read_bytes, 0),
+            Kernel::Elementwise { class: EwClass::Gather | EwClass::Dequantize(_), read_bytes, .. } => (read_bytes, 0),
             Kernel::Elementwise { read_bytes, .. } => (0, read_bytes),
         }
     }
@@ -329,15 +333,28 @@ impl Builder<'_> {
     }
 
     /// A linear projection of `t` tokens from `k_in` to `n_out` features, with its LoRA adapter if any.
+    ///
+    /// A weight in a block format runs the quantized kernels, except in training (QLoRA),
+    /// where the op dequantizes it and multiplies densely, as the workers do.
     fn linear(&self, kind: OpKind, layer: Option<u32>, phase: Phase, t: u64, lora: u64) -> Op {
         let dt = self.dt;
         let (k_in, n_out) = linear_dims(self.m, kind);
-        let w = self.wf.bytes(kind, k_in * n_out, dt);
-        let mut kernels = vec![Kernel::Gemm { batch: 1, m: t, n: n_out, k: k_in, dtype: dt, weight_bytes: w }];
+        let quant = self.wf.tensor_format(kind, layer, self.m);
+        let w = self.wf.tensor_bytes(kind, layer, self.m, k_in * n_out, dt);
+        let mut kernels = match quant {
+            Some(f) if phase == Phase::Forward => {
+                let dense = k_in * n_out * dt.bytes();
+                vec![
+                    self.ew(EwClass::Dequantize(f), w, dense),
+                    Kernel::Gemm { batch: 1, m: t, n: n_out, k: k_in, dtype: dt, weight_bytes: dense, quant: None },
+                ]
+            }
+            _ => vec![Kernel::Gemm { batch: 1, m: t, n: n_out, k: k_in, dtype: dt, weight_bytes: w, quant }],
+        };
         if lora > 0 {
             let (a, bw) = (lora * k_in * dt.bytes(), n_out * lora * dt.bytes());
-            kernels.push(Kernel::Gemm { batch: 1, m: t, n: lora, k: k_in, dtype: dt, weight_bytes: a });
-            kernels.push(Kernel::Gemm { batch: 1, m: t, n: n_out, k: lora, dtype: dt, weight_bytes: bw });
+            kernels.push(Kernel::Gemm { batch: 1, m: t, n: lora, k: k_in, dtype: dt, weight_bytes: a, quant: None });
+            kernels.push(Kernel::Gemm { batch: 1, m: t, n: n_out, k: lora, dtype: dt, weight_bytes: bw, quant: None });
             kernels.push(self.ew(EwClass::Add, 2 * self.act(t, n_out), self.act(t, n_out)));
         }
         let mut op = Op::new(kind, layer, phase, kernels);
@@ -372,7 +389,7 @@ impl Builder<'_> {
             phase,
             vec![self.ew(EwClass::Gather, self.act(t, h) + t * 4, self.act(t, h))],
         );
-        emb.weight_bytes = self.wf.bytes(OpKind::Embedding, m.vocab_size * h, dt);
+        emb.weight_bytes = self.wf.tensor_bytes(OpKind::Embedding, None, m, m.vocab_size * h, dt);
         let emb = self.add(emb);
         ids.push(emb);
         let mut stream = emb; // producer of the residual stream
@@ -460,11 +477,9 @@ impl Builder<'_> {
         // Generation needs logits of the last position only; training needs every position
         // and a cross-entropy loss over them.
         let head_rows = if ft.is_some() { t } else { b };
+        // With tied embeddings the weight is the embedding's (in the head's format, as
+        // llama.cpp stores it); it is still resident where the head runs.
         let mut head = self.linear(OpKind::LmHead, None, phase, head_rows, lora_rank(OpKind::LmHead));
-        if m.tie_word_embeddings {
-            // The weight is the embedding's; it is still resident where the head runs.
-            head.weight_bytes = self.wf.bytes(OpKind::Embedding, m.vocab_size * h, dt);
-        }
         if ft.is_some() {
             let logits = head_rows * m.vocab_size;
             head.push_kernels(vec![self.ew(EwClass::CrossEntropy, logits * dt.bytes() + t * 4, logits * 4)]);
@@ -576,17 +591,51 @@ impl Builder<'_> {
                     ks.push(bw(EwClass::CrossEntropy, logits * 4, logits * dt.bytes()));
                 }
                 if input_grad {
-                    ks.push(Kernel::Gemm { batch: 1, m: rows, n: k_in, k: n_out, dtype: dt, weight_bytes: w });
+                    // A quantized base weight is dequantized again for the input gradient.
+                    if let Some(q) = self.wf.tensor_format(k, f.layer, m) {
+                        let stored = self.wf.tensor_bytes(k, f.layer, m, k_in * n_out, dt);
+                        ks.push(Kernel::Elementwise {
+                            class: EwClass::Dequantize(q),
+                            backward: true,
+                            read_bytes: stored,
+                            write_bytes: w,
+                        });
+                    }
+                    ks.push(Kernel::Gemm {
+                        batch: 1,
+                        m: rows,
+                        n: k_in,
+                        k: n_out,
+                        dtype: dt,
+                        weight_bytes: w,
+                        quant: None,
+                    });
                 }
                 let mut saved = 0;
                 if train && lora == 0 {
                     // dW = X^T dY over all tokens.
-                    ks.push(Kernel::Gemm { batch: 1, m: k_in, n: n_out, k: rows, dtype: dt, weight_bytes: 0 });
+                    ks.push(Kernel::Gemm {
+                        batch: 1,
+                        m: k_in,
+                        n: n_out,
+                        k: rows,
+                        dtype: dt,
+                        weight_bytes: 0,
+                        quant: None,
+                    });
                     saved += self.act(rows, k_in);
                 }
                 if lora > 0 {
                     // dB = (XA)^T dY; d(XA) = dY B^T; dA = X^T d(XA); dX += d(XA) A^T.
-                    ks.push(Kernel::Gemm { batch: 1, m: lora, n: n_out, k: rows, dtype: dt, weight_bytes: 0 });
+                    ks.push(Kernel::Gemm {
+                        batch: 1,
+                        m: lora,
+                        n: n_out,
+                        k: rows,
+                        dtype: dt,
+                        weight_bytes: 0,
+                        quant: None,
+                    });
                     ks.push(Kernel::Gemm {
                         batch: 1,
                         m: rows,
@@ -594,8 +643,17 @@ impl Builder<'_> {
                         k: n_out,
                         dtype: dt,
                         weight_bytes: n_out * lora * dt.bytes(),
+                        quant: None,
                     });
-                    ks.push(Kernel::Gemm { batch: 1, m: k_in, n: lora, k: rows, dtype: dt, weight_bytes: 0 });
+                    ks.push(Kernel::Gemm {
+                        batch: 1,
+                        m: k_in,
+                        n: lora,
+                        k: rows,
+                        dtype: dt,
+                        weight_bytes: 0,
+                        quant: None,
+                    });
                     if input_grad {
                         ks.push(Kernel::Gemm {
                             batch: 1,
@@ -604,6 +662,7 @@ impl Builder<'_> {
                             k: lora,
                             dtype: dt,
                             weight_bytes: lora * k_in * dt.bytes(),
+                            quant: None,
                         });
                     }
                     saved += self.act(rows, k_in) + self.act(rows, lora);

@@ -331,7 +331,8 @@ fn solve_once(inst: &Instance, start: &Assignment, opts: IlpOptions, hint: bool)
                 }
             }
         }
-        let cap = inst.machines[m].profile.memory.usable_bytes as f64;
+        // Less the scratch a training step over a quantized base dequantizes into.
+        let cap = inst.machines[m].profile.memory.usable_bytes.saturating_sub(inst.workspace_bytes) as f64;
         add(&mut model, constraint!(mem <= cap));
     }
     // Objective rows and cuts.

@@ -96,6 +96,9 @@ pub struct Instance {
     pub inflight: u64,
     /// Inference: bytes of prompt KV cache of each decode attention op, for the handover.
     pub handover_bytes: Vec<(usize, u64)>,
+    /// Scratch every machine that runs ops keeps free: training over a quantized base
+    /// dequantizes one linear op's weight at a time (the largest such weight); 0 otherwise.
+    pub workspace_bytes: u64,
 }
 
 /// Why an instance could not be built.
@@ -235,7 +238,17 @@ impl Instance {
                 };
             }
         }
+        let workspace_bytes = phases
+            .iter()
+            .flat_map(|ph| ph.graph.ops().flat_map(|(_, op)| op.kernels.iter()))
+            .filter(|k| {
+                matches!(k, crate::graph::Kernel::Elementwise { class: crate::graph::EwClass::Dequantize(_), .. })
+            })
+            .map(crate::graph::Kernel::bytes_written)
+            .max()
+            .unwrap_or(0);
         Ok(Self {
+            workspace_bytes,
             model: model.clone(),
             dtype,
             weights,

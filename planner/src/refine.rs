@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 
 use lemur_protocol::timings::Timings;
-use lemur_protocol::{Curve, Elementwise, MachineProfile, Plan};
+use lemur_protocol::{Curve, Elementwise, MachineProfile, Plan, QuantRates, WeightFormat};
 use lemur_protocol::{FinetuneKind, WorkloadMode};
 
-use crate::cost::{CostModel, Roofline};
+use crate::cost::{gemm_rates, CostModel, Roofline};
 use crate::graph::{EwClass, Finetune, Kernel, LoraSpec};
 use crate::problem::{Instance, InstanceError, Mode, Objective};
 
@@ -78,6 +78,10 @@ struct Observed {
     read: Vec<f64>,
     /// Memory-bound GEMMs of a dtype whose matrix-vector rate the profile has.
     gemv: BTreeMap<lemur_protocol::DType, Vec<f64>>,
+    /// Quantized weights: stored weight bytes per second of memory-bound GEMMs, and GEMM
+    /// rates by size, per block format.
+    quant_gemv: BTreeMap<WeightFormat, Vec<f64>>,
+    quant_gemm: BTreeMap<WeightFormat, BTreeMap<u64, Vec<f64>>>,
     ew: BTreeMap<&'static str, Vec<f64>>,
     used: usize,
 }
@@ -128,8 +132,7 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
     let on_profile: Vec<&str> =
         plan.machines.iter().filter(|m| m.profile.name == profile.name).map(|m| m.name.as_str()).collect();
     let dispatch = profile.dispatch_s();
-    let read_bw = profile.bandwidth.read_gbps * 1e9;
-    let Observed { gemm, attention, read, gemv, ew, used } = obs;
+    let Observed { gemm, attention, read, gemv, quant_gemv, quant_gemm, ew, used } = obs;
     for t in &timings.ops {
         if !on_profile.contains(&t.machine.as_str()) || t.measured_ms <= 0.0 {
             continue;
@@ -142,7 +145,7 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
         // the GEMM gets what the element-wise kernels are not predicted to take.
         let gemms: Vec<&Kernel> = ks.iter().filter(|k| matches!(k, Kernel::Gemm { .. })).collect();
         let elementwise_only = ks.iter().all(|k| matches!(k, Kernel::Gemm { .. } | Kernel::Elementwise { .. }));
-        if let ([k @ Kernel::Gemm { m, n, k: kk, dtype, .. }], true) = (gemms.as_slice(), elementwise_only) {
+        if let ([k @ Kernel::Gemm { m, n, k: kk, dtype, quant, .. }], true) = (gemms.as_slice(), elementwise_only) {
             let others: f64 = ks
                 .iter()
                 .filter(|x| !matches!(x, Kernel::Gemm { .. }))
@@ -151,26 +154,34 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
             let (w, a) = k.bytes_read();
             let bytes = (w + a + k.bytes_written()) as f64;
             let size = ((m * n * kk) as f64).cbrt();
-            let rate = profile.gemm.get(dtype).map_or(0.0, |c| c.at(size)) * 1e12;
-            let compute = k.flops() as f64 / rate.max(1.0);
+            let rates = gemm_rates(profile, *dtype, *quant, size)?;
+            let compute = k.flops() as f64 / rates.flops_per_s.max(1.0);
             let busy = measured - dispatch - others;
             if busy < 0.2 * measured {
                 continue; // dispatch-dominated: says nothing about the rate
             }
-            let stream_bw = profile.bandwidth.gemv_gbps.get(dtype).map_or(read_bw, |g| g * 1e9);
-            if bytes / stream_bw > compute {
-                // Memory-bound: the dtype's matrix-vector rate where the profile has one.
-                if profile.bandwidth.gemv_gbps.contains_key(dtype) {
-                    gemv.entry(*dtype).or_default().push(bytes / busy);
-                } else {
-                    read.push(bytes / busy);
-                }
-            } else {
-                gemm.entry(*dtype)
+            let memory_bound = bytes / rates.stream_bytes_per_s > compute;
+            match (quant, memory_bound) {
+                // A quantized weight teaches its format's rates, whether the profile had
+                // them or priced it at the dense ones.
+                (Some(f), true) => quant_gemv.entry(*f).or_default().push(bytes / busy),
+                (Some(f), false) => quant_gemm
+                    .entry(*f)
                     .or_default()
                     .entry(size.round() as u64)
                     .or_default()
-                    .push(k.flops() as f64 / busy / 1e12);
+                    .push(k.flops() as f64 / busy / 1e12),
+                // Memory-bound: the dtype's matrix-vector rate where the profile has one.
+                (None, true) if profile.bandwidth.gemv_gbps.contains_key(dtype) => {
+                    gemv.entry(*dtype).or_default().push(bytes / busy)
+                }
+                (None, true) => read.push(bytes / busy),
+                (None, false) => gemm
+                    .entry(*dtype)
+                    .or_default()
+                    .entry(size.round() as u64)
+                    .or_default()
+                    .push(k.flops() as f64 / busy / 1e12),
             }
             *used += 1;
             continue;
@@ -234,11 +245,70 @@ fn refine_curves(
     }
 }
 
+/// Folds quantized observations into the profile's per-format rates. A format the profile
+/// had no rates for starts from its dense ones (what priced it), so a point the runs did not
+/// observe keeps the price the plan was made with.
+fn refine_quantized(
+    out: &mut MachineProfile,
+    gemv: &BTreeMap<WeightFormat, Vec<f64>>,
+    gemm: &BTreeMap<WeightFormat, BTreeMap<u64, Vec<f64>>>,
+    report: &mut RefineReport,
+) {
+    let dense_curve = out.gemm.values().next().cloned();
+    let dense_gemv = out.bandwidth.gemv_gbps.values().next().copied().unwrap_or(out.bandwidth.read_gbps);
+    for f in gemv.keys().chain(gemm.keys()) {
+        if out.quantized.contains_key(f) {
+            continue;
+        }
+        let Some(curve) = dense_curve.clone() else { continue };
+        out.quantized.insert(
+            *f,
+            QuantRates {
+                gemv_gbps: dense_gemv,
+                gemm: curve,
+                dequantize_gbps: None,
+                source: "refine from timed runs (unobserved points: the dense rates)".into(),
+                estimate: false,
+            },
+        );
+    }
+    for (f, q) in out.quantized.iter_mut() {
+        let mut touched = false;
+        if let Some(v) = gemv.get(f) {
+            let new = median(v.clone()) / 1e9;
+            report.observations.insert(format!("gemv {f}"), v.len());
+            report.lines.push(format!("matrix-vector {f}: {:.1} -> {new:.1} GB/s of stored weights", q.gemv_gbps));
+            q.gemv_gbps = new;
+            touched = true;
+        }
+        if let Some(obs) = gemm.get(f) {
+            for (size, v) in obs {
+                report.observations.insert(format!("gemm {f} @ {size}"), v.len());
+                report.lines.push(format!(
+                    "gemm {f} at N={size}: {:.3} -> {:.3} TFLOP/s",
+                    q.gemm.at(*size as f64),
+                    median(v.clone())
+                ));
+            }
+            merge(&mut q.gemm, obs);
+            touched = true;
+        }
+        if touched && q.estimate {
+            // Measured now: the derivation no longer describes the figures.
+            q.estimate = false;
+            q.source = format!("refine from timed runs, over: {}", q.source);
+        } else if touched && !q.source.contains("refine") {
+            q.source = format!("{}; refined from timed runs", q.source);
+        }
+    }
+}
+
 fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, RefineReport), RefineError> {
-    let Observed { gemm, attention, read, gemv, ew, .. } = obs;
+    let Observed { gemm, attention, read, gemv, quant_gemv, quant_gemm, ew, .. } = obs;
     let mut out = profile.clone();
     let mut report = RefineReport::default();
     refine_curves("gemm", "N=", &mut out.gemm, &gemm, &mut report);
+    refine_quantized(&mut out, &quant_gemv, &quant_gemm, &mut report);
     refine_curves("attention", "", &mut out.attention, &attention, &mut report);
     if !read.is_empty() {
         let new = median(read.clone()) / 1e9;

@@ -24,6 +24,58 @@ fn bytes(b: u64) -> String {
     }
 }
 
+/// How the weights are stored: each block format's share of the bytes.
+fn weights_line(plan: &lemur_protocol::Plan) -> String {
+    let parts = plan.workload.weights.breakdown(&plan.model, plan.dtype);
+    let total: u64 = parts.values().sum();
+    let shares: Vec<String> = parts
+        .iter()
+        .map(|(f, b)| {
+            let name = if *f == WeightFormat::Dense { plan.dtype.to_string() } else { f.to_string() };
+            format!("{name} {} ({:.0}%)", bytes(*b), *b as f64 / total.max(1) as f64 * 100.0)
+        })
+        .collect();
+    format!(
+        "Weights: {} as llama-quantize lays it out, {}: {}; memory and weight traffic at each tensor's bits",
+        plan.workload.weights,
+        bytes(total),
+        shares.join(", ")
+    )
+}
+
+/// Which rates priced the quantized GEMMs on each machine: measured, estimated, or none
+/// (the dense rates of the run's dtype).
+fn quantized_rates_line(plan: &lemur_protocol::Plan) -> String {
+    let formats: Vec<WeightFormat> =
+        plan.workload.weights.breakdown(&plan.model, plan.dtype).into_keys().filter(|f| f.is_block()).collect();
+    let per_machine: Vec<String> = plan
+        .machines
+        .iter()
+        .map(|m| {
+            let (mut measured, mut estimated, mut missing) = (vec![], vec![], vec![]);
+            for f in &formats {
+                match m.profile.quantized.get(f) {
+                    Some(q) if q.estimate => estimated.push(f.name()),
+                    Some(_) => measured.push(f.name()),
+                    None => missing.push(f.name()),
+                }
+            }
+            let mut words = vec![];
+            if !measured.is_empty() {
+                words.push(format!("{} measured", measured.join("/")));
+            }
+            if !estimated.is_empty() {
+                words.push(format!("{} ESTIMATES (see its profile's `source`)", estimated.join("/")));
+            }
+            if !missing.is_empty() {
+                words.push(format!("{} not in its profile, priced at its {} rates", missing.join("/"), plan.dtype));
+            }
+            format!("{} {}", m.name, words.join(", "))
+        })
+        .collect();
+    format!("Quantized GEMM rates: {}", per_machine.join("; "))
+}
+
 /// The summary: machines, placement per layer, per-machine use, predictions, baselines, proof.
 pub fn summary(p: &Planned) -> String {
     let plan = &p.plan;
@@ -53,12 +105,8 @@ pub fn summary(p: &Planned) -> String {
     );
     let _ = writeln!(s, "Objective: {}", objective_words(plan.objective.as_str(), plan.workload.mode.as_str()));
     if plan.workload.weights.is_quantized() {
-        let _ = writeln!(
-            s,
-            "Weights: {} (memory and weight traffic at its bits per weight; quantized GEMM rates are \
-             estimates: the profiles' {} rates)",
-            plan.workload.weights, plan.dtype
-        );
+        let _ = writeln!(s, "{}", weights_line(plan));
+        let _ = writeln!(s, "{}", quantized_rates_line(plan));
     }
     if let (Some(w), WorkloadMode::Train) = (plan.workload.inflight, plan.workload.mode) {
         let m = plan.workload.micro_batches;

@@ -289,5 +289,6 @@ fn quantized_weights_plan_in_less_memory_and_decode_faster() {
     assert!(mem(&qlora) < mem(&lora), "{} vs {}", mem(&qlora), mem(&lora));
     let out = lemur_plan(&["--weights", "q4_k_m", "--time-limit", "10"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("q4_k_m weights") && text.contains("estimates"), "{text}");
+    // The Apple profiles' quantized rates are derived, not measured: the summary says so.
+    assert!(text.contains("q4_k_m weights") && text.contains("m4-pro q4_k/q6_k ESTIMATES"), "{text}");
 }

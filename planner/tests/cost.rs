@@ -19,7 +19,15 @@ fn close(a: f64, b: f64) -> bool {
 fn square_gemm_runs_at_the_measured_rate() {
     let set = profiles();
     let m5 = set.machine("m5-pro").unwrap();
-    let k = Kernel::Gemm { batch: 1, m: 2048, n: 2048, k: 2048, dtype: DType::F16, weight_bytes: 2048 * 2048 * 2 };
+    let k = Kernel::Gemm {
+        batch: 1,
+        m: 2048,
+        n: 2048,
+        k: 2048,
+        dtype: DType::F16,
+        weight_bytes: 2048 * 2048 * 2,
+        quant: None,
+    };
     let expect = 2.0 * 2048f64.powi(3) / 12.58e12 + 10e-6;
     assert!(close(Roofline.kernel_seconds(&k, m5).unwrap(), expect));
 }
@@ -30,7 +38,7 @@ fn matrix_vector_products_run_at_memory_speed() {
     for (name, bw) in [("m4-pro", 253e9), ("m5-pro", 118e9)] {
         let m = set.machine(name).unwrap();
         let w = 4096 * 14336 * 2;
-        let k = Kernel::Gemm { batch: 1, m: 1, n: 14336, k: 4096, dtype: DType::F16, weight_bytes: w };
+        let k = Kernel::Gemm { batch: 1, m: 1, n: 14336, k: 4096, dtype: DType::F16, weight_bytes: w, quant: None };
         let bytes = (w + 4096 * 2 + 14336 * 2) as f64;
         assert!(close(Roofline.kernel_seconds(&k, m).unwrap(), bytes / bw + 10e-6), "{name}");
     }
@@ -44,7 +52,7 @@ fn a_measured_matrix_vector_rate_prices_that_dtype_only() {
     m.bandwidth.gemv_gbps.insert(DType::Bf16, 20.0);
     let gemv = |dtype: DType| {
         let w = 4096 * 4096 * dtype.bytes();
-        let k = Kernel::Gemm { batch: 1, m: 1, n: 4096, k: 4096, dtype, weight_bytes: w };
+        let k = Kernel::Gemm { batch: 1, m: 1, n: 4096, k: 4096, dtype, weight_bytes: w, quant: None };
         (Roofline.kernel_seconds(&k, &m).unwrap(), (w + 2 * 4096 * dtype.bytes()) as f64)
     };
     let (t, bytes) = gemv(DType::Bf16);
@@ -72,7 +80,7 @@ fn elementwise_pays_launches_and_passes() {
 fn missing_dtype_curve_is_a_clear_error() {
     let set = profiles();
     let m5 = set.machine("m5-pro").unwrap();
-    let k = Kernel::Gemm { batch: 1, m: 64, n: 64, k: 64, dtype: DType::Bf16, weight_bytes: 0 };
+    let k = Kernel::Gemm { batch: 1, m: 64, n: 64, k: 64, dtype: DType::Bf16, weight_bytes: 0, quant: None };
     let err = Roofline.kernel_seconds(&k, m5).unwrap_err().to_string();
     assert!(err.contains("m5-pro") && err.contains("gemm") && err.contains("bf16"), "{err}");
 }
@@ -149,4 +157,53 @@ fn linear_backward_is_two_gemms_of_the_forward_shape() {
     assert_eq!(b.flops, 2 * f.flops);
     let (tf, tb) = (Roofline.op_seconds(f, m4).unwrap(), Roofline.op_seconds(b, m4).unwrap());
     assert!(close(tb, 2.0 * tf), "forward {tf}, backward {tb}");
+}
+
+/// A GEMM on quantized weights takes its format's rates where the profile has them (its
+/// curve when compute-bound, its matrix-vector rate when memory-bound), and the dense ones
+/// of its dtype where it does not; dequantizing runs at the format's measured rate.
+#[test]
+fn quantized_gemms_run_at_their_formats_rates() {
+    use lemur_planner::cost::{gemm_rates, RateSource};
+    use lemur_protocol::{Curve, QuantRates, WeightFormat};
+    let mut m = profiles().machine("m5-pro").unwrap().clone();
+    m.quantized.clear();
+    m.quantized.insert(
+        WeightFormat::Q4_0,
+        QuantRates {
+            gemv_gbps: 50.0,
+            gemm: Curve { size: vec![100.0, 1000.0], tflops: vec![1.0, 4.0] },
+            dequantize_gbps: Some(20.0),
+            source: "test".into(),
+            estimate: false,
+        },
+    );
+    let w = 4096 * 4096 * 18 / 32;
+    let gemm = |rows: u64, quant| Kernel::Gemm {
+        batch: 1,
+        m: rows,
+        n: 4096,
+        k: 4096,
+        dtype: DType::F16,
+        weight_bytes: w,
+        quant,
+    };
+    // Decode: one row streams the stored bytes (and the activations) at 50 GB/s.
+    let t = Roofline.kernel_seconds(&gemm(1, Some(WeightFormat::Q4_0)), &m).unwrap();
+    assert!(close(t, (w + 2 * 4096 * 2) as f64 / 50e9 + 10e-6), "{t}");
+    // Prefill: 512 rows, N = cbrt(512 x 4096 x 4096) = 2048: past the curve's end, 4 TFLOP/s.
+    let t = Roofline.kernel_seconds(&gemm(512, Some(WeightFormat::Q4_0)), &m).unwrap();
+    assert!(close(t, 2.0 * 512.0 * 4096.0 * 4096.0 / 4e12 + 10e-6), "{t}");
+    // Q8_0 has no entry: the f16 rates, and the report is told so.
+    let r = gemm_rates(&m, DType::F16, Some(WeightFormat::Q8_0), 2048.0).unwrap();
+    assert_eq!(r.source, RateSource::Unpriced);
+    assert!(close(r.flops_per_s, 12.58e12) && close(r.stream_bytes_per_s, 118e9));
+    assert_eq!(gemm_rates(&m, DType::F16, None, 2048.0).unwrap().source, RateSource::Dense);
+    let dq = Kernel::Elementwise {
+        class: EwClass::Dequantize(WeightFormat::Q4_0),
+        backward: false,
+        read_bytes: w,
+        write_bytes: 4096 * 4096 * 2,
+    };
+    assert!(close(Roofline.kernel_seconds(&dq, &m).unwrap(), 4096.0 * 4096.0 * 2.0 / 20e9 + 10e-6));
 }

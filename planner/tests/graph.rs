@@ -195,3 +195,40 @@ fn tiny_presets_build() {
         assert_eq!(g.len() as u64, 3 + 14 * m.num_layers);
     }
 }
+
+/// QLoRA: a linear op over a quantized base dequantizes its weight (the stored bytes in,
+/// the dense weight out) and multiplies densely in training's forward, and again for the
+/// input gradient in backward, as the workers do; the weight stays resident quantized.
+/// Inference on the same weights runs the quantized kernels.
+#[test]
+fn qlora_dequantizes_each_weight_for_the_forward_and_the_input_gradient() {
+    use lemur_planner::graph::{EwClass, Kernel, Precision};
+    use lemur_protocol::WeightFormat;
+    let m = mistral();
+    let (h, i) = (m.hidden_size, m.intermediate_size);
+    let p = Precision { activations: DType::F16, weights: WeightFormat::Q4KM };
+    let train = Workload::Train { batch: 1, seq: 64, finetune: Finetune::Lora(LoraSpec::default()) };
+    let g = OpGraph::build(&m, p, train);
+    let op = |kind: OpKind, layer: u32, phase: Phase| {
+        g.ops().find(|(_, o)| o.kind == kind && o.layer == Some(layer) && o.phase == phase).unwrap().1
+    };
+    // Layer 0's down_proj is Q6_K (use_more_bits), layer 4's Q4_K.
+    for (layer, stored) in [(0, i * h * 210 / 256), (4, i * h * 144 / 256)] {
+        let f = op(OpKind::DownProj, layer, Phase::Forward);
+        assert_eq!(f.weight_bytes, stored, "resident as stored");
+        let Kernel::Elementwise { class: EwClass::Dequantize(q), read_bytes, write_bytes, backward: false } =
+            f.kernels[0]
+        else {
+            panic!("{:?}", f.kernels)
+        };
+        assert_eq!(q, if layer == 0 { WeightFormat::Q6K } else { WeightFormat::Q4K });
+        assert_eq!((read_bytes, write_bytes), (stored, i * h * 2));
+        assert!(matches!(f.kernels[1], Kernel::Gemm { quant: None, weight_bytes, .. } if weight_bytes == i * h * 2));
+        let b = op(OpKind::DownProj, layer, Phase::Backward);
+        let dq = b.kernels.iter().filter(|k| matches!(k, Kernel::Elementwise { class: EwClass::Dequantize(_), .. }));
+        assert_eq!(dq.count(), 1, "once more for dX: {:?}", b.kernels);
+    }
+    let infer = OpGraph::build(&m, p, Workload::Prefill { batch: 1, seq: 64, context: 64 });
+    let q = infer.ops().find(|(_, o)| o.kind == OpKind::QProj).unwrap().1;
+    assert!(matches!(q.kernels.as_slice(), [Kernel::Gemm { quant: Some(WeightFormat::Q4K), .. }]), "{:?}", q.kernels);
+}

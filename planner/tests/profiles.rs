@@ -118,3 +118,15 @@ fn no_link_between_two_machines_is_an_error() {
     let err = set.link("m4-pro", "m5-pro").unwrap_err().to_string();
     assert!(err.contains("m4-pro") && err.contains("m5-pro"), "{err}");
 }
+
+#[test]
+fn bad_quantized_rates_are_named() {
+    let err = load_edited(|t| t.replace("[quantized.q4_k]", "[quantized.q4_k_m]"));
+    assert!(err.contains("quantized.q4_k_m") && err.contains("block format"), "{err}");
+    let err = load_edited(|t| t.replacen("gemv_gbps = 95.6", "gemv_gbps = -1.0", 1));
+    assert!(err.contains("quantized.q4_0.gemv_gbps") && err.contains("positive"), "{err}");
+    let err = load_edited(|t| t.replace("[quantized.q6_k]", "[quantized.q9_k]"));
+    assert!(err.contains("q9_k"), "{err}");
+    let err = load_edited(|t| t.replacen("estimate = true", "estimate = true\nbits = 4", 1));
+    assert!(err.contains("bits"), "{err}");
+}

@@ -215,3 +215,51 @@ fn refinement_without_matching_ops_is_an_error() {
     let err = refine(&prof, &[t]).unwrap_err().to_string();
     assert!(err.contains("box"), "{err}");
 }
+
+/// Quantized projections teach their block format's rates: a format with estimated rates
+/// becomes measured, and one the profile lacked (priced at the dense rates) gains an entry.
+/// Each single-GEMM op of prefill and decode then predicts what was measured.
+#[test]
+fn quantized_timings_refine_each_formats_rates() {
+    use lemur_protocol::WeightFormat;
+    let mut prof = profile();
+    // Q4_0 keeps its estimate; the lm head's Q6_K starts with no rates at all.
+    prof.quantized.retain(|f, _| *f == WeightFormat::Q4_0);
+    assert!(prof.quantized[&WeightFormat::Q4_0].estimate);
+    let mut req = request(&prof);
+    req.weights = WeightFormat::Q4_0;
+    req.mode = Mode::Infer { prompt: 256, gen_tokens: 8, batch: 1 };
+    req.objective = Objective::Latency;
+    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let inst = &planned.instance;
+    let op_ms = synthesise(inst, &prof);
+    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
+    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
+    for key in ["gemv q4_0", "gemv q6_k"] {
+        assert!(report.observations.contains_key(key), "{key}: {:?}", report.observations);
+    }
+    assert!(report.observations.keys().any(|k| k.starts_with("gemm q4_0 @")), "{:?}", report.observations);
+    let q4 = &refined.quantized[&WeightFormat::Q4_0];
+    assert!(!q4.estimate && q4.source.starts_with("refine"), "{q4:?}");
+    assert!(refined.quantized.contains_key(&WeightFormat::Q6K), "the head's format gained rates");
+    // Decode was 1.2x and prefill 1.6x slower than priced: the refined rates are that much lower.
+    let gemv = prof.quantized[&WeightFormat::Q4_0].gemv_gbps;
+    assert!((q4.gemv_gbps - gemv / 1.2).abs() < 1e-3 * gemv, "{} vs {}", q4.gemv_gbps, gemv / 1.2);
+    let mut checked = 0;
+    let mut offset = 0;
+    for ph in &inst.phases {
+        for (id, op) in ph.graph.ops() {
+            if let [Kernel::Gemm { quant: Some(_), .. }] = op.kernels.as_slice() {
+                let measured = op_ms[&(offset + id)] * 1e-3;
+                let predicted = Roofline.op_seconds(op, &refined).unwrap();
+                let err = (predicted - measured).abs() / measured;
+                assert!(err < 0.01, "{} ({}): predicted {predicted}, measured {measured}", op.label(), ph.phase_name);
+                checked += 1;
+            }
+        }
+        offset += ph.graph.len();
+    }
+    assert!(checked >= 2 * 15, "checked {checked}");
+    let text = toml::to_string(&refined).unwrap();
+    assert_eq!(lemur_planner::profiles::parse_machine(Path::new("refined.toml"), &text).unwrap(), refined);
+}

@@ -33,5 +33,7 @@ pub use error::FieldError;
 pub use model::ModelConfig;
 pub use op::{OpKind, Phase};
 pub use plan::{FinetuneKind, Plan, PlanError, WorkloadMode, DEFAULT_LORA_RANK, PLAN_FORMAT_VERSION};
-pub use profile::{Bandwidth, Curve, DType, Elementwise, KernelStyle, LinkProfile, MachineProfile, Memory, Peak};
+pub use profile::{
+    Bandwidth, Curve, DType, Elementwise, KernelStyle, LinkProfile, MachineProfile, Memory, Peak, QuantRates,
+};
 pub use weights::WeightFormat;

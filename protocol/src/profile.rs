@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{positive, FieldError};
+use crate::WeightFormat;
 
 /// Numeric precision of weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -202,6 +203,39 @@ impl Elementwise {
     }
 }
 
+/// How fast a machine runs linear ops on weights stored in one GGUF block format, with the
+/// workers' quantized kernels (`lemur-profile` measures them; `refine` learns them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantRates {
+    /// Weight bytes as stored per second of a matrix-vector product (decode: one row of
+    /// activations against the whole weight), GB/s.
+    pub gemv_gbps: f64,
+    /// Throughput of the quantized GEMM (prefill's many rows) by equivalent size
+    /// `N = cbrt(m n k)`, TFLOP/s.
+    pub gemm: Curve,
+    /// Dense bytes written per second when a whole weight is dequantized (training over a
+    /// quantized base does it for each linear op's forward and input gradient), GB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dequantize_gbps: Option<f64>,
+    /// Where the figures come from: the measurement, or how an estimate was derived.
+    pub source: String,
+    /// Derived from other figures rather than measured: plans priced with it say so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimate: bool,
+}
+
+impl QuantRates {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        positive("gemv_gbps", self.gemv_gbps)?;
+        self.gemm.validate().map_err(|e| e.within("gemm"))?;
+        if let Some(v) = self.dequantize_gbps {
+            positive("dequantize_gbps", v)?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything the planner knows about one kind of machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +260,10 @@ pub struct MachineProfile {
     pub gemm: BTreeMap<DType, Curve>,
     /// Attention throughput by sequence length, per dtype.
     pub attention: BTreeMap<DType, Curve>,
+    /// Linear ops on quantized weights, per block format (`[quantized.q4_k]`). A format
+    /// without an entry is priced at the dense rates of the run's dtype (plans say so).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quantized: BTreeMap<WeightFormat, QuantRates>,
 }
 
 impl MachineProfile {
@@ -281,6 +319,15 @@ impl MachineProfile {
             for (dt, c) in curves {
                 c.validate().map_err(|e| e.within(&format!("{section}.{dt}")))?;
             }
+        }
+        for (f, q) in &self.quantized {
+            if !f.is_block() {
+                return Err(FieldError::new(
+                    format!("quantized.{f}"),
+                    "rates are per block format (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k .. q6_k), not dense or a mix",
+                ));
+            }
+            q.validate().map_err(|e| e.within(&format!("quantized.{f}")))?;
         }
         Ok(())
     }

@@ -22,7 +22,8 @@ use lemurian::worker::profiler::{measure, tasks, ProfileOptions};
 /// Measure what a machine can do, with the kernels the workers run, into a profile.
 ///
 /// Without a subcommand: measures the device (GEMM and attention curves per dtype, read and
-/// copy bandwidth, element-wise throughput, dispatch overhead, memory) and writes a
+/// copy bandwidth, element-wise throughput, dispatch overhead, memory, and the quantized
+/// kernels' matrix-vector, GEMM and dequantize rates per block format) and writes a
 /// profile in the schema of `profiles/`. `link` measures a link; `refine` folds a timed
 /// run's measurements back into a profile.
 #[derive(Debug, Parser)]
@@ -45,6 +46,11 @@ struct Args {
     /// Dtypes of the GEMM and attention curves (default: f32 on CPU, f16,bf16,f32 on GPUs).
     #[arg(long, value_delimiter = ',')]
     dtype: Vec<String>,
+    /// Block formats whose quantized linear-op rates to measure (`q4_0,q8_0,q4_k`), or
+    /// `none`. Default: every format the workers run (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k ..
+    /// q6_k).
+    #[arg(long, value_delimiter = ',')]
+    quantized: Vec<String>,
     /// Memory in GB, for devices that do not report theirs.
     #[arg(long, value_parser = parse::positive)]
     memory_gb: Option<f64>,
@@ -173,11 +179,21 @@ fn run(args: Args) -> Result<()> {
             };
             let dtypes =
                 dtypes.iter().map(|d| lemurian::worker::weights::parse_dtype(d)).collect::<Result<Vec<_>, _>>()?;
+            let quantized = match args.quantized.as_slice() {
+                [] => lemurian::worker::weights::block_formats().collect(),
+                [none] if none == "none" => vec![],
+                names => names
+                    .iter()
+                    .map(|n| lemurian::worker::weights::parse_block_format(n).map_err(anyhow::Error::msg))
+                    .collect::<Result<Vec<_>>>()
+                    .context("--quantized")?,
+            };
             let opts = ProfileOptions {
                 name: args.name.clone(),
                 quick: args.quick,
                 dtypes,
                 memory_bytes: args.memory_gb.map(|g| (g * 1e9) as u64),
+                quantized,
             };
             let list = tasks(&device, &opts);
             let estimate: f64 = list.iter().map(|t| t.estimate_s(opts.quick, device.is_cpu())).sum();
@@ -227,7 +243,7 @@ fn run(args: Args) -> Result<()> {
                 );
             }
             let header = format!(
-                "# {}: measured by lemur-profile{} on {} with candle's kernels (the workers' own).\n# GEMM: square N x N times a transposed N x N weight; attention: the workers' attention, 8 heads\n# of 64 over 4 KV heads, causal; element-wise rates are GB/s of minimal traffic.\n",
+                "# {}: measured by lemur-profile{} on {} with candle's kernels (the workers' own).\n# GEMM: square N x N times a transposed N x N weight; attention: the workers' attention, 8 heads\n# of 64 over 4 KV heads, causal; element-wise rates are GB/s of minimal traffic; quantized:\n# gemv_gbps is stored weight bytes per second, gemm TFLOP/s at N = cbrt(rows x out x in).\n",
                 args.name,
                 if args.quick { " --quick" } else { "" },
                 args.device

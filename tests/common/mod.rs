@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use lemurian::protocol::plan::PlanOp;
-use lemurian::protocol::{ModelConfig, Plan};
+use lemurian::protocol::{ModelConfig, OpKind, Plan, WeightFormat};
 use lemurian::worker::cluster::Cluster;
 
 /// The tiny Mistral of the tests: GQA 4 heads over 2, 2 or 3 layers.
@@ -262,36 +262,61 @@ pub fn write_gguf(st_dir: &Path, cfg: &ModelConfig, out: &Path) -> Result<()> {
 /// As [`write_gguf`], with the matrices (embedding, projections, head) in `dtype`; norms
 /// stay f32, as llama.cpp's quantizer leaves them.
 pub fn write_gguf_as(st_dir: &Path, cfg: &ModelConfig, out: &Path, dtype: GgmlDType) -> Result<()> {
+    write_gguf_with(st_dir, cfg, out, None, |_, _| Some(dtype))
+}
+
+/// As [`write_gguf`], each matrix in the type `format` gives it (`tensor_format`: what
+/// llama.cpp's llama-quantize does), and `general.file_type` set as llama.cpp sets it.
+pub fn write_gguf_laid_out(st_dir: &Path, cfg: &ModelConfig, out: &Path, format: WeightFormat) -> Result<()> {
+    let file_type = (0..=18).find(|&t| WeightFormat::from_gguf_file_type(t) == Some(format));
+    write_gguf_with(st_dir, cfg, out, file_type.map(|t| t as u32), |kind, layer| {
+        format.tensor_format(kind, layer, cfg).and_then(lemurian::worker::weights::ggml_type)
+    })
+}
+
+/// Writes the GGUF with each matrix of op (kind, layer) in `dtype_of`'s type (f32 for `None`).
+fn write_gguf_with(
+    st_dir: &Path,
+    cfg: &ModelConfig,
+    out: &Path,
+    file_type: Option<u32>,
+    dtype_of: impl Fn(OpKind, Option<u32>) -> Option<GgmlDType>,
+) -> Result<()> {
     use gguf_file::Value;
     let w = candle_core::safetensors::load(st_dir.join("model.safetensors"), &Device::Cpu)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut put = |name: String, t: &Tensor| -> Result<()> {
-        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+    let mut put = |name: String, kind: OpKind, layer: Option<u32>, t: &Tensor| -> Result<()> {
+        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype_of(kind, layer).unwrap_or(GgmlDType::F32) };
         tensors.push((name, QTensor::quantize(t, d)?));
         Ok(())
     };
-    put("token_embd.weight".into(), &w["model.embed_tokens.weight"])?;
-    put("output_norm.weight".into(), &w["model.norm.weight"])?;
+    put("token_embd.weight".into(), OpKind::Embedding, None, &w["model.embed_tokens.weight"])?;
+    put("output_norm.weight".into(), OpKind::FinalNorm, None, &w["model.norm.weight"])?;
     if !cfg.tie_word_embeddings {
-        put("output.weight".into(), &w["lm_head.weight"])?;
+        put("output.weight".into(), OpKind::LmHead, None, &w["lm_head.weight"])?;
     }
     for l in 0..cfg.num_layers {
         let hf = |s: &str| w[&format!("model.layers.{l}.{s}")].clone();
-        put(format!("blk.{l}.attn_norm.weight"), &hf("input_layernorm.weight"))?;
-        put(format!("blk.{l}.ffn_norm.weight"), &hf("post_attention_layernorm.weight"))?;
+        let ly = Some(l as u32);
+        put(format!("blk.{l}.attn_norm.weight"), OpKind::AttnNorm, ly, &hf("input_layernorm.weight"))?;
+        put(format!("blk.{l}.ffn_norm.weight"), OpKind::MlpNorm, ly, &hf("post_attention_layernorm.weight"))?;
         put(
             format!("blk.{l}.attn_q.weight"),
+            OpKind::QProj,
+            ly,
             &permute_for_gguf(&hf("self_attn.q_proj.weight"), cfg.num_heads as usize)?,
         )?;
         put(
             format!("blk.{l}.attn_k.weight"),
+            OpKind::KProj,
+            ly,
             &permute_for_gguf(&hf("self_attn.k_proj.weight"), cfg.num_kv_heads as usize)?,
         )?;
-        put(format!("blk.{l}.attn_v.weight"), &hf("self_attn.v_proj.weight"))?;
-        put(format!("blk.{l}.attn_output.weight"), &hf("self_attn.o_proj.weight"))?;
-        put(format!("blk.{l}.ffn_gate.weight"), &hf("mlp.gate_proj.weight"))?;
-        put(format!("blk.{l}.ffn_up.weight"), &hf("mlp.up_proj.weight"))?;
-        put(format!("blk.{l}.ffn_down.weight"), &hf("mlp.down_proj.weight"))?;
+        put(format!("blk.{l}.attn_v.weight"), OpKind::VProj, ly, &hf("self_attn.v_proj.weight"))?;
+        put(format!("blk.{l}.attn_output.weight"), OpKind::OProj, ly, &hf("self_attn.o_proj.weight"))?;
+        put(format!("blk.{l}.ffn_gate.weight"), OpKind::GateProj, ly, &hf("mlp.gate_proj.weight"))?;
+        put(format!("blk.{l}.ffn_up.weight"), OpKind::UpProj, ly, &hf("mlp.up_proj.weight"))?;
+        put(format!("blk.{l}.ffn_down.weight"), OpKind::DownProj, ly, &hf("mlp.down_proj.weight"))?;
     }
     let meta: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
@@ -306,6 +331,10 @@ pub fn write_gguf_as(st_dir: &Path, cfg: &ModelConfig, out: &Path, dtype: GgmlDT
         ("llama.vocab_size", Value::U32(cfg.vocab_size as u32)),
         ("llama.rope.dimension_count", Value::U32(cfg.head_dim as u32)),
     ];
+    let mut meta = meta;
+    if let Some(t) = file_type {
+        meta.push(("general.file_type", Value::U32(t)));
+    }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(out)?;

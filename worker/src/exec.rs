@@ -192,6 +192,18 @@ impl StepInput {
     }
 }
 
+/// `x` times a quantized weight, as linear ops run it: Lemurian's own kernels on the CPU
+/// (`qmm`), candle's elsewhere, on f32 activations (the kernels quantize them to 8 bits);
+/// the result in `x`'s dtype. `lemur-profile` times this same function.
+pub fn quantized_matmul(q: &QMatMul, x: &Tensor) -> Result<Tensor, WorkerError> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let y = match crate::qmm::forward(q, &x32)? {
+        Some(y) => y,
+        None => q.forward(&x32)?,
+    };
+    Ok(y.to_dtype(x.dtype())?)
+}
+
 impl Executor {
     pub fn new(cfg: ModelConfig, device: Device, dtype: DType) -> Result<Self, WorkerError> {
         let (cos, sin) = rope_tables(&cfg, &device, dtype)?;
@@ -227,14 +239,7 @@ impl Executor {
             }
             // Quantized kernels take f32 activations (they quantize them to 8 bits): Lemurian's
             // own on the CPU (`qmm`), candle's elsewhere.
-            OpWeights::QLinear(q) => {
-                let x32 = x.to_dtype(DType::F32)?;
-                match crate::qmm::forward(q, &x32)? {
-                    Some(y) => y,
-                    None => q.forward(&x32)?,
-                }
-                .to_dtype(x.dtype())?
-            }
+            OpWeights::QLinear(q) => quantized_matmul(q, x)?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };
         Ok(match self.adapters.get(&(kind, layer)) {

@@ -1,12 +1,16 @@
-//! `lemur-profile`'s measurements: the same candle kernels the workers run, timed on a
-//! device, written as a [`MachineProfile`] in the shipped schema; a link between two
-//! processes; and the refinement that folds measured op times from real runs back in.
+//! `lemur-profile`'s measurements: the same kernels the workers run (candle's, and
+//! Lemurian's quantized ones), timed on a device, written as a [`MachineProfile`] in the
+//! shipped schema; a link between two processes; and the refinement that folds measured op
+//! times from real runs back in.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
-use lemur_protocol::{Bandwidth, Curve, DType as PDType, Elementwise, KernelStyle, MachineProfile, Memory};
+use lemur_protocol::{
+    Bandwidth, Curve, DType as PDType, Elementwise, KernelStyle, MachineProfile, Memory, QuantRates, WeightFormat,
+};
 
 use crate::error::WorkerError;
 use crate::exec::attention_core;
@@ -21,6 +25,8 @@ pub struct ProfileOptions {
     pub dtypes: Vec<DType>,
     /// Overrides for memory (bytes) when the device cannot report it.
     pub memory_bytes: Option<u64>,
+    /// Block formats whose quantized matrix-vector, GEMM and dequantize rates to measure.
+    pub quantized: Vec<WeightFormat>,
 }
 
 /// One measurement of the run, for progress and the time estimate.
@@ -41,6 +47,10 @@ pub enum Task {
         seq: usize,
     },
     Elementwise,
+    /// Linear ops on weights in one block format: matrix-vector, GEMM by rows, dequantize.
+    Quantized {
+        format: WeightFormat,
+    },
 }
 
 impl Task {
@@ -57,6 +67,8 @@ impl Task {
                 Task::Attention { seq, .. } if cpu => 0.3 + (*seq as f64 / 512.0).powi(2) * 0.3,
                 Task::Attention { .. } => 0.5,
                 Task::Elementwise => 1.5,
+                Task::Quantized { .. } if cpu => 4.0,
+                Task::Quantized { .. } => 1.0,
             }
     }
 }
@@ -83,6 +95,7 @@ pub fn tasks(device: &Device, opts: &ProfileOptions) -> Vec<Task> {
         t.extend(att.iter().map(|&seq| Task::Attention { dtype: dt, seq }));
     }
     t.push(Task::Elementwise);
+    t.extend(opts.quantized.iter().map(|&format| Task::Quantized { format }));
     t
 }
 
@@ -147,6 +160,7 @@ pub fn measure(
     let mut gemm: BTreeMap<PDType, Curve> = BTreeMap::new();
     let mut attention: BTreeMap<PDType, Curve> = BTreeMap::new();
     let mut elementwise = None;
+    let mut quantized = BTreeMap::new();
     for (i, task) in list.iter().enumerate() {
         progress(i, list.len(), &format!("{task:?}"));
         match *task {
@@ -228,6 +242,9 @@ pub fn measure(
             Task::Elementwise => {
                 elementwise = Some(measure_elementwise(device, runs, min_time, dispatch_s)?);
             }
+            Task::Quantized { format } => {
+                quantized.insert(format, measure_quantized(device, format, opts.quick, runs, min_time)?);
+            }
         }
     }
     progress(list.len(), list.len(), "done");
@@ -263,9 +280,77 @@ pub fn measure(
         elementwise,
         gemm,
         attention,
+        quantized,
     };
     profile.validate().map_err(|e| WorkerError::Device(format!("measured profile is invalid: {e}")))?;
     Ok(profile)
+}
+
+/// Rates of linear ops on weights in `format`, through the function linear ops run
+/// ([`crate::exec::quantized_matmul`]): a matrix-vector product over a weight too big for
+/// the caches (7B-sized), GEMMs of a projection's width at several row counts (prefill's
+/// chunks), and dequantizing the weight (what training over a quantized base does).
+fn measure_quantized(
+    device: &Device,
+    format: WeightFormat,
+    quick: bool,
+    runs: usize,
+    min_time: Duration,
+) -> Result<QuantRates, WorkerError> {
+    let ggml = crate::weights::ggml_type(format)
+        .ok_or_else(|| WorkerError::Device(format!("{format} is not a block format to measure")))?;
+    let quantize = |n: usize, k: usize| -> Result<(QMatMul, f64), WorkerError> {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let q = QTensor::quantize_onto(&w, ggml, device)?;
+        let stored = q.storage_size_in_bytes() as f64;
+        Ok((QMatMul::from_qtensor(q)?, stored))
+    };
+    // Decode: one row against a weight as large as Mistral's MLP projections (quick: its
+    // attention's), so the weight streams from memory as it does in a real model.
+    let (n, k) = if quick { (4096, 4096) } else { (14336, 4096) };
+    let gemv_shape = format!("{n}x{k}");
+    let (q, stored) = quantize(n, k)?;
+    let x = rand(&[1, k], DType::F32, device)?;
+    let s = time_it(device, runs, min_time, || {
+        let _ = crate::exec::quantized_matmul(&q, &x)?;
+        Ok(())
+    })?;
+    let gemv_gbps = stored / s / 1e9;
+    let dq = time_it(device, runs.min(3), min_time, || {
+        let _ = match &q {
+            QMatMul::QTensor(t) => t.dequantize(device)?,
+            _ => return Err(WorkerError::Device("the weight was not kept quantized".into())),
+        };
+        Ok(())
+    })?;
+    let dequantize_gbps = Some((n * k * 4) as f64 / dq / 1e9);
+    drop(q);
+    // Prefill: a 4096-wide projection (quick: 2048) at growing row counts.
+    let (n, k) = if quick { (2048, 2048) } else { (4096, 4096) };
+    let (q, _) = quantize(n, k)?;
+    let rows: &[usize] = if quick { &[16, 64, 256] } else { &[16, 64, 256, 512] };
+    let mut gemm = Curve { size: vec![], tflops: vec![] };
+    for &m in rows {
+        let x = rand(&[m, k], DType::F32, device)?;
+        let s = time_it(device, runs, min_time, || {
+            let _ = crate::exec::quantized_matmul(&q, &x)?;
+            Ok(())
+        })?;
+        let work = (m * n * k) as f64;
+        gemm.size.push(work.cbrt());
+        gemm.tflops.push(2.0 * work / s / 1e12);
+    }
+    Ok(QuantRates {
+        gemv_gbps,
+        gemm,
+        dequantize_gbps,
+        source: format!(
+            "measured by lemur-profile{}: the workers' quantized kernels, matrix-vector over a {gemv_shape} \
+             weight, GEMM over {n}x{k} at {rows:?} rows",
+            if quick { " --quick" } else { "" }
+        ),
+        estimate: false,
+    })
 }
 
 /// Element-wise throughput (GB/s of minimal traffic, dispatch subtracted) of the kernels the

@@ -69,6 +69,15 @@ pub fn parse_block_format(s: &str) -> Result<WeightFormat, String> {
     })
 }
 
+/// What `--quantize` takes: a block format, or one of llama.cpp's mixes (q4_k_m, q5_k_m),
+/// laid out per tensor as `llama-quantize` does; the error lists them all.
+pub fn parse_quantize(s: &str) -> Result<WeightFormat, String> {
+    WeightFormat::parse(s).filter(|f| f.is_quantized()).ok_or_else(|| {
+        let all: Vec<&str> = WeightFormat::ALL.iter().filter(|f| f.is_quantized()).map(|f| f.name()).collect();
+        format!("`{s}` is not a quantized format ({})", all.join(", "))
+    })
+}
+
 /// candle's block type of a single-type weight format (`None` for dense and for mixes).
 pub fn ggml_type(f: WeightFormat) -> Option<GgmlDType> {
     BLOCK_TYPES.iter().find(|(w, _)| *w == f).map(|(_, t)| *t)
@@ -402,8 +411,12 @@ impl Checkpoint {
                 (Some(w), _) => w,
                 (None, None) => OpWeights::None,
                 (None, Some(name)) if !matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) => {
-                    let stored = match self.quantize.and_then(ggml_type) {
-                        Some(t) => Some(self.quantize_at_load(name, kind, t, &dev)?),
+                    // `--quantize` lays tensors out as llama-quantize would (the planner
+                    // prices that layout): the head in Q6_K, a mix's Q6_K layers, fallbacks.
+                    let target = self.quantize.map(|q| q.tensor_format(kind, layer, &self.config).and_then(ggml_type));
+                    let stored = match target {
+                        Some(Some(t)) => Some(self.quantize_at_load(name, kind, t, &dev)?),
+                        Some(None) => None,
                         None => self.load_quantized(name, kind, &dev)?,
                     };
                     match stored {

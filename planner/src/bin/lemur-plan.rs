@@ -78,8 +78,10 @@ struct Args {
     #[arg(long, default_value = "f16")]
     dtype: String,
     /// How the weights are stored: dense (in --dtype), q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
-    /// q3_k, q4_k, q5_k, q6_k, q4_k_m or q5_k_m. Default: a GGUF model's own format, else dense.
-    #[arg(long)]
+    /// q3_k, q4_k, q5_k, q6_k, q4_k_m or q5_k_m, each tensor as llama.cpp's llama-quantize
+    /// lays it out (what a GGUF holds and what the workers' `--quantize` makes); `--quantize`
+    /// is the same flag. Default: a GGUF model's own format, else dense.
+    #[arg(long, visible_alias = "quantize")]
     weights: Option<String>,
     /// Seconds the solver may take in all.
     #[arg(long, default_value_t = 60.0, value_parser = parse::positive)]

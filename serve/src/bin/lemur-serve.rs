@@ -20,7 +20,7 @@ use lemur_worker::batch::BatchConfig;
 use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::{Job, NodeConfig};
 use lemur_worker::tokenizer::Tok;
-use lemur_worker::weights::{parse_block_format, parse_dtype, Checkpoint};
+use lemur_worker::weights::{parse_dtype, parse_quantize, Checkpoint};
 
 /// Serve a model from a Lemurian cluster over OpenAI's HTTP API.
 ///
@@ -100,8 +100,9 @@ struct Args {
     /// candle); on the CPU it is slower than the quantized kernels (docs/serving.md).
     #[arg(long, default_value = "never", value_parser = DenseMatmul::parse)]
     dense_matmul: DenseMatmul,
-    /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, ...); a --plan must be for it.
-    #[arg(long, value_parser = parse_block_format)]
+    /// Quantize a checkpoint's dense weights at load (q8_0, q4_k, q4_k_m, ...; each tensor as
+    /// llama.cpp's llama-quantize would); a --plan must be for it.
+    #[arg(long, value_parser = parse_quantize)]
     quantize: Option<WeightFormat>,
     /// On failure, also print the error's backtrace.
     #[arg(short, long)]

@@ -24,7 +24,7 @@ use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
-use lemur_worker::weights::{parse_block_format, parse_dtype, Checkpoint};
+use lemur_worker::weights::{parse_dtype, parse_quantize, Checkpoint};
 
 /// Run one rank of a Lemurian cluster.
 ///
@@ -158,8 +158,10 @@ struct Args {
     #[arg(long, default_value = "never", value_parser = DenseMatmul::parse)]
     dense_matmul: DenseMatmul,
     /// Rank 0: quantize a checkpoint's dense weights at load (every rank), to q8_0, q4_0,
-    /// q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k; the plan must be for that format.
-    #[arg(long, value_parser = parse_block_format)]
+    /// q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k or the mixes q4_k_m, q5_k_m, each
+    /// tensor as llama.cpp's llama-quantize would (the lm head in q6_k unless q8_0, the
+    /// mixes' q6_k layers); the plan must be for that format.
+    #[arg(long, value_parser = parse_quantize)]
     quantize: Option<WeightFormat>,
     /// Seconds a rank waits for rank 0 before giving up.
     #[arg(long, default_value_t = 600, value_parser = parse::at_least_one::<u64>)]
