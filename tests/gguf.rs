@@ -173,7 +173,16 @@ fn safetensors_quantized_to_a_mix_run_like_its_gguf_and_quantized_llama() -> Res
     let mut plan = plan_with(&cfg, &["m4-pro", "m5-pro"], prompt.len() as u64, 16, |op| op.id % 2)?;
     plan.workload.weights = WeightFormat::Q4KM;
     let (a, la) = run(&dir.path().join("gguf"), &plan, &gguf, &prompt, 16)?;
-    let b = run_cluster_with(&dir.path().join("st"), &plan, &st, &prompt, 16, &["--quantize", "q4_k_m"])?;
+    let timings = dir.path().join("timings.json");
+    let flags = ["--quantize", "q4_k_m", "--timings", timings.to_str().unwrap()];
+    let b = run_cluster_with(&dir.path().join("st"), &plan, &st, &prompt, 16, &flags)?;
+    // Every rank's kernel paths reach rank 0's report (both run projections of both types).
+    for rank in [0, 1] {
+        for format in ["Q4K", "Q6K"] {
+            let line = format!("rank {rank} quantized matmuls, {format}: Lemurian's");
+            assert!(b.stderr.contains(&line), "no `{line}` in:\n{}", b.stderr);
+        }
+    }
     assert_eq!(a, want, "the GGUF through two ranks against quantized_llama");
     assert_eq!(b.tokens, want, "--quantize q4_k_m through two ranks against quantized_llama");
     let d =

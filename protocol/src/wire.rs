@@ -18,7 +18,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -351,6 +351,10 @@ pub enum Message {
         /// The most memory this rank's process has held resident, bytes (0: unknown).
         #[serde(default)]
         peak_rss_bytes: u64,
+        /// With timing on: which kernels this rank's quantized matmuls ran, one line per
+        /// format (`Q8_0: Lemurian's AVX2 (633 calls, 322563 rows)`).
+        #[serde(default)]
+        kernel_paths: Vec<String>,
     },
     /// Something failed on `rank`.
     Error {

@@ -116,6 +116,7 @@ fn every_message() -> Vec<Frame> {
             op_ms: vec![(3, 0.25), (4, 1.5)],
             peak_runs: 4,
             peak_rss_bytes: 123 << 20,
+            kernel_paths: vec!["Q8_0: Lemurian's AVX2 (2 calls, 9 rows)".into()],
         }),
         Frame::control(Message::Error { rank: 1, message: "boom".into() }),
         Frame::control(Message::Heartbeat { rank: 1, seq: 99 }),

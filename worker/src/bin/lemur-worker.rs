@@ -370,8 +370,10 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
                 Timings::new(plan, &o.op_ms, o.ttft.as_secs_f64() * 1e3, o.tpot.map(|d| d.as_secs_f64() * 1e3))
             };
             eprint!("{}", t.table());
-            for line in lemur_worker::qmm::report() {
-                eprintln!("rank {} quantized matmuls, {line}", args.rank);
+            for (r, lines) in o.kernel_paths.iter().enumerate() {
+                for line in lines {
+                    eprintln!("rank {r} quantized matmuls, {line}");
+                }
             }
             std::fs::write(path, serde_json::to_string_pretty(&t)?)
                 .with_context(|| format!("writing {}", path.display()))?;

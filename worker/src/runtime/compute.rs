@@ -481,6 +481,7 @@ impl Compute {
             op_ms,
             peak_runs: self.peak_runs,
             peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
+            kernel_paths: if self.timing { crate::qmm::report() } else { vec![] },
         };
         self.router.send(0, Frame::control(msg))
     }

@@ -249,6 +249,8 @@ pub struct Outcome {
     pub peak_runs: Vec<u32>,
     /// The most memory each rank's process held resident, bytes, by rank (0: unknown).
     pub peak_rss_bytes: Vec<u64>,
+    /// With timing on: each rank's quantized-matmul kernel paths (`qmm::report`).
+    pub kernel_paths: Vec<Vec<String>>,
     pub checkpoints: Vec<PathBuf>,
 }
 
@@ -312,6 +314,7 @@ mod tests {
             step_seconds: vec![9.0, 0.3, 0.1, 0.2],
             peak_runs: vec![],
             peak_rss_bytes: vec![],
+            kernel_paths: vec![],
             checkpoints: vec![],
         };
         assert!((o.median_step_ms() - 200.0).abs() < 1e-9);

@@ -32,13 +32,14 @@ pub(super) type Shared = Arc<Mutex<Option<Result<Option<Outcome>, WorkerError>>>
 pub(super) struct Begin(pub Job);
 
 /// Per rank, what it reported when a request finished.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct RankStats {
     pub bytes_sent: u64,
     pub handover_bytes: u64,
     pub handover_ms: f64,
     pub peak_runs: u32,
     pub peak_rss_bytes: u64,
+    pub kernel_paths: Vec<String>,
 }
 
 /// Rank 0's state of the request in flight.
@@ -309,7 +310,7 @@ impl Node {
             v.sort_by(f64::total_cmp);
             op_ms.insert(op, v[v.len() / 2]);
         }
-        let stat = |r: u32| l.stats.get(&r).copied().unwrap_or_default();
+        let stat = |r: u32| l.stats.get(&r).cloned().unwrap_or_default();
         let outcome = Outcome {
             tokens: l.tokens.clone(),
             ttft,
@@ -320,6 +321,7 @@ impl Node {
             handover_ms: l.stats.values().map(|s| s.handover_ms).fold(0.0, f64::max),
             peak_runs: (0..self.n).map(|r| stat(r).peak_runs).collect(),
             peak_rss_bytes: (0..self.n).map(|r| stat(r).peak_rss_bytes).collect(),
+            kernel_paths: (0..self.n).map(|r| stat(r).kernel_paths).collect(),
             op_ms,
             loss: l.loss,
             lora_grads: l.lora_grads.clone(),
@@ -434,6 +436,7 @@ impl Node {
                 op_ms,
                 peak_runs,
                 peak_rss_bytes,
+                kernel_paths,
                 ..
             } => {
                 if let Some(r) = self.serving.as_mut().and_then(|s| s.ranks.get_mut(rank as usize)) {
@@ -442,7 +445,8 @@ impl Node {
                 }
                 if let Some(l) = self.leader.as_mut().filter(|l| l.request == request_id || l.trainer.is_some()) {
                     l.op_ms.extend(op_ms);
-                    let s = RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs, peak_rss_bytes };
+                    let s =
+                        RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs, peak_rss_bytes, kernel_paths };
                     l.stats.insert(rank, s);
                     if l.done && l.stats.len() as u32 == self.n {
                         self.complete_request(ctx);
