@@ -61,12 +61,39 @@ pub struct KvCache {
 /// Positions a cache grows by at once beyond what it holds.
 pub const KV_CHUNK: usize = 256;
 
+/// How many finished requests' cache buffers an executor keeps for new requests: a server's
+/// next request usually starts as one finishes, so a few suffice, and they stay within the
+/// KV budget the finished requests held.
+const SPARE_REQUESTS: usize = 2;
+
 impl KvCache {
     /// A cache holding `k` and `v` (`[b, kv_heads, len, d]`) for positions from `start`.
     pub fn new(k: &Tensor, v: &Tensor, start: usize) -> Result<Self, WorkerError> {
-        let len = k.dim(2)?;
-        let mut c = Self { k: k.clone(), v: v.clone(), len: 0, start };
-        c.reserve(len, 0)?;
+        Self::reusing(k, v, start, &mut Vec::new())
+    }
+
+    /// As [`KvCache::new`], in the buffers of a finished request's cache from `spare` when
+    /// one fits (same shape and dtype, room for `k`'s positions): a new request then costs
+    /// no allocation and no zeroing of fresh pages. Positions past `len` are never read.
+    pub fn reusing(k: &Tensor, v: &Tensor, start: usize, spare: &mut Vec<KvCache>) -> Result<Self, WorkerError> {
+        let (b, h, len, d) = k.dims4()?;
+        let fits = |c: &KvCache| {
+            c.k.dims4().is_ok_and(|(cb, ch, cap, cd)| (cb, ch, cd) == (b, h, d) && cap > len)
+                && c.k.dtype() == k.dtype()
+                && c.k.device().same_device(k.device())
+        };
+        let mut c = match spare.iter().position(fits) {
+            Some(i) => {
+                let mut c = spare.swap_remove(i);
+                (c.len, c.start) = (0, start);
+                c
+            }
+            None => {
+                let mut c = Self { k: k.clone(), v: v.clone(), len: 0, start };
+                c.reserve(len, 0)?;
+                c
+            }
+        };
         c.k.slice_set(&k.contiguous()?, 2, 0)?;
         c.v.slice_set(&v.contiguous()?, 2, 0)?;
         c.len = len;
@@ -134,6 +161,9 @@ pub struct Executor {
     pub(crate) sin: Tensor,
     /// KV caches by (request, layer).
     pub kv: HashMap<(u64, u32), KvCache>,
+    /// Finished requests' cache buffers, for the next requests (at most [`SPARE_REQUESTS`]
+    /// requests' worth).
+    spare: Vec<KvCache>,
     /// LoRA adapters by (kind, layer).
     pub adapters: HashMap<(OpKind, Option<u32>), Adapter>,
 }
@@ -207,7 +237,17 @@ pub fn quantized_matmul(q: &QMatMul, x: &Tensor) -> Result<Tensor, WorkerError> 
 impl Executor {
     pub fn new(cfg: ModelConfig, device: Device, dtype: DType) -> Result<Self, WorkerError> {
         let (cos, sin) = rope_tables(&cfg, &device, dtype)?;
-        Ok(Self { cfg, device, dtype, weights: HashMap::new(), cos, sin, kv: HashMap::new(), adapters: HashMap::new() })
+        Ok(Self {
+            cfg,
+            device,
+            dtype,
+            weights: HashMap::new(),
+            cos,
+            sin,
+            kv: HashMap::new(),
+            spare: Vec::new(),
+            adapters: HashMap::new(),
+        })
     }
 
     pub fn set_weights(&mut self, kind: OpKind, layer: Option<u32>, w: OpWeights) {
@@ -401,7 +441,8 @@ impl Executor {
         match self.kv.get_mut(&key) {
             Some(c) => c.append(k, v, window)?,
             None => {
-                self.kv.insert(key, KvCache::new(k, v, g.position)?);
+                let c = KvCache::reusing(k, v, g.position, &mut self.spare)?;
+                self.kv.insert(key, c);
             }
         }
         let c = &self.kv[&key];
@@ -409,9 +450,17 @@ impl Executor {
         attention_core(q, &c.keys()?, &c.values()?, vis, groups)
     }
 
-    /// Drops a request's caches.
+    /// Drops a request's caches, keeping their buffers for the next requests.
     pub fn finish(&mut self, request: u64) {
-        self.kv.retain(|(r, _), _| *r != request);
+        let layers: Vec<(u64, u32)> = self.kv.keys().filter(|(r, _)| *r == request).copied().collect();
+        let keep = SPARE_REQUESTS * self.cfg.num_layers as usize;
+        for key in layers {
+            if let Some(c) = self.kv.remove(&key) {
+                if self.spare.len() < keep {
+                    self.spare.push(c);
+                }
+            }
+        }
     }
 }
 
@@ -500,6 +549,31 @@ mod tests {
     fn positions(from: usize, n: usize) -> Tensor {
         let v: Vec<f32> = (from..from + n).flat_map(|p| [p as f32, -(p as f32)]).collect();
         Tensor::from_vec(v, (1, 1, n, 2), &Device::Cpu).unwrap()
+    }
+
+    /// A new request's cache in a finished one's buffers holds exactly its own positions
+    /// (the old ones past its length are never seen) and grows as a fresh one does; a
+    /// buffer of another shape is left in the spare list.
+    #[test]
+    fn a_reused_cache_buffer_holds_only_the_new_requests_keys() {
+        let old = KvCache::new(&positions(0, 40), &positions(0, 40), 0).unwrap();
+        let odd = KvCache::new(
+            &Tensor::zeros((1, 2, 4, 2), DType::F32, &Device::Cpu).unwrap(),
+            &Tensor::zeros((1, 2, 4, 2), DType::F32, &Device::Cpu).unwrap(),
+            0,
+        )
+        .unwrap();
+        let mut spare = vec![odd, old];
+        let mut c = KvCache::reusing(&positions(500, 3), &positions(500, 3), 500, &mut spare).unwrap();
+        assert_eq!(spare.len(), 1, "the matching buffer was taken");
+        assert_eq!(spare[0].k.dims4().unwrap().1, 2, "the other shape stays");
+        for p in 503..800 {
+            c.append(&positions(p, 1), &positions(p, 1), None).unwrap();
+        }
+        let k: Vec<f32> = c.keys().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = (500..800).flat_map(|p| [p as f32, -(p as f32)]).collect();
+        assert_eq!(k, want);
+        assert_eq!((c.start, c.len()), (500, 300));
     }
 
     #[test]

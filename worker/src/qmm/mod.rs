@@ -39,17 +39,25 @@ const ROW_TILE: usize = 64;
 /// Block products below which one thread does the whole matmul.
 const MIN_PARALLEL: usize = 1024;
 
-/// A format's SIMD kernels for one and for four activation rows, where the CPU has them.
+/// A format's SIMD kernels for one to four activation rows, where the CPU has them (a
+/// batch of three decode rows runs one three-row pass, not three one-row passes).
 type Dot<B, const R: usize> = unsafe fn(&[B], [&[A8]; R]) -> [f32; R];
 struct Simd<B: Block> {
     one: Dot<B, 1>,
+    two: Dot<B, 2>,
+    three: Dot<B, 3>,
     four: Dot<B, 4>,
 }
 
 macro_rules! kernels {
     ($name:ident) => {{
         #[cfg(target_arch = "x86_64")]
-        let k = avx2::available().then_some(Simd { one: avx2::$name::<1>, four: avx2::$name::<4> });
+        let k = avx2::available().then_some(Simd {
+            one: avx2::$name::<1>,
+            two: avx2::$name::<2>,
+            three: avx2::$name::<3>,
+            four: avx2::$name::<4>,
+        });
         #[cfg(not(target_arch = "x86_64"))]
         let k = None;
         k
@@ -194,11 +202,14 @@ fn blocks32<B: Block>(
             k / QK,
             &acts,
             m,
-            (|w: &[B], a: &[A8]| unsafe { (s.one)(w, [a]) }[0], |w: &[B], a: [&[A8]; 4]| unsafe { (s.four)(w, a) }),
+            Dots {
+                one: |w: &[B], a: [&[A8]; 1]| unsafe { (s.one)(w, a) },
+                two: |w: &[B], a: [&[A8]; 2]| unsafe { (s.two)(w, a) },
+                three: |w: &[B], a: [&[A8]; 3]| unsafe { (s.three)(w, a) },
+                four: |w: &[B], a: [&[A8]; 4]| unsafe { (s.four)(w, a) },
+            },
         ),
-        None => {
-            drive(w, n, k / QK, &acts, m, (blocks::dot::<B>, |w: &[B], a: [&[A8]; 4]| a.map(|a| blocks::dot(w, a))))
-        }
+        None => drive(w, n, k / QK, &acts, m, Dots::each(blocks::dot::<B>)),
     })
 }
 
@@ -218,9 +229,7 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
         out.extend((0..row.len() / QK_K).map(|_| BlockQ8K::zeros()));
         BlockQ8K::from_float(row, &mut out[start..]);
     });
-    let dot = |w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a);
-    let four = |w: &[T], a: [&[BlockQ8K]; 4]| a.map(|a| dot(w, a));
-    Some(drive(w, n, k / QK_K, &acts, m, (dot, four)))
+    Some(drive(w, n, k / QK_K, &acts, m, Dots::each(|w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a))))
 }
 
 /// Each row of `x` (`m` rows of `k`) as activation blocks, concatenated.
@@ -243,19 +252,59 @@ fn quantize<A: Send + Sync>(x: &[f32], k: usize, m: usize, q: impl Fn(&[f32], &m
     parts.into_iter().flatten().collect()
 }
 
+/// One weight row against one to four activation rows.
+struct Dots<F1, F2, F3, F4> {
+    one: F1,
+    two: F2,
+    three: F3,
+    four: F4,
+}
+
+/// Dot products one row at a time, for every group size.
+type Each<D> = Dots<Rowwise<D>, Rowwise<D>, Rowwise<D>, Rowwise<D>>;
+
+impl<D: Copy> Each<D> {
+    fn each(dot: D) -> Self {
+        Dots { one: Rowwise(dot), two: Rowwise(dot), three: Rowwise(dot), four: Rowwise(dot) }
+    }
+}
+
+/// The dot products of one weight row against `R` activation rows.
+trait DotN<W, A, const R: usize> {
+    fn dots(&self, w: &[W], a: [&[A]; R]) -> [f32; R];
+}
+
+impl<W, A, const R: usize, F: Fn(&[W], [&[A]; R]) -> [f32; R]> DotN<W, A, R> for F {
+    fn dots(&self, w: &[W], a: [&[A]; R]) -> [f32; R] {
+        self(w, a)
+    }
+}
+
+/// A one-row dot product serves any group, row by row.
+struct Rowwise<D>(D);
+
+impl<W, A, const R: usize, D: Fn(&[W], &[A]) -> f32> DotN<W, A, R> for Rowwise<D> {
+    fn dots(&self, w: &[W], a: [&[A]; R]) -> [f32; R] {
+        a.map(|a| (self.0)(w, a))
+    }
+}
+
 /// The matmul over weight rows `w` (`n` rows of `kb` blocks) and activation rows `acts`
-/// (`m` rows of `kb` blocks), split over the weight's rows; `[m, n]`.
-fn drive<W: Sync, A: Sync, F1, F4>(
+/// (`m` rows of `kb` blocks), split over the weight's rows; `[m, n]`. Rows go four at a
+/// time, the last one to three together.
+fn drive<W: Sync, A: Sync, F1, F2, F3, F4>(
     w: &[W],
     n: usize,
     kb: usize,
     acts: &[A],
     m: usize,
-    (dot1, dot4): (F1, F4),
+    dots: Dots<F1, F2, F3, F4>,
 ) -> Vec<f32>
 where
-    F1: Fn(&[W], &[A]) -> f32 + Sync,
-    F4: Fn(&[W], [&[A]; 4]) -> [f32; 4] + Sync,
+    F1: DotN<W, A, 1> + Sync,
+    F2: DotN<W, A, 2> + Sync,
+    F3: DotN<W, A, 3> + Sync,
+    F4: DotN<W, A, 4> + Sync,
 {
     let row = |r: usize| &acts[r * kb..(r + 1) * kb];
     let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
@@ -268,15 +317,20 @@ where
             for j in j0..j1 {
                 let wr = wrow(j);
                 let mut r = r0;
-                while r + 4 <= r1 {
-                    let v = dot4(wr, [row(r), row(r + 1), row(r + 2), row(r + 3)]);
-                    for (i, v) in v.into_iter().enumerate() {
-                        part[(r + i) * width + j - j0] = v;
+                let mut put = |r: usize, v: &[f32]| {
+                    for (i, v) in v.iter().enumerate() {
+                        part[(r + i) * width + j - j0] = *v;
                     }
+                };
+                while r + 4 <= r1 {
+                    put(r, &dots.four.dots(wr, [row(r), row(r + 1), row(r + 2), row(r + 3)]));
                     r += 4;
                 }
-                for r in r..r1 {
-                    part[r * width + j - j0] = dot1(wr, row(r));
+                match r1 - r {
+                    3 => put(r, &dots.three.dots(wr, [row(r), row(r + 1), row(r + 2)])),
+                    2 => put(r, &dots.two.dots(wr, [row(r), row(r + 1)])),
+                    1 => put(r, &dots.one.dots(wr, [row(r)])),
+                    _ => {}
                 }
             }
         }
