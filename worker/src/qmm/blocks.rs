@@ -70,6 +70,15 @@ const _: () = assert!(std::mem::size_of::<Q8_0>() == 34);
 
 /// A row of activations (a multiple of 32 long) as 8-bit blocks, rounded exactly as ggml's
 /// `quantize_row_q8_0` and `quantize_row_q8_1` round them (`s` is f16(sum) * d in f16).
+/// `v.round()` (half away from zero, as ggml's `roundf`) for |v| < 2^31, without the libm
+/// call: truncate, then step by the exact fractional part; the loop around it vectorises.
+#[inline(always)]
+pub fn round_half_away(v: f32) -> i32 {
+    let t = v as i32;
+    let f = v - t as f32;
+    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
+}
+
 pub fn quantize(xs: &[f32], out: &mut Vec<A8>) {
     for c in xs.chunks_exact(QK) {
         let amax = c.iter().fold(0f32, |a, x| a.max(x.abs()));
@@ -77,7 +86,7 @@ pub fn quantize(xs: &[f32], out: &mut Vec<A8>) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; 32];
         for (q, &x) in qs.iter_mut().zip(c) {
-            *q = (x * id).round() as i8;
+            *q = round_half_away(x * id) as i8;
         }
         let d = f16::from_f32(d);
         let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();

@@ -139,3 +139,18 @@ fn a_rows_result_does_not_depend_on_its_batch() {
         }
     }
 }
+
+/// The activations' rounding is `f32::round` (ggml's `roundf`) exactly: halves, values a
+/// hair either side of them, the ends of the 8-bit range, signs.
+#[test]
+fn activation_rounding_is_roundf() {
+    let mut vs: Vec<f32> = (-1280..=1280).map(|i| i as f32 / 10.0).collect();
+    for h in -128..128 {
+        let half = h as f32 + 0.5;
+        vs.extend([half, f32::from_bits(half.to_bits() + 1), f32::from_bits(half.to_bits() - 1), -half]);
+    }
+    vs.extend([0.0, -0.0, 127.0, -127.0, 127.49999, 0.49999997, -0.49999997]);
+    for v in vs {
+        assert_eq!(super::blocks::round_half_away(v), v.round() as i32, "{v}");
+    }
+}
