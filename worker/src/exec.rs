@@ -412,31 +412,33 @@ impl Executor {
         let (b, s, _) = v.dims3()?;
         let (d, kvh) = (self.cfg.head_dim as usize, self.cfg.num_kv_heads as usize);
         let v = v.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        if let [one] = step.segments.as_slice() {
-            return self.segment_attention(q, k, &v, layer, one);
-        }
-        let mut outs = Vec::with_capacity(step.segments.len());
+        let mut queries = Vec::with_capacity(step.segments.len());
         let mut at = 0;
         for g in &step.segments {
             let part = |t: &Tensor| t.narrow(2, at, g.len);
-            outs.push(self.segment_attention(&part(q)?, &part(k)?, &part(&v)?, layer, g)?);
+            self.cache_segment(&part(k)?, &part(&v)?, layer, g)?;
+            queries.push(part(q)?);
             at += g.len;
         }
+        if let [one] = step.segments.as_slice() {
+            return self.attend_segment(q, layer, one);
+        }
+        // A batch of decode rows: each request's pass over its own cache is too little work
+        // to split, so the requests go over the pool side by side (each computed as alone).
+        let this = &*self;
+        let attend = |i: usize| this.attend_segment(&queries[i], layer, &step.segments[i]);
+        let n = step.segments.len();
+        let outs: Vec<Tensor> = if self.device.is_cpu() && step.segments.iter().all(|g| g.len <= 4) {
+            crate::qmm::pool::map(n, &attend).into_iter().collect::<Result<_, _>>()?
+        } else {
+            (0..n).map(attend).collect::<Result<_, _>>()?
+        };
         Ok(Tensor::cat(&outs, 1)?)
     }
 
-    /// One segment's attention: `q [b, h, s, d]`, `k, v [b, kv_heads, s, d]`.
-    fn segment_attention(
-        &mut self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        layer: u32,
-        g: &Seg,
-    ) -> Result<Tensor, WorkerError> {
-        let cfg = &self.cfg;
-        let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
-        let window = cfg.sliding_window.map(|w| w as usize);
+    /// Appends one segment's `k, v [b, kv_heads, s, d]` to its request's cache (or starts it).
+    fn cache_segment(&mut self, k: &Tensor, v: &Tensor, layer: u32, g: &Seg) -> Result<(), WorkerError> {
+        let window = self.cfg.sliding_window.map(|w| w as usize);
         let key = (g.request, layer);
         match self.kv.get_mut(&key) {
             Some(c) => c.append(k, v, window)?,
@@ -445,7 +447,18 @@ impl Executor {
                 self.kv.insert(key, c);
             }
         }
-        let c = &self.kv[&key];
+        Ok(())
+    }
+
+    /// One segment's attention, `q [b, h, s, d]`, over its request's cache.
+    fn attend_segment(&self, q: &Tensor, layer: u32, g: &Seg) -> Result<Tensor, WorkerError> {
+        let cfg = &self.cfg;
+        let groups = (cfg.num_heads / cfg.num_kv_heads) as usize;
+        let window = cfg.sliding_window.map(|w| w as usize);
+        let c = self
+            .kv
+            .get(&(g.request, layer))
+            .ok_or_else(|| WorkerError::Request(format!("request {} has no KV cache for layer {layer}", g.request)))?;
         let vis = Visibility { q_start: g.position, rows_per_group: g.len, k_start: c.start, window };
         attention_core(q, &c.keys()?, &c.values()?, vis, groups)
     }
