@@ -154,3 +154,50 @@ fn activation_rounding_is_roundf() {
         assert_eq!(super::blocks::round_half_away(v), v.round() as i32, "{v}");
     }
 }
+
+/// candle's K-quant GEMM (what prompt rows of Q4_K and Q6_K weights run) gives a row the
+/// same result whatever number of rows (at least 8) share the call.
+#[test]
+fn candles_k_quant_gemm_rows_do_not_depend_on_their_batch() {
+    use candle_core::Module;
+    let dev = Device::Cpu;
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let (n, k) = (48, 512);
+        let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+        let mm = QMatMul::from_qtensor(q).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (100, k), &dev).unwrap();
+        let all: Vec<Vec<f32>> = mm.forward(&x).unwrap().to_vec2().unwrap();
+        for (from, rows) in [(0, 8), (3, 13), (40, 60), (7, 64)] {
+            let part: Vec<Vec<f32>> = mm.forward(&x.narrow(0, from, rows).unwrap()).unwrap().to_vec2().unwrap();
+            for r in 0..rows {
+                assert_eq!(part[r], all[from + r], "{dtype:?}: row {} of {rows}", from + r);
+            }
+        }
+    }
+}
+
+/// A step's rows in runs: a K-quant weight's prompt runs equal candle's GEMM on them alone,
+/// its decode runs Lemurian's kernels alone, in the runs' order; other formats ignore runs.
+#[test]
+fn prompt_runs_of_k_quants_go_to_candles_gemm_and_decode_rows_stay() {
+    use candle_core::Module;
+    let dev = Device::Cpu;
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        let (n, k) = (40, 512);
+        let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+        let mm = QMatMul::from_qtensor(q).unwrap();
+        let runs = [1, 12, 3, 9, 1];
+        let total: usize = runs.iter().sum();
+        let x = Tensor::randn(0f32, 1.0, (1, total, k), &dev).unwrap();
+        let got: Vec<Vec<f32>> = forward_runs(&mm, &x, &runs).unwrap().unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let mut at = 0;
+        for r in runs {
+            let part = x.narrow(1, at, r).unwrap();
+            let prompt = r >= PROMPT_ROWS && dtype != GgmlDType::Q8_0;
+            let want = if prompt { mm.forward(&part).unwrap() } else { forward(&mm, &part).unwrap().unwrap() };
+            let want: Vec<Vec<f32>> = want.squeeze(0).unwrap().to_vec2().unwrap();
+            assert_eq!(&got[at..at + r], &want[..], "{dtype:?}: run of {r} at {at}");
+            at += r;
+        }
+    }
+}
