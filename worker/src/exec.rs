@@ -222,13 +222,12 @@ impl StepInput {
     }
 }
 
-/// `x` (`[1, rows, k]`, rows in per-request `runs`) times a quantized weight, as linear
-/// ops run it: Lemurian's own kernels on the CPU (`qmm`; prompt runs of K-quant weights on
-/// candle's repacked GEMM), candle's elsewhere, on f32 activations (the kernels quantize
-/// them to 8 bits); the result in `x`'s dtype. `lemur-profile` times this same function.
-pub fn quantized_matmul(q: &QMatMul, x: &Tensor, runs: &[usize]) -> Result<Tensor, WorkerError> {
+/// `x` times a quantized weight, as linear ops run it: Lemurian's own kernels on the CPU
+/// (`qmm`), candle's elsewhere, on f32 activations (the kernels quantize them to 8 bits);
+/// the result in `x`'s dtype. `lemur-profile` times this same function.
+pub fn quantized_matmul(q: &QMatMul, x: &Tensor) -> Result<Tensor, WorkerError> {
     let x32 = x.to_dtype(DType::F32)?;
-    let y = match crate::qmm::forward_runs(q, &x32, runs)? {
+    let y = match crate::qmm::forward(q, &x32)? {
         Some(y) => y,
         None => q.forward(&x32)?,
     };
@@ -280,10 +279,7 @@ impl Executor {
             }
             // Quantized kernels take f32 activations (they quantize them to 8 bits): Lemurian's
             // own on the CPU (`qmm`), candle's elsewhere.
-            OpWeights::QLinear(q) => {
-                let runs: Vec<usize> = step.segments.iter().map(|g| g.len).collect();
-                quantized_matmul(q, x, &runs)?
-            }
+            OpWeights::QLinear(q) => quantized_matmul(q, x)?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };
         Ok(match self.adapters.get(&(kind, layer)) {

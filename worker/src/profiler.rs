@@ -310,9 +310,9 @@ fn measure_quantized(
     let (n, k) = if quick { (4096, 4096) } else { (14336, 4096) };
     let gemv_shape = format!("{n}x{k}");
     let (q, stored) = quantize(n, k)?;
-    let x = rand(&[1, 1, k], DType::F32, device)?;
+    let x = rand(&[1, k], DType::F32, device)?;
     let s = time_it(device, runs, min_time, || {
-        let _ = crate::exec::quantized_matmul(&q, &x, &[1])?;
+        let _ = crate::exec::quantized_matmul(&q, &x)?;
         Ok(())
     })?;
     let gemv_gbps = stored / s / 1e9;
@@ -331,10 +331,9 @@ fn measure_quantized(
     let rows: &[usize] = if quick { &[16, 64, 256] } else { &[16, 64, 256, 512] };
     let mut gemm = Curve { size: vec![], tflops: vec![] };
     for &m in rows {
-        // One request's prompt chunk of `m` rows, as a prefill step runs it.
-        let x = rand(&[1, m, k], DType::F32, device)?;
+        let x = rand(&[m, k], DType::F32, device)?;
         let s = time_it(device, runs, min_time, || {
-            let _ = crate::exec::quantized_matmul(&q, &x, &[m])?;
+            let _ = crate::exec::quantized_matmul(&q, &x)?;
             Ok(())
         })?;
         let work = (m * n * k) as f64;

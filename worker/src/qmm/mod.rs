@@ -30,7 +30,7 @@ use std::borrow::Cow;
 
 use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, GgmlType, QK_K};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use blocks::{Block, A8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK};
 
@@ -99,59 +99,6 @@ pub fn forward(q: &QMatMul, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         *last = n;
     }
     Tensor::from_vec(out, dims, x.device()).map(Some)
-}
-
-/// Rows of a run (one request's rows of a step) at least this many are a prompt chunk.
-pub const PROMPT_ROWS: usize = 8;
-
-/// `x @ w.T` as [`forward`], with `x`'s rows (`[1, rows, k]`) in runs of `runs` (one per
-/// request of the step, in order). Runs of [`PROMPT_ROWS`] or more (prompt chunks) of a
-/// Q4_K or Q6_K weight go to candle's repacked K-quant GEMM, about 3x Lemurian's row by row
-/// at prompt sizes; decode rows stay on Lemurian's kernels (faster at one row). A row's
-/// result still does not depend on the rows beside it: a request's runs are the same alone
-/// or batched, and candle's GEMM gives a row the same result at any row count from 8
-/// (`tests::candles_k_quant_gemm_rows_do_not_depend_on_their_batch`).
-pub fn forward_runs(q: &QMatMul, x: &Tensor, runs: &[usize]) -> candle_core::Result<Option<Tensor>> {
-    let QMatMul::QTensor(w) = q else { return Ok(None) };
-    let k_quant = matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K);
-    let rows = x.dims().get(1).copied().unwrap_or(0);
-    let shaped = x.rank() == 3 && x.dim(0)? == 1 && runs.iter().sum::<usize>() == rows;
-    if !k_quant || !shaped || !matches!(x.device(), Device::Cpu) || runs.iter().all(|&r| r < PROMPT_ROWS) {
-        return forward(q, x);
-    }
-    let prompt = |r: usize| r >= PROMPT_ROWS;
-    let mut at = 0;
-    let (mut long, mut short) = (Vec::new(), Vec::new());
-    for &r in runs {
-        if r > 0 {
-            (if prompt(r) { &mut long } else { &mut short }).push(x.narrow(1, at, r)?);
-        }
-        at += r;
-    }
-    let long_rows: usize = long.iter().map(|t| t.dim(1).unwrap_or(0)).sum();
-    record(w.dtype(), "candle's repacked K-quant GEMM (prompt rows)", long_rows);
-    let y_long = q.forward(&Tensor::cat(&long, 1)?)?;
-    if short.is_empty() {
-        return Ok(Some(y_long));
-    }
-    let xs = Tensor::cat(&short, 1)?;
-    let y_short = match forward(q, &xs)? {
-        Some(y) => y,
-        None => q.forward(&xs)?,
-    };
-    // Back in the runs' order.
-    let (mut il, mut is) = (0, 0);
-    let mut parts = Vec::with_capacity(runs.len());
-    for &r in runs.iter().filter(|&&r| r > 0) {
-        if prompt(r) {
-            parts.push(y_long.narrow(1, il, r)?);
-            il += r;
-        } else {
-            parts.push(y_short.narrow(1, is, r)?);
-            is += r;
-        }
-    }
-    Tensor::cat(&parts, 1).map(Some)
 }
 
 /// Which kernels a format runs on this CPU.
