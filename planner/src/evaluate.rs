@@ -19,6 +19,25 @@ impl Assignment {
     pub fn machine_of(&self, inst: &Instance, p: usize, op: usize) -> usize {
         self.units[p][inst.phases[p].unit_of[op]]
     }
+
+    /// Whether machine `m` runs any unit of any phase.
+    pub fn uses(&self, m: usize) -> bool {
+        self.units.iter().flatten().any(|&x| x == m)
+    }
+
+    /// How many of the `k` machines run something.
+    pub fn machines_used(&self, k: usize) -> u64 {
+        (0..k).filter(|&m| self.uses(m)).count() as u64
+    }
+}
+
+/// Adds the instance's scratch to every machine the placement runs something on.
+fn add_workspace(inst: &Instance, a: &Assignment, mem: &mut [u64]) {
+    for (m, b) in mem.iter_mut().enumerate() {
+        if a.uses(m) {
+            *b += inst.workspace_bytes;
+        }
+    }
 }
 
 /// What a placement costs, resource by resource.
@@ -84,7 +103,7 @@ pub fn evaluate(inst: &Instance, a: &Assignment) -> Metrics {
 
     // Pipelined training keeps at most one micro-batch per stage in flight (1F1B): as many
     // as the machines the placement uses, capped by the planned in-flight count.
-    let used = (0..k).filter(|&m| a.units.iter().flatten().any(|&x| x == m)).count() as u64;
+    let used = a.machines_used(k);
     let inflight = inst.inflight.min(used.max(1));
     // Weights are shared between phases (op ids match between prefill and decode).
     let n_ops = inst.phases[0].graph.len();
@@ -134,11 +153,7 @@ pub fn evaluate(inst: &Instance, a: &Assignment) -> Metrics {
             }
         }
     }
-    for (m, mem) in memory_bytes.iter_mut().enumerate() {
-        if a.units.iter().flatten().any(|&x| x == m) {
-            *mem += inst.workspace_bytes;
-        }
-    }
+    add_workspace(inst, a, &mut memory_bytes);
     let mut handover_s = 0.0;
     let mut handover_bytes = 0;
     let mut handover_in = vec![0.0; k];
@@ -246,11 +261,7 @@ pub fn schedule(inst: &Instance, a: &Assignment) -> Option<Schedule> {
                 mem[a.machine_of(inst, p, id)] += op.weight_bytes + op.state_bytes(inflight);
             }
         }
-        for (m, b) in mem.iter_mut().enumerate() {
-            if a.units.iter().flatten().any(|&x| x == m) {
-                *b += inst.workspace_bytes;
-            }
-        }
+        add_workspace(inst, a, &mut mem);
         mem
     };
     let fits = |mem: &[u64]| mem.iter().zip(&inst.machines).all(|(b, m)| *b <= m.profile.memory.usable_bytes);
@@ -263,7 +274,7 @@ pub fn schedule(inst: &Instance, a: &Assignment) -> Option<Schedule> {
             gpipe_memory_bytes: vec![],
         });
     }
-    let used = (0..k).filter(|&m| a.units.iter().flatten().any(|&x| x == m)).count() as u64;
+    let used = a.machines_used(k);
     let inflight = inst.inflight.min(used.max(1)).min(micro_batches);
     Some(Schedule { name: "1f1b", inflight, memory_bytes: memory_at(inflight), gpipe_memory_bytes: gpipe })
 }
