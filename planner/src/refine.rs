@@ -161,27 +161,21 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
                 continue; // dispatch-dominated: says nothing about the rate
             }
             let memory_bound = bytes / rates.stream_bytes_per_s > compute;
+            // A compute-bound GEMM is a point on a curve: TFLOP/s at its size.
+            let point = |curve: &mut BTreeMap<u64, Vec<f64>>| {
+                curve.entry(size.round() as u64).or_default().push(k.flops() as f64 / busy / 1e12)
+            };
             match (quant, memory_bound) {
                 // A quantized weight teaches its format's rates, whether the profile had
                 // them or priced it at the dense ones.
                 (Some(f), true) => quant_gemv.entry(*f).or_default().push(bytes / busy),
-                (Some(f), false) => quant_gemm
-                    .entry(*f)
-                    .or_default()
-                    .entry(size.round() as u64)
-                    .or_default()
-                    .push(k.flops() as f64 / busy / 1e12),
+                (Some(f), false) => point(quant_gemm.entry(*f).or_default()),
                 // Memory-bound: the dtype's matrix-vector rate where the profile has one.
                 (None, true) if profile.bandwidth.gemv_gbps.contains_key(dtype) => {
                     gemv.entry(*dtype).or_default().push(bytes / busy)
                 }
                 (None, true) => read.push(bytes / busy),
-                (None, false) => gemm
-                    .entry(*dtype)
-                    .or_default()
-                    .entry(size.round() as u64)
-                    .or_default()
-                    .push(k.flops() as f64 / busy / 1e12),
+                (None, false) => point(gemm.entry(*dtype).or_default()),
             }
             *used += 1;
             continue;
@@ -233,16 +227,29 @@ fn refine_curves(
 ) {
     for (dt, obs) in observed {
         let curve = curves.entry(*dt).or_insert(Curve { size: vec![], tflops: vec![] });
-        for (size, v) in obs {
-            report.observations.insert(format!("{table} {dt} @ {size}"), v.len());
-            report.lines.push(format!(
-                "{table} {dt} at {label}{size}: {:.3} -> {:.3} TFLOP/s",
-                curve.at(*size as f64),
-                median(v.clone())
-            ));
-        }
-        merge(curve, obs);
+        refine_curve(table, label, dt, curve, obs, report);
     }
+}
+
+/// Merges observed points (TFLOP/s by size) into the curve of `key` (a dtype, or a block
+/// format's GEMM), reporting each change.
+fn refine_curve(
+    table: &str,
+    label: &str,
+    key: &dyn std::fmt::Display,
+    curve: &mut Curve,
+    obs: &BTreeMap<u64, Vec<f64>>,
+    report: &mut RefineReport,
+) {
+    for (size, v) in obs {
+        report.observations.insert(format!("{table} {key} @ {size}"), v.len());
+        report.lines.push(format!(
+            "{table} {key} at {label}{size}: {:.3} -> {:.3} TFLOP/s",
+            curve.at(*size as f64),
+            median(v.clone())
+        ));
+    }
+    merge(curve, obs);
 }
 
 /// Folds quantized observations into the profile's per-format rates. A format the profile
@@ -282,15 +289,7 @@ fn refine_quantized(
             touched = true;
         }
         if let Some(obs) = gemm.get(f) {
-            for (size, v) in obs {
-                report.observations.insert(format!("gemm {f} @ {size}"), v.len());
-                report.lines.push(format!(
-                    "gemm {f} at N={size}: {:.3} -> {:.3} TFLOP/s",
-                    q.gemm.at(*size as f64),
-                    median(v.clone())
-                ));
-            }
-            merge(&mut q.gemm, obs);
+            refine_curve("gemm", "N=", f, &mut q.gemm, obs, report);
             touched = true;
         }
         if touched && q.estimate {

@@ -79,17 +79,26 @@ fn synthesise(inst: &lemur_planner::problem::Instance, prof: &MachineProfile) ->
     op_ms
 }
 
+/// Plans an inference request on `prof`, synthesises its timed run and refines `prof` by it.
+fn plan_run_refine(
+    prof: &MachineProfile,
+    req: &PlanRequest,
+) -> (lemur_planner::Planned, HashMap<usize, f64>, MachineProfile, lemur_planner::refine::RefineReport) {
+    let planned = lemur_planner::plan(&Roofline, req).unwrap();
+    let op_ms = synthesise(&planned.instance, prof);
+    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
+    let (refined, report) = refine(prof, std::slice::from_ref(&timings)).unwrap();
+    (planned, op_ms, refined, report)
+}
+
 #[test]
 fn refined_profile_predicts_what_was_measured() {
     let prof = profile();
     let mut req = request(&prof);
     req.mode = Mode::Infer { prompt: 256, gen_tokens: 8, batch: 1 };
     req.objective = Objective::Latency;
-    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let (planned, op_ms, refined, report) = plan_run_refine(&prof, &req);
     let inst = &planned.instance;
-    let op_ms = synthesise(inst, &prof);
-    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
-    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
     assert!(report.observations.keys().any(|k| k.starts_with("gemm")));
     assert!(report.observations.contains_key("read bandwidth"));
     // The element-wise rates are recovered exactly.
@@ -136,10 +145,7 @@ fn decode_refines_the_dtypes_matrix_vector_rate_where_the_profile_has_one() {
     let mut req = request(&prof);
     req.mode = Mode::Infer { prompt: 128, gen_tokens: 8, batch: 1 };
     req.objective = Objective::Latency;
-    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
-    let op_ms = synthesise(&planned.instance, &prof);
-    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
-    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
+    let (planned, op_ms, refined, report) = plan_run_refine(&prof, &req);
     assert!(report.observations.contains_key("gemv f16"), "{:?}", report.observations);
     assert!(!report.observations.contains_key("read bandwidth"));
     assert_eq!(refined.bandwidth.read_gbps, prof.bandwidth.read_gbps);
@@ -230,11 +236,8 @@ fn quantized_timings_refine_each_formats_rates() {
     req.weights = WeightFormat::Q4_0;
     req.mode = Mode::Infer { prompt: 256, gen_tokens: 8, batch: 1 };
     req.objective = Objective::Latency;
-    let planned = lemur_planner::plan(&Roofline, &req).unwrap();
+    let (planned, op_ms, refined, report) = plan_run_refine(&prof, &req);
     let inst = &planned.instance;
-    let op_ms = synthesise(inst, &prof);
-    let timings = Timings::new(&planned.plan, &op_ms, 0.0, None);
-    let (refined, report) = refine(&prof, std::slice::from_ref(&timings)).unwrap();
     for key in ["gemv q4_0", "gemv q6_k"] {
         assert!(report.observations.contains_key(key), "{key}: {:?}", report.observations);
     }
