@@ -82,6 +82,9 @@ struct Observed {
     /// rates by size, per block format.
     quant_gemv: BTreeMap<WeightFormat, Vec<f64>>,
     quant_gemm: BTreeMap<WeightFormat, BTreeMap<u64, Vec<f64>>>,
+    /// The activations' dtype of the quantized GEMMs observed (whose dense rates priced a
+    /// format the profile lacked).
+    quant_dtype: Option<lemur_protocol::DType>,
     ew: BTreeMap<&'static str, Vec<f64>>,
     used: usize,
 }
@@ -132,7 +135,7 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
     let on_profile: Vec<&str> =
         plan.machines.iter().filter(|m| m.profile.name == profile.name).map(|m| m.name.as_str()).collect();
     let dispatch = profile.dispatch_s();
-    let Observed { gemm, attention, read, gemv, quant_gemv, quant_gemm, ew, used } = obs;
+    let Observed { gemm, attention, read, gemv, quant_gemv, quant_gemm, quant_dtype, ew, used } = obs;
     for t in &timings.ops {
         if !on_profile.contains(&t.machine.as_str()) || t.measured_ms <= 0.0 {
             continue;
@@ -165,6 +168,9 @@ fn observe(profile: &MachineProfile, plan: &Plan, timings: &Timings, obs: &mut O
             let point = |curve: &mut BTreeMap<u64, Vec<f64>>| {
                 curve.entry(size.round() as u64).or_default().push(k.flops() as f64 / busy / 1e12)
             };
+            if quant.is_some() {
+                *quant_dtype = Some(*dtype);
+            }
             match (quant, memory_bound) {
                 // A quantized weight teaches its format's rates, whether the profile had
                 // them or priced it at the dense ones.
@@ -253,16 +259,17 @@ fn refine_curve(
 }
 
 /// Folds quantized observations into the profile's per-format rates. A format the profile
-/// had no rates for starts from its dense ones (what priced it), so a point the runs did not
-/// observe keeps the price the plan was made with.
+/// had no rates for starts from the dense ones of the runs' `dtype` (what priced it), so a
+/// point the runs did not observe keeps the price the plan was made with.
 fn refine_quantized(
     out: &mut MachineProfile,
+    dtype: lemur_protocol::DType,
     gemv: &BTreeMap<WeightFormat, Vec<f64>>,
     gemm: &BTreeMap<WeightFormat, BTreeMap<u64, Vec<f64>>>,
     report: &mut RefineReport,
 ) {
-    let dense_curve = out.gemm.values().next().cloned();
-    let dense_gemv = out.bandwidth.gemv_gbps.values().next().copied().unwrap_or(out.bandwidth.read_gbps);
+    let dense_curve = out.gemm.get(&dtype).cloned();
+    let dense_gemv = out.bandwidth.gemv_gbps.get(&dtype).copied().unwrap_or(out.bandwidth.read_gbps);
     for f in gemv.keys().chain(gemm.keys()) {
         if out.quantized.contains_key(f) {
             continue;
@@ -303,11 +310,13 @@ fn refine_quantized(
 }
 
 fn apply(profile: &MachineProfile, obs: Observed) -> Result<(MachineProfile, RefineReport), RefineError> {
-    let Observed { gemm, attention, read, gemv, quant_gemv, quant_gemm, ew, .. } = obs;
+    let Observed { gemm, attention, read, gemv, quant_gemv, quant_gemm, quant_dtype, ew, .. } = obs;
     let mut out = profile.clone();
     let mut report = RefineReport::default();
     refine_curves("gemm", "N=", &mut out.gemm, &gemm, &mut report);
-    refine_quantized(&mut out, &quant_gemv, &quant_gemm, &mut report);
+    if let Some(dtype) = quant_dtype {
+        refine_quantized(&mut out, dtype, &quant_gemv, &quant_gemm, &mut report);
+    }
     refine_curves("attention", "", &mut out.attention, &attention, &mut report);
     if !read.is_empty() {
         let new = median(read.clone()) / 1e9;
