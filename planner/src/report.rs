@@ -1,5 +1,6 @@
 //! The human-readable plan summary that `lemur-plan` and `examples/plan_mistral.rs` print.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use lemur_protocol::{OpKind, Phase, WeightFormat, WorkloadMode};
@@ -24,9 +25,9 @@ fn bytes(b: u64) -> String {
     }
 }
 
-/// How the weights are stored: each block format's share of the bytes.
-fn weights_line(plan: &lemur_protocol::Plan) -> String {
-    let parts = plan.workload.weights.breakdown(&plan.model, plan.dtype);
+/// How the weights are stored: each block format's share of the bytes (`parts`, the
+/// weights' breakdown).
+fn weights_line(plan: &lemur_protocol::Plan, parts: &BTreeMap<WeightFormat, u64>) -> String {
     let total: u64 = parts.values().sum();
     let shares: Vec<String> = parts
         .iter()
@@ -45,9 +46,8 @@ fn weights_line(plan: &lemur_protocol::Plan) -> String {
 
 /// Which rates priced the quantized GEMMs on each machine: measured, estimated, or none
 /// (the dense rates of the run's dtype).
-fn quantized_rates_line(plan: &lemur_protocol::Plan) -> String {
-    let formats: Vec<WeightFormat> =
-        plan.workload.weights.breakdown(&plan.model, plan.dtype).into_keys().filter(|f| f.is_block()).collect();
+fn quantized_rates_line(plan: &lemur_protocol::Plan, parts: &BTreeMap<WeightFormat, u64>) -> String {
+    let formats: Vec<WeightFormat> = parts.keys().copied().filter(|f| f.is_block()).collect();
     let per_machine: Vec<String> = plan
         .machines
         .iter()
@@ -105,8 +105,9 @@ pub fn summary(p: &Planned) -> String {
     );
     let _ = writeln!(s, "Objective: {}", objective_words(plan.objective.as_str(), plan.workload.mode.as_str()));
     if plan.workload.weights.is_quantized() {
-        let _ = writeln!(s, "{}", weights_line(plan));
-        let _ = writeln!(s, "{}", quantized_rates_line(plan));
+        let parts = plan.workload.weights.breakdown(&plan.model, plan.dtype);
+        let _ = writeln!(s, "{}", weights_line(plan, &parts));
+        let _ = writeln!(s, "{}", quantized_rates_line(plan, &parts));
     }
     if let (Some(w), WorkloadMode::Train) = (plan.workload.inflight, plan.workload.mode) {
         let m = plan.workload.micro_batches;
