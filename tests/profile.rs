@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use anyhow::Result;
 use common::*;
@@ -14,6 +15,27 @@ use lemurian::protocol::WeightFormat;
 
 fn bin(name: &str) -> std::path::PathBuf {
     worker_bin().with_file_name(name)
+}
+
+/// `lemur-plan` on `profiles` for `model` (f32, a `seq`-token prompt, `gen` generated) into
+/// `out`; its summary.
+fn plan_on(profiles: &Path, model: &Path, seq: u32, gen: u32, out: &Path) -> Result<String> {
+    let o = Command::new(bin("lemur-plan"))
+        .arg("--profiles")
+        .arg(profiles)
+        .arg("--model")
+        .arg(model)
+        .args(["--seq", &seq.to_string(), "--gen-tokens", &gen.to_string(), "--dtype", "f32", "--out"])
+        .arg(out)
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The plan run with every op timed into `timings`: prompt `1..=seq`, two repeats.
+fn timed_run(cluster: &Path, plan: &Path, model: &Path, seq: u32, gen: usize, timings: &Path) -> Result<Output> {
+    let prompt: Vec<u32> = (1..=seq).collect();
+    run_leader(cluster, plan, model, &prompt, gen, &["--repeat", "2", "--timings", timings.to_str().unwrap()])
 }
 
 #[test]
@@ -46,26 +68,11 @@ fn a_measured_profile_loads_plans_runs_and_refines() -> Result<()> {
     let model = dir.path().join("model");
     write_model(&model, &tiny(2, Some(4096)), 9)?;
     let plan_path = dir.path().join("plan.json");
-    let out = Command::new(bin("lemur-plan"))
-        .arg("--profiles")
-        .arg(&profiles)
-        .arg("--model")
-        .arg(&model)
-        .args(["--seq", "16", "--gen-tokens", "4", "--dtype", "f32", "--out"])
-        .arg(&plan_path)
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    plan_on(&profiles, &model, 16, 4, &plan_path)?;
     let plan: lemurian::protocol::Plan = serde_json::from_str(&std::fs::read_to_string(&plan_path)?)?;
     let cluster = cluster_file(dir.path(), &plan)?;
     let timings = dir.path().join("timings.json");
-    let out = run_leader(
-        &cluster,
-        &plan_path,
-        &model,
-        &(1..=16).collect::<Vec<u32>>(),
-        4,
-        &["--repeat", "2", "--timings", timings.to_str().unwrap()],
-    )?;
+    let out = timed_run(&cluster, &plan_path, &model, 16, 4, &timings)?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("per op kind") && err.contains("per layer") && err.contains("end to end"), "{err}");
@@ -77,26 +84,10 @@ fn a_measured_profile_loads_plans_runs_and_refines() -> Result<()> {
     // the measured rates, and the summary says so.
     let gguf = smollm2()?;
     let q_plan = dir.path().join("q-plan.json");
-    let out = Command::new(bin("lemur-plan"))
-        .arg("--profiles")
-        .arg(&profiles)
-        .arg("--model")
-        .arg(&gguf)
-        .args(["--seq", "32", "--gen-tokens", "8", "--dtype", "f32", "--out"])
-        .arg(&q_plan)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = plan_on(&profiles, &gguf, 32, 8, &q_plan)?;
     assert!(text.contains("Quantized GEMM rates: this-cpu q8_0/q4_1 measured"), "{text}");
     let q_timings = dir.path().join("q-timings.json");
-    let out = run_leader(
-        &cluster,
-        &q_plan,
-        &gguf,
-        &(1..=32).collect::<Vec<u32>>(),
-        8,
-        &["--repeat", "2", "--timings", q_timings.to_str().unwrap()],
-    )?;
+    let out = timed_run(&cluster, &q_plan, &gguf, 32, 8, &q_timings)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Fold both runs' timings back in: the dense rates and the quantized formats' rates.
