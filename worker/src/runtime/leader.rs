@@ -310,18 +310,19 @@ impl Node {
             v.sort_by(f64::total_cmp);
             op_ms.insert(op, v[v.len() / 2]);
         }
-        let stat = |r: u32| l.stats.get(&r).cloned().unwrap_or_default();
+        // Each rank's statistics, in rank order (defaults for a rank that sent none).
+        let stats: Vec<RankStats> = (0..self.n).map(|r| l.stats.get(&r).cloned().unwrap_or_default()).collect();
         let outcome = Outcome {
             tokens: l.tokens.clone(),
             ttft,
             tpot,
-            bytes_sent: (0..self.n).map(|r| stat(r).bytes_sent).collect(),
+            bytes_sent: stats.iter().map(|s| s.bytes_sent).collect(),
             logits: l.logits.clone(),
             handover_bytes: l.stats.values().map(|s| s.handover_bytes).sum(),
             handover_ms: l.stats.values().map(|s| s.handover_ms).fold(0.0, f64::max),
-            peak_runs: (0..self.n).map(|r| stat(r).peak_runs).collect(),
-            peak_rss_bytes: (0..self.n).map(|r| stat(r).peak_rss_bytes).collect(),
-            kernel_paths: (0..self.n).map(|r| stat(r).kernel_paths).collect(),
+            peak_runs: stats.iter().map(|s| s.peak_runs).collect(),
+            peak_rss_bytes: stats.iter().map(|s| s.peak_rss_bytes).collect(),
+            kernel_paths: stats.into_iter().map(|s| s.kernel_paths).collect(),
             op_ms,
             loss: l.loss,
             lora_grads: l.lora_grads.clone(),
