@@ -277,8 +277,6 @@ impl Executor {
             w @ OpWeights::QLinear(_) if step.targets.is_some() || step.dense => {
                 x.broadcast_matmul(&w.dense(&self.device)?.to_dtype(x.dtype())?.t()?)?
             }
-            // Quantized kernels take f32 activations (they quantize them to 8 bits): Lemurian's
-            // own on the CPU (`qmm`), candle's elsewhere.
             OpWeights::QLinear(q) => quantized_matmul(q, x)?,
             _ => return Err(WorkerError::Weights(format!("{kind} needs a linear weight"))),
         };

@@ -316,15 +316,14 @@ fn measure_quantized(
         Ok(())
     })?;
     let gemv_gbps = stored / s / 1e9;
+    // Dequantizing as training over a quantized base does it (`OpWeights::dense`).
+    let w = crate::exec::OpWeights::QLinear(q);
     let dq = time_it(device, runs.min(3), min_time, || {
-        let _ = match &q {
-            QMatMul::QTensor(t) => t.dequantize(device)?,
-            _ => return Err(WorkerError::Device("the weight was not kept quantized".into())),
-        };
+        let _ = w.dense(device)?;
         Ok(())
     })?;
     let dequantize_gbps = Some((n * k * 4) as f64 / dq / 1e9);
-    drop(q);
+    drop(w);
     // Prefill: a 4096-wide projection (quick: 2048) at growing row counts.
     let (n, k) = if quick { (2048, 2048) } else { (4096, 4096) };
     let (q, _) = quantize(n, k)?;
