@@ -69,7 +69,7 @@ fn lemurian_run(dir: &Path, model: &Path, plan: &Plan, prompt: &[u32]) -> Result
     for r in 1..names.len() {
         workers.push(
             Command::new(&bin)
-                .args(["--rank", &r.to_string(), "--cluster"])
+                .args(["--once", "--rank", &r.to_string(), "--cluster"])
                 .arg(&cpath)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

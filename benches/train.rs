@@ -48,7 +48,7 @@ fn run(dir: &Path, model: &Path, plan: &Plan, data: &Path, timed: bool) -> Resul
     for r in 1..names.len() {
         workers.push(
             Command::new(&bin)
-                .args(["--rank", &r.to_string(), "--cluster"])
+                .args(["--once", "--rank", &r.to_string(), "--cluster"])
                 .arg(&cpath)
                 .stderr(Stdio::null())
                 .spawn()?,

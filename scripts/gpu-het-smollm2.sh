@@ -16,7 +16,7 @@ PY
 printf 'id = "h"\n[[rank]]\nrank = 0\naddr = "127.0.0.1:17710"\nmachine = "gpu-host-cpu"\n[[rank]]\nrank = 1\naddr = "127.0.0.1:17711"\nmachine = "h200"\n' > /tmp/h.toml
 ids=$(python3 -c "print(','.join(str((i*37+11)%49152) for i in range(64)))")
 for plan in het het-split; do
-  $B/lemur-worker --rank 1 --cluster /tmp/h.toml --device cuda --wait 120 2>/dev/null &
+  $B/lemur-worker --once --rank 1 --cluster /tmp/h.toml --device cuda --wait 120 2>/dev/null &
   sleep 1
   echo "== $plan"
   $B/lemur-worker --rank 0 --cluster /tmp/h.toml --plan /tmp/$plan.json --model /tmp/smol.gguf --prompt-ids "$ids" --max-new-tokens 32 --repeat 3 --timings /tmp/$plan-t.json 2>&1 >/tmp/$plan.ids | grep -E "time |sent|per layer|sum of ops|end to end|^prefill|^decode"

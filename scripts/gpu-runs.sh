@@ -74,7 +74,7 @@ for o in p["ops"]:
 json.dump(p, open(sys.argv[2], "w"))
 PY
 for plan in het het-split; do
-  "$B/lemur-worker" --rank 1 --cluster "$W/het.toml" --device cuda --wait 120 2>/dev/null &
+  "$B/lemur-worker" --once --rank 1 --cluster "$W/het.toml" --device cuda --wait 120 2>/dev/null &
   sleep 1
   echo "== $plan" | tee -a "$OUT/het-run.txt"
   "$B/lemur-worker" --rank 0 --cluster "$W/het.toml" --plan "$W/$plan.json" --model "$W/m150" --prompt-ids "$ids" \

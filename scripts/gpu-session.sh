@@ -89,7 +89,7 @@ json.dump(p, open(f"{s}/het-split.json", "w"))
 PY
   cluster "$S/h.toml" h100-host-cpu $GPU
   for plan in het het-split; do
-    "$B/lemur-worker" --rank 1 --cluster "$S/h.toml" --device cuda --wait 300 2>/dev/null &
+    "$B/lemur-worker" --once --rank 1 --cluster "$S/h.toml" --device cuda --wait 300 2>/dev/null &
     sleep 1
     echo "== $plan" | tee -a "$OUT/het7b-run.txt"
     "$B/lemur-worker" --rank 0 --cluster "$S/h.toml" --plan "$S/$plan.json" --model "$S/m7b" --dtype bf16 \
@@ -125,7 +125,7 @@ with open('$S/data.jsonl','w') as f:
       --train "$S/data.jsonl" --steps 4 --loss-log "$2" "${@:3}" 2>&1 >/dev/null | grep -E "end to end|sum of ops" || true
   }
   two() { # plan log [threads per worker]
-    RAYON_NUM_THREADS=${3:-8} taskset -c 8-15 "$B/lemur-worker" --rank 1 --cluster "$S/t2.toml" --wait 120 2>/dev/null &
+    RAYON_NUM_THREADS=${3:-8} taskset -c 8-15 "$B/lemur-worker" --once --rank 1 --cluster "$S/t2.toml" --wait 120 2>/dev/null &
     sleep 1
     RAYON_NUM_THREADS=${3:-8} taskset -c 0-7 "$B/lemur-worker" --rank 0 --cluster "$S/t2.toml" --plan "$1" --model "$S/l150" \
       --train "$S/data.jsonl" --steps 4 --loss-log "$2" 2>&1 >/dev/null | grep -E "held" || true

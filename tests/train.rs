@@ -312,7 +312,7 @@ fn train(files: &TrainSetupFiles, plan: &Plan, tag: &str, extra: &[&str]) -> Res
     let mut workers = Procs(Vec::new());
     for r in 1..plan.machines.len() {
         let mut cmd = std::process::Command::new(worker_bin());
-        cmd.args(["--rank", &r.to_string(), "--cluster"]).arg(&cluster).args(["--wait", "60"]);
+        cmd.args(["--once", "--rank", &r.to_string(), "--cluster"]).arg(&cluster).args(["--wait", "60"]);
         workers.0.push(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?);
     }
     let mut cmd = std::process::Command::new(worker_bin());

@@ -5,6 +5,8 @@
 //! - [`profile`]: what a machine can do ([`MachineProfile`]) and how machines are joined ([`LinkProfile`]).
 //! - [`op`]: the names of ops ([`OpKind`]) and passes ([`Phase`]) that plans place.
 //! - [`plan`]: the plan file ([`Plan`]) workers execute, and its validation.
+//! - [`auth`]: the cluster key file and the handshake's state machines (mutual
+//!   challenge-response under HMAC-SHA256, before anything else is accepted).
 //! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
 //!   the length-delimited [`wire::FrameCodec`].
 //! - [`openai`]: OpenAI's HTTP API as `lemur-serve` speaks it (requests checked field by
@@ -17,6 +19,7 @@
 //!
 //! Only this crate defines what goes on the wire or into a file another process reads.
 
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod gguf;

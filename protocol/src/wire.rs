@@ -9,6 +9,9 @@
 //! codec's limit, a header that is not a known message, or tensor bytes that do not match
 //! their shapes is a [`FrameError`], never a panic or an unbounded allocation.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
@@ -18,7 +21,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -62,46 +65,19 @@ pub struct WireTensor {
     pub data: Bytes,
 }
 
-/// The first message on every connection, both ways.
+/// The first message on every connection, from the side that dials (see [`crate::auth`]
+/// for the handshake it opens).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub magic: u32,
     pub version: u32,
-    pub cluster_id: String,
     pub rank: u32,
-    pub machine: String,
-}
-
-impl Hello {
-    pub fn new(cluster_id: &str, rank: u32, machine: &str) -> Self {
-        Self { magic: MAGIC, version: PROTOCOL_VERSION, cluster_id: cluster_id.into(), rank, machine: machine.into() }
-    }
-
-    /// Checks a peer's hello against ours and what we expect of it; the error says which
-    /// side has what.
-    pub fn check(&self, ours: &Hello, expected_rank: Option<u32>) -> Result<(), String> {
-        if self.magic != MAGIC {
-            return Err(format!("peer sent magic {:#x}, expected {MAGIC:#x}: not a Lemurian worker", self.magic));
-        }
-        if self.version != ours.version {
-            return Err(format!(
-                "protocol version mismatch: rank {} speaks {}, rank {} speaks {}",
-                self.rank, self.version, ours.rank, ours.version
-            ));
-        }
-        if self.cluster_id != ours.cluster_id {
-            return Err(format!(
-                "cluster mismatch: rank {} is in cluster `{}`, rank {} in `{}`",
-                self.rank, self.cluster_id, ours.rank, ours.cluster_id
-            ));
-        }
-        if let Some(r) = expected_rank {
-            if self.rank != r {
-                return Err(format!("expected rank {r} at this address, found rank {}", self.rank));
-            }
-        }
-        Ok(())
-    }
+    /// Whether the dialer holds a cluster key.
+    #[serde(default)]
+    pub keyed: bool,
+    /// 32 fresh random bytes, hex.
+    #[serde(default)]
+    pub nonce: String,
 }
 
 /// Where each rank listens and which machine (profile) it is.
@@ -209,6 +185,22 @@ pub struct RunKey {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
     Hello(Hello),
+    /// The acceptor's answer to a hello: its rank, whether it holds a key, its nonce and its
+    /// proof of the key over both nonces.
+    Challenge {
+        rank: u32,
+        keyed: bool,
+        nonce: String,
+        proof: String,
+    },
+    /// The dialer's proof of the key over both nonces.
+    Proof {
+        proof: String,
+    },
+    /// The acceptor has authenticated the dialer: the handshake is over.
+    Welcome {
+        machine: String,
+    },
     /// The handshake was refused; the connection closes after this.
     Refused {
         reason: String,
@@ -390,6 +382,9 @@ impl Message {
     pub fn name(&self) -> &'static str {
         match self {
             Message::Hello(_) => "hello",
+            Message::Challenge { .. } => "challenge",
+            Message::Proof { .. } => "proof",
+            Message::Welcome { .. } => "welcome",
             Message::Refused { .. } => "refused",
             Message::Setup { .. } => "setup",
             Message::Ready { .. } => "ready",
@@ -459,21 +454,55 @@ pub enum FrameError {
     TooLarge { len: usize, max: usize },
 }
 
+/// A connection's largest acceptable frame, shared between its decoder and its owner:
+/// a connection starts at [`crate::auth::PRE_AUTH_MAX_FRAME`] and its owner raises the
+/// limit once the peer has authenticated.
+#[derive(Debug, Clone)]
+pub struct FrameLimit(Arc<AtomicUsize>);
+
+impl FrameLimit {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(AtomicUsize::new(max)))
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, max: usize) {
+        self.0.store(max, Ordering::Relaxed);
+    }
+
+    /// Errs if a frame of `len` bytes is over the limit.
+    pub fn check(&self, len: usize) -> Result<(), FrameError> {
+        let max = self.get();
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        Ok(())
+    }
+}
+
 /// Length-delimited frames of [`Frame`]s, with a maximum frame size.
 #[derive(Debug)]
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
-    max: usize,
+    max: FrameLimit,
 }
 
 impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
+        Self::with_limit(FrameLimit::new(max_frame), max_frame)
+    }
+
+    /// A codec whose limit its owner can change while it runs, never above `ceiling`.
+    pub fn with_limit(limit: FrameLimit, ceiling: usize) -> Self {
         let inner = LengthDelimitedCodec::builder()
             .little_endian()
             .length_field_length(4)
-            .max_frame_length(max_frame)
+            .max_frame_length(ceiling)
             .new_codec();
-        Self { inner, max: max_frame }
+        Self { inner, max: limit }
     }
 }
 
@@ -543,12 +572,10 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        // Refuse an oversized frame from its length alone, before buffering it.
+        // Refuse an oversized frame from its length alone, before buffering (or reserving
+        // room for) it.
         if src.len() >= 4 {
-            let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
-            if len > self.max {
-                return Err(FrameError::TooLarge { len, max: self.max });
-            }
+            self.max.check(u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize)?;
         }
         match self.inner.decode(src)? {
             Some(payload) => decode_payload(payload.freeze()).map(Some),
@@ -563,9 +590,7 @@ impl Encoder<Frame> for FrameCodec {
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
         let header = header_of(&frame)?;
         let len = 4 + header.len() + frame.tensors.iter().map(Bytes::len).sum::<usize>();
-        if len > self.max {
-            return Err(FrameError::TooLarge { len, max: self.max });
-        }
+        self.max.check(len)?;
         // One copy, straight into the write buffer.
         dst.reserve(4 + len);
         dst.put_u32_le(len as u32);

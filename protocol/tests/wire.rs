@@ -36,7 +36,16 @@ fn every_message() -> Vec<Frame> {
     let (v, v_b) = tensor(WireDType::Bf16, &[1, 2, 3, 16], 5);
     let (l, l_b) = tensor(WireDType::F32, &[1, 256], 6);
     vec![
-        Frame::control(Message::Hello(Hello::new("c1", 2, "m5-pro"))),
+        Frame::control(Message::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            rank: 2,
+            keyed: true,
+            nonce: "ab".repeat(32),
+        })),
+        Frame::control(Message::Challenge { rank: 1, keyed: true, nonce: "cd".repeat(32), proof: "ef".repeat(32) }),
+        Frame::control(Message::Proof { proof: "01".repeat(32) }),
+        Frame::control(Message::Welcome { machine: "m5-pro".into() }),
         Frame::control(Message::Refused { reason: "no".into() }),
         Frame::control(Message::Setup {
             plan: Box::new(tiny_plan()),
@@ -170,7 +179,8 @@ fn partial_frames_wait_for_more_bytes() {
 fn decoded_tensors_share_the_receive_buffer() {
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::new();
-    codec.encode(every_message().swap_remove(5), &mut buf).unwrap();
+    let two = every_message().into_iter().find(|f| f.tensors.len() >= 2).unwrap();
+    codec.encode(two, &mut buf).unwrap();
     let frame = codec.decode(&mut buf).unwrap().unwrap();
     // Two slices of one allocation: the second starts where the first ends.
     let (a, b) = (&frame.tensors[0], &frame.tensors[1]);
@@ -259,23 +269,4 @@ fn random_and_mutated_frames_never_panic() {
         let mut buf = BytesMut::from(&garbage[..]);
         let _ = codec.decode(&mut buf);
     }
-}
-
-#[test]
-fn handshake_mismatches_say_who_has_what() {
-    let ours = Hello::new("cluster-a", 0, "m4-pro");
-    assert!(Hello::new("cluster-a", 1, "m5-pro").check(&ours, Some(1)).is_ok());
-    let err = Hello::new("cluster-b", 1, "m5-pro").check(&ours, Some(1)).unwrap_err();
-    assert!(err.contains("cluster-b") && err.contains("cluster-a"), "{err}");
-    let mut old = Hello::new("cluster-a", 1, "m5-pro");
-    old.version = PROTOCOL_VERSION - 1;
-    let err = old.check(&ours, None).unwrap_err();
-    let (theirs, mine) =
-        (format!("rank 1 speaks {}", PROTOCOL_VERSION - 1), format!("rank 0 speaks {PROTOCOL_VERSION}"));
-    assert!(err.contains(&theirs) && err.contains(&mine), "{err}");
-    let mut alien = Hello::new("cluster-a", 1, "x");
-    alien.magic = MAGIC + 1;
-    assert!(alien.check(&ours, None).unwrap_err().contains("magic"));
-    let err = Hello::new("cluster-a", 2, "x").check(&ours, Some(1)).unwrap_err();
-    assert!(err.contains("expected rank 1") && err.contains("found rank 2"), "{err}");
 }

@@ -81,6 +81,9 @@ enum Cmd {
         /// Where to write the link (TOML, `links.toml` format); stdout if absent.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The cluster key (`lemur-worker keygen`): both ends must give the same one.
+        #[arg(long, env = "LEMUR_KEY_FILE")]
+        key_file: Option<PathBuf>,
     },
     /// Fold measured op times (`lemur-worker --timings`) into a profile.
     Refine {
@@ -117,15 +120,16 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     match args.cmd {
-        Some(Cmd::Link { listen, peer, name, out }) => {
+        Some(Cmd::Link { listen, peer, name, out, key_file }) => {
+            let key = key_file.as_deref().map(lemurian::protocol::auth::ClusterKey::load).transpose()?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             match (listen, peer) {
                 (Some(addr), None) => {
                     eprintln!("listening on {addr} for one probe");
-                    rt.block_on(lemurian::worker::link::serve(&addr, &name))?;
+                    rt.block_on(lemurian::worker::link::serve(&addr, &name, key.as_ref()))?;
                 }
                 (None, Some(addr)) => {
-                    let link = rt.block_on(lemurian::worker::link::probe(&addr, &name, 500, 64))?;
+                    let link = rt.block_on(lemurian::worker::link::probe(&addr, &name, key.as_ref(), 500, 64))?;
                     eprintln!(
                         "{} <-> {}: {:.2} GB/s, {:.1} us one way",
                         link.between[0], link.between[1], link.bandwidth_gbps, link.latency_us

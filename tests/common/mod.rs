@@ -142,7 +142,7 @@ pub fn spawn_workers(cluster: &Path, n: usize, extra: &[&str]) -> Result<Procs> 
     let mut procs = Procs(Vec::new());
     for r in 1..n {
         let child = Command::new(worker_bin())
-            .args(["--rank", &r.to_string(), "--cluster"])
+            .args(["--once", "--rank", &r.to_string(), "--cluster"])
             .arg(cluster)
             .args(["--wait", "60"])
             .args(extra)

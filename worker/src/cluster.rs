@@ -45,6 +45,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Refuses a keyless cluster with an address other than loopback: anyone on that
+    /// network could connect and act as its leader.
+    pub fn check_exposure(&self, keyed: bool) -> Result<(), WorkerError> {
+        if keyed {
+            return Ok(());
+        }
+        match self.ranks.iter().find(|r| !is_loopback(&r.addr)) {
+            None => Ok(()),
+            Some(r) => Err(WorkerError::Insecure(format!(
+                "rank {} is at {}, not a loopback address, and no cluster key was given: anyone on that \
+                 network could act as the leader. Write a key with `lemur-worker keygen KEYFILE`, copy it to every \
+                 machine, and start every rank with --key-file KEYFILE (or LEMUR_KEY_FILE=KEYFILE)",
+                r.rank, r.addr
+            ))),
+        }
+    }
+
     /// Reads and validates a cluster file.
     pub fn load(path: &Path) -> Result<Self, WorkerError> {
         let err = |m: String| WorkerError::Cluster { path: path.display().to_string(), message: m };
@@ -137,6 +154,15 @@ pub fn toml_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// Whether `addr` (`host:port`, checked) is on this machine only: a loopback IP, or
+/// `localhost`. Any other name may resolve to a network address, so it counts as one.
+pub fn is_loopback(addr: &str) -> bool {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return a.ip().is_loopback();
+    }
+    addr.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+}
+
 /// `host:port`: an IP address (IPv6 in brackets) or a host name, and a port 1..=65535.
 fn check_addr(addr: &str) -> Result<(), String> {
     if addr.parse::<SocketAddr>().is_ok() {
@@ -187,6 +213,16 @@ mod tests {
         for (addr, says) in bad {
             let e = check_addr(addr).unwrap_err();
             assert!(e.contains(says), "{addr}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_loopback_addresses_count_as_loopback() {
+        for yes in ["127.0.0.1:7070", "127.3.4.5:1", "[::1]:7070", "localhost:7070", "LocalHost:9"] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in ["0.0.0.0:7070", "10.0.0.2:7070", "[::]:7070", "mac-mini.local:7070", "localhost.evil.com:1"] {
+            assert!(!is_loopback(no), "{no}");
         }
     }
 

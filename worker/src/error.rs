@@ -16,6 +16,12 @@ pub enum WorkerError {
     Op { op: usize, label: String, message: String },
     #[error("weights: {0}")]
     Weights(String),
+    /// A rank's address that it cannot listen on.
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: String, message: String },
+    /// A rank other than 0 waited its whole `wait_for_leader` without a leader arriving.
+    #[error("no leader within {seconds:.0} s")]
+    NoLeader { seconds: f64 },
     #[error("wire: {0}")]
     Wire(String),
     #[error("rank {rank}: {message}")]
@@ -26,6 +32,11 @@ pub enum WorkerError {
     Device(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Key(#[from] lemur_protocol::auth::KeyError),
+    /// A set-up that would expose the cluster (a network address without a key).
+    #[error("{0}")]
+    Insecure(String),
     #[error("frame: {0}")]
     Frame(#[from] lemur_protocol::wire::FrameError),
 }

@@ -5,42 +5,47 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use lemur_protocol::wire::{Frame, FrameCodec, Hello, Message, TensorMeta, WireDType};
+use futures::SinkExt;
+use lemur_protocol::auth::{ClusterKey, Credentials};
+use lemur_protocol::wire::{Frame, Message, TensorMeta, WireDType};
 use lemur_protocol::LinkProfile;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
 
 use crate::error::WorkerError;
+use crate::runtime::setup::{accept_one, dial, Handshake};
+use crate::runtime::transport::{Conn, Tcp, Transport};
+use crate::runtime::Timeouts;
 
 const CLUSTER: &str = "lemur-link-probe";
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn next(net: &mut Framed<TcpStream, FrameCodec>, what: &str) -> Result<Frame, WorkerError> {
-    match tokio::time::timeout(WAIT, net.next()).await {
-        Err(_) => Err(WorkerError::Wire(format!("no {what} within {} s", WAIT.as_secs()))),
-        Ok(None) => Err(WorkerError::Wire(format!("the peer closed the connection before {what}"))),
-        Ok(Some(f)) => Ok(f?),
-    }
+async fn next(net: &mut Conn, what: &str) -> Result<Frame, WorkerError> {
+    crate::runtime::setup::read_frame(net, WAIT, what, &net.remote.clone()).await
+}
+
+/// The probe's handshake: the workers' own, in a two-rank cluster of its own (keyed when
+/// `key` is given, so a listener on a network answers only the prober that holds it).
+fn handshake(me: u32, machine: &str, key: Option<&ClusterKey>) -> Handshake {
+    let cred = key.map_or_else(|| Credentials::keyless(CLUSTER), |k| Credentials::keyed(k, CLUSTER));
+    let timeouts = Timeouts { connect: WAIT, handshake: WAIT, ..Timeouts::default() };
+    Handshake { cred, me, ranks: 2, machine: machine.into(), timeouts }
 }
 
 /// Serves one probe: echoes heartbeats, swallows activations, answers the end marker.
-pub async fn serve(addr: &str, machine: &str) -> Result<(), WorkerError> {
-    let listener =
-        TcpListener::bind(addr).await.map_err(|e| WorkerError::Wire(format!("cannot listen on {addr}: {e}")))?;
-    let (stream, _) = listener.accept().await?;
-    stream.set_nodelay(true)?;
-    let mut net = Framed::new(stream, FrameCodec::default());
-    let ours = Hello::new(CLUSTER, 1, machine);
-    match next(&mut net, "a handshake").await?.message {
-        Message::Hello(h) => h.check(&ours, None).map_err(WorkerError::Wire)?,
-        other => return Err(WorkerError::Wire(format!("expected a handshake, got `{}`", other.name()))),
-    }
-    net.send(Frame::control(Message::Hello(ours))).await?;
+/// Connections that fail the handshake are refused and it waits for the next.
+pub async fn serve(addr: &str, machine: &str, key: Option<&ClusterKey>) -> Result<(), WorkerError> {
+    let mut listener = Tcp.listen(addr).await?;
+    let hs = handshake(1, machine, key);
+    let mut net = loop {
+        let conn = listener.accept().await?;
+        match accept_one(conn, hs.clone()).await {
+            Ok((_, conn)) => break conn,
+            Err(rej) => tracing::warn!(peer = %rej.from, "refused a probe: {}", rej.detail),
+        }
+    };
     loop {
         let f = next(&mut net, "a probe frame").await?;
         match f.message {
-            Message::Heartbeat { .. } => net.send(f).await?,
+            Message::Heartbeat { .. } => net.writer.send(f).await?,
             Message::Activation { .. } => {}
             Message::Shutdown { .. } => return Ok(()),
             other => return Err(WorkerError::Wire(format!("unexpected `{}` while probing", other.name()))),
@@ -49,25 +54,18 @@ pub async fn serve(addr: &str, machine: &str) -> Result<(), WorkerError> {
 }
 
 /// Probes a listening peer; returns the measured link between `machine` and the peer's.
-pub async fn probe(addr: &str, machine: &str, rounds: usize, frames: usize) -> Result<LinkProfile, WorkerError> {
-    let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| WorkerError::Wire(format!("cannot reach {addr} within {} s", WAIT.as_secs())))??;
-    stream.set_nodelay(true)?;
-    let mut net = Framed::new(stream, FrameCodec::default());
-    let ours = Hello::new(CLUSTER, 0, machine);
-    net.send(Frame::control(Message::Hello(ours.clone()))).await?;
-    let peer = match next(&mut net, "a handshake").await?.message {
-        Message::Hello(h) => {
-            h.check(&ours, None).map_err(WorkerError::Wire)?;
-            h.machine
-        }
-        other => return Err(WorkerError::Wire(format!("expected a handshake, got `{}`", other.name()))),
-    };
+pub async fn probe(
+    addr: &str,
+    machine: &str,
+    key: Option<&ClusterKey>,
+    rounds: usize,
+    frames: usize,
+) -> Result<LinkProfile, WorkerError> {
+    let (mut net, peer) = dial(&Tcp, "", addr, &handshake(0, machine, key), 1).await?;
     let mut rtts = Vec::with_capacity(rounds);
     for seq in 0..rounds as u64 {
         let t0 = Instant::now();
-        net.send(Frame::control(Message::Heartbeat { rank: 0, seq })).await?;
+        net.writer.send(Frame::control(Message::Heartbeat { rank: 0, seq })).await?;
         next(&mut net, "an echo").await?;
         rtts.push(t0.elapsed().as_secs_f64());
     }
@@ -79,13 +77,13 @@ pub async fn probe(addr: &str, machine: &str, rounds: usize, frames: usize) -> R
     let t0 = Instant::now();
     for _ in 0..frames {
         let msg = Message::Activation { request_id: 0, step: 0, from_op: 0, tensors: vec![meta.clone()] };
-        net.send(Frame { message: msg, tensors: vec![data.clone()] }).await?;
+        net.writer.send(Frame { message: msg, tensors: vec![data.clone()] }).await?;
     }
-    net.send(Frame::control(Message::Heartbeat { rank: 0, seq: u64::MAX })).await?;
+    net.writer.send(Frame::control(Message::Heartbeat { rank: 0, seq: u64::MAX })).await?;
     next(&mut net, "the end marker").await?;
     let secs = t0.elapsed().as_secs_f64() - one_way;
     let gbps = (frames * elems * 4) as f64 / secs.max(1e-9) / 1e9;
-    net.send(Frame::control(Message::Shutdown { reason: "probe done".into() })).await?;
+    net.writer.send(Frame::control(Message::Shutdown { reason: "probe done".into() })).await?;
     let link = LinkProfile {
         name: format!("{machine}-{peer}"),
         between: [machine.to_string(), peer],

@@ -145,6 +145,52 @@ fn host_names_are_addresses_too() {
     )
     .unwrap();
     // Accepted: rank 1 listens on localhost and waits for a leader that never comes.
-    let (ok, err) = worker(&["--rank", "1", "--cluster", cluster.to_str().unwrap(), "--wait", "1"]);
+    let (ok, err) = worker(&["--once", "--rank", "1", "--cluster", cluster.to_str().unwrap(), "--wait", "1"]);
     assert!(!ok && err.contains("no leader within 1 s"), "{err}");
+}
+
+#[test]
+fn cluster_keys_are_written_private_and_checked_before_anything_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lan = d.join("lan.toml");
+    std::fs::write(
+        &lan,
+        "id = \"t\"\n[[rank]]\nrank = 0\naddr = \"192.168.1.10:7000\"\nmachine = \"a\"\n\
+         [[rank]]\nrank = 1\naddr = \"0.0.0.0:7001\"\nmachine = \"b\"\n",
+    )
+    .unwrap();
+    let lan_s = lan.to_str().unwrap();
+    // A network address and no key: refused before listening, saying how to make one.
+    let (ok, err) = worker(&["--once", "--rank", "1", "--cluster", lan_s, "--wait", "1"]);
+    assert!(!ok && err.contains("not a loopback address") && err.contains("lemur-worker keygen"), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    // keygen writes a key only its owner can read, and never overwrites one.
+    let key = d.join("cluster.key");
+    let k = key.to_str().unwrap();
+    let (ok, err) = worker(&["keygen", k]);
+    assert!(ok && err.contains("fingerprint"), "{err}");
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert_eq!(text.trim().len(), 64, "{text}");
+    let (ok, err) = worker(&["keygen", k]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), text);
+    // With the key (flag or environment), the same cluster file is accepted: rank 1 gets
+    // as far as listening (it cannot bind 0.0.0.0:7001 here, or waits in vain).
+    let out = Command::new(env!("CARGO_BIN_EXE_lemur-worker"))
+        .args(["--once", "--rank", "1", "--cluster", lan_s, "--wait", "1"])
+        .env("LEMUR_KEY_FILE", k)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("loopback") && err.contains("fingerprint"), "{err}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (ok, err) = worker(&["--once", "--rank", "1", "--cluster", lan_s, "--key-file", k]);
+        assert!(!ok && err.contains("--key-file") && err.contains("chmod 600"), "{err}");
+    }
+    let (ok, err) = worker(&["--rank", "0", "--cluster", lan_s, "--once"]);
+    assert!(!ok && err.contains("--once given to rank 0"), "{err}");
 }

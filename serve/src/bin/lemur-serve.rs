@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use lemur_protocol::auth::ClusterKey;
 use lemur_protocol::cli::parse;
 use lemur_protocol::wire::DenseMatmul;
 use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
@@ -45,6 +46,10 @@ struct Args {
     /// Where to listen for HTTP.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
+    /// The cluster key the workers were started with (`lemur-worker keygen`). Without
+    /// one, every address in the cluster file must be a loopback address.
+    #[arg(long, env = "LEMUR_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// The model's id in requests and /v1/models (default: the checkpoint's file or folder name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -116,6 +121,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let cluster = Cluster::load(&args.cluster)?;
+    let key = args.key_file.as_deref().map(ClusterKey::load).transpose().context("--key-file")?;
+    // Before loading anything: a keyless cluster must not be reachable from a network.
+    cluster.check_exposure(key.is_some())?;
     let device = lemur_worker::device::open(&args.device).context("--device")?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let quantize = args.quantize;
@@ -169,7 +177,8 @@ fn run(args: Args) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         http_workers: args.http_workers,
     };
-    let cfg = NodeConfig::new(0, cluster, device, Some(job));
+    let mut cfg = NodeConfig::new(0, cluster, device, Some(job));
+    cfg.key = key;
     lemur_serve::serve(cfg, front)?;
     eprintln!("lemur-serve: stopped");
     Ok(())

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
+use lemur_protocol::auth::ClusterKey;
 use lemur_protocol::cli::parse;
 use lemur_protocol::timings::Timings;
 use lemur_protocol::wire::DenseMatmul;
@@ -21,16 +22,23 @@ use lemur_protocol::wire::TrainSetup;
 use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
 use lemur_worker::checkpoint::{AdapterConfig, LossLog};
 use lemur_worker::cluster::Cluster;
-use lemur_worker::runtime::{run_node, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
+use lemur_worker::runtime::{
+    run_node, serve_worker, Job, NodeConfig, StepLog, StepSink, Timeouts, TokenSink, TrainLoop,
+};
 use lemur_worker::sampling::Sampling;
 use lemur_worker::tokenizer::{Streamer, Tok};
 use lemur_worker::weights::{parse_dtype, parse_quantize, Checkpoint};
 
 /// Run one rank of a Lemurian cluster.
 ///
-/// Ranks other than 0 listen on their address from the cluster file and wait for rank 0.
-/// Rank 0 is the leader: it connects to every rank, sends the plan, and drives a request:
-/// it prints the generated token ids on stdout, comma separated, and timings on stderr.
+/// Ranks other than 0 listen on their address from the cluster file and serve one leader
+/// after another (--once: one, then exit). Rank 0 is the leader: it connects to every rank,
+/// sends the plan, and drives a request: it prints the generated text (or token ids, comma
+/// separated) on stdout and timings on stderr.
+///
+/// Every connection authenticates with the cluster key given by --key-file (or
+/// LEMUR_KEY_FILE); `lemur-worker keygen KEYFILE` writes a new one. Without a key, every
+/// address in the cluster file must be a loopback address.
 #[derive(Debug, Parser)]
 #[command(name = "lemur-worker", version, about, long_about, allow_negative_numbers = true)]
 struct Args {
@@ -163,7 +171,15 @@ struct Args {
     /// mixes' q6_k layers); the plan must be for that format.
     #[arg(long, value_parser = parse_quantize)]
     quantize: Option<WeightFormat>,
-    /// Seconds a rank waits for rank 0 before giving up.
+    /// The cluster key (from `lemur-worker keygen`), the same file on every machine; it
+    /// must be readable by its owner only. Without one, the cluster must be on loopback.
+    #[arg(long, env = "LEMUR_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Ranks other than 0: serve one leader's run, then exit (default: serve leader after
+    /// leader until stopped).
+    #[arg(long)]
+    once: bool,
+    /// Seconds a rank waits for rank 0 before giving up (with --once) or starting over.
     #[arg(long, default_value_t = 600, value_parser = parse::at_least_one::<u64>)]
     wait: u64,
     /// On failure, also print the error's backtrace (as LEMUR_BACKTRACE=1 does).
@@ -212,10 +228,32 @@ const LEADER_ONLY: &[&str] = &[
     "dense_matmul",
 ];
 
+/// Write a new cluster key: 32 random bytes as hex, in a file only its owner can read.
+/// Copy the file to every machine of the cluster and give it to every rank with --key-file.
+#[derive(Debug, Parser)]
+#[command(name = "lemur-worker keygen")]
+struct Keygen {
+    /// Where to write the key; an existing file is never overwritten.
+    path: PathBuf,
+}
+
 fn main() -> ExitCode {
     // Test builds only: fail points named in the FAILPOINTS environment variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "keygen") {
+        let k = Keygen::parse_from(std::env::args_os().skip(1));
+        return lemur_protocol::cli::main(false, || {
+            let key = ClusterKey::write_new(&k.path)?;
+            eprintln!(
+                "wrote a new cluster key to {} (fingerprint {}); copy it to every machine and start every rank with --key-file {}",
+                k.path.display(),
+                key.fingerprint(),
+                k.path.display()
+            );
+            anyhow::Ok(())
+        });
+    }
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The flags given on the command line (not defaults) that this rank would ignore.
@@ -223,7 +261,7 @@ fn main() -> ExitCode {
     let pick = |ids: &[&str]| -> Vec<String> {
         ids.iter().copied().filter(|id| given(id)).map(|id| format!("--{}", id.replace('_', "-"))).collect()
     };
-    let ignored = if args.rank == 0 { pick(&["wait"]) } else { pick(LEADER_ONLY) };
+    let ignored = if args.rank == 0 { pick(&["wait", "once"]) } else { pick(LEADER_ONLY) };
     lemur_protocol::cli::main(args.verbose, || run(args, &ignored))
 }
 
@@ -243,6 +281,11 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
     }
     let cluster = Cluster::load(&args.cluster)?;
     cluster.get(args.rank)?;
+    let key = args.key_file.as_deref().map(ClusterKey::load).transpose().context("--key-file")?;
+    cluster.check_exposure(key.is_some())?;
+    if let (Some(k), Some(path)) = (&key, &args.key_file) {
+        eprintln!("rank {}: cluster key {} (fingerprint {})", args.rank, path.display(), k.fingerprint());
+    }
     let device = lemur_worker::device::open(&args.device).context("--device")?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let mut tok: Option<Arc<Tok>> = None;
@@ -342,6 +385,11 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
     let plan = job.as_ref().map(|j| j.plan.clone());
     let mut cfg = NodeConfig::new(args.rank, cluster, device, job);
     cfg.timeouts = Timeouts { wait_for_leader: Duration::from_secs(args.wait), ..Timeouts::default() };
+    cfg.key = key;
+    if args.rank != 0 && !args.once {
+        serve_worker(cfg)?;
+        return Ok(());
+    }
     let outcome = run_node(cfg)?;
     if let Some(o) = outcome {
         if tok.is_some() {

@@ -26,7 +26,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::Sink;
-use lemur_protocol::wire::{decode_payload, encode_payload, Frame, FrameError};
+use lemur_protocol::auth::PRE_AUTH_MAX_FRAME;
+use lemur_protocol::wire::{decode_payload, encode_payload, Frame, FrameError, FrameLimit};
 use tokio::sync::mpsc;
 
 use super::transport::{Conn, Listener, Transport};
@@ -279,10 +280,13 @@ impl MemNet {
     }
 }
 
-fn stream_of(rx: mpsc::UnboundedReceiver<Bytes>) -> super::transport::FrameStream {
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+/// The receiving end of a direction, with the connection's frame limit (as TCP's codec
+/// checks it, counting the 4-byte length).
+fn stream_of(rx: mpsc::UnboundedReceiver<Bytes>, limit: FrameLimit) -> super::transport::FrameStream {
+    Box::pin(futures::stream::unfold((rx, limit), |(mut rx, limit)| async move {
         let bytes = rx.recv().await?;
-        Some((decode_payload(bytes), rx))
+        let frame = limit.check(bytes.len() + 4).and_then(|_| decode_payload(bytes));
+        Some((frame, (rx, limit)))
     }))
 }
 
@@ -300,7 +304,7 @@ impl Transport for MemNet {
             let (tx, rx) = mpsc::unbounded_channel();
             let mut st = self.lock();
             if st.listeners.get(addr).is_some_and(|l| !l.is_closed()) {
-                return Err(WorkerError::Wire(format!("cannot listen on {addr}: address in use")));
+                return Err(WorkerError::Listen { addr: addr.to_string(), message: "address in use".into() });
             }
             st.listeners.insert(addr.to_string(), tx);
             Ok(Box::new(MemListener(rx)) as Box<dyn Listener>)
@@ -314,9 +318,20 @@ impl Transport for MemNet {
             let listener = self.lock().listeners.get(to).cloned().ok_or_else(refused)?;
             let (out_sink, out_rx) = self.direction(from, to);
             let (back_sink, back_rx) = self.direction(to, from);
-            let server = Conn { reader: stream_of(out_rx), writer: Box::pin(back_sink), remote: from.to_string() };
+            let (l_server, l_client) = (FrameLimit::new(PRE_AUTH_MAX_FRAME), FrameLimit::new(PRE_AUTH_MAX_FRAME));
+            let server = Conn {
+                reader: stream_of(out_rx, l_server.clone()),
+                writer: Box::pin(back_sink),
+                remote: from.to_string(),
+                limit: l_server,
+            };
             listener.send(server).map_err(|_| refused())?;
-            Ok(Conn { reader: stream_of(back_rx), writer: Box::pin(out_sink), remote: to.to_string() })
+            Ok(Conn {
+                reader: stream_of(back_rx, l_client.clone()),
+                writer: Box::pin(out_sink),
+                remote: to.to_string(),
+                limit: l_client,
+            })
         })
     }
 }

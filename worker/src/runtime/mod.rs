@@ -28,7 +28,7 @@ mod leader;
 pub mod memnet;
 mod optimizer;
 mod serving;
-mod setup;
+pub(crate) mod setup;
 mod trainer;
 pub mod transport;
 
@@ -39,6 +39,7 @@ use std::time::Instant;
 use actix::io::SinkWrite;
 use actix::prelude::*;
 use candle_core::Device;
+use lemur_protocol::auth::{ClusterKey, Credentials};
 
 pub use job::{AdapterGrads, Job, Outcome, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 pub use optimizer::{AdamW, AdapterState};
@@ -62,18 +63,57 @@ pub struct NodeConfig {
     pub timeouts: Timeouts,
     /// How ranks reach each other ([`Tcp`] unless testing).
     pub transport: Arc<dyn Transport>,
+    /// The cluster's shared key: every connection authenticates with it. Without one, the
+    /// cluster must be on loopback addresses only ([`NodeConfig::check_exposure`]).
+    pub key: Option<ClusterKey>,
 }
 
 impl NodeConfig {
-    /// A rank over TCP with the default timeouts.
+    /// A rank over TCP with the default timeouts and no key.
     pub fn new(rank: u32, cluster: Cluster, device: Device, job: Option<Job>) -> Self {
-        Self { rank, cluster, device, job, timeouts: Timeouts::default(), transport: Arc::new(Tcp) }
+        Self { rank, cluster, device, job, timeouts: Timeouts::default(), transport: Arc::new(Tcp), key: None }
+    }
+
+    /// What this rank proves itself with in handshakes.
+    pub fn credentials(&self) -> Credentials {
+        match &self.key {
+            Some(k) => Credentials::keyed(k, &self.cluster.id),
+            None => Credentials::keyless(&self.cluster.id),
+        }
+    }
+
+    /// Refuses a keyless cluster with an address other than loopback
+    /// ([`Cluster::check_exposure`]).
+    pub fn check_exposure(&self) -> Result<(), WorkerError> {
+        self.cluster.check_exposure(self.key.is_some())
     }
 }
 
 /// Runs a rank until its work is done. Rank 0 returns the request's outcome.
 pub fn run_node(cfg: NodeConfig) -> Result<Option<Outcome>, WorkerError> {
     run_system(cfg, |_| {})
+}
+
+/// Runs a rank other than 0 as a long-running service: after each leader's run, ended or
+/// failed (the leader died, a rank failed, the plan did not fit), it goes back to waiting
+/// for the next leader. It returns only on what another round cannot mend: an address it
+/// cannot listen on, an exposed keyless cluster, a bad cluster entry.
+pub fn serve_worker(cfg: NodeConfig) -> Result<(), WorkerError> {
+    if cfg.rank == 0 {
+        return Err(WorkerError::Plan("rank 0 is the leader; it runs a job or serves with lemur-serve".into()));
+    }
+    let me = cfg.rank;
+    for round in 1u64.. {
+        match run_node(cfg.clone()) {
+            Ok(_) => tracing::info!(rank = me, round, "the leader's run ended; waiting for the next leader"),
+            Err(e @ (WorkerError::Listen { .. } | WorkerError::Insecure(_) | WorkerError::Key(_))) => return Err(e),
+            Err(WorkerError::NoLeader { seconds }) => {
+                tracing::debug!(rank = me, seconds, "no leader yet; still waiting")
+            }
+            Err(e) => tracing::warn!(rank = me, round, error = %e, "the run failed; waiting for the next leader"),
+        }
+    }
+    Ok(())
 }
 
 /// Runs rank 0 as a server: `cfg.job` must have `serve` set. Once every rank is ready,
@@ -90,6 +130,7 @@ pub fn serve_node(cfg: NodeConfig, on_ready: impl FnOnce(Engine) + 'static) -> R
 }
 
 fn run_system(cfg: NodeConfig, on_ready: impl FnOnce(Addr<Node>) + 'static) -> Result<Option<Outcome>, WorkerError> {
+    cfg.check_exposure()?;
     let system = actix::System::new();
     let result: Shared = Arc::new(Mutex::new(None));
     let res = result.clone();

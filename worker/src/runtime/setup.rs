@@ -5,13 +5,16 @@
 //! rank s >= 1 listens, accepts ranks below it and connects to ranks above it. Each rank
 //! validates the plan, loads only its weights (and LoRA adapters) and reports `Ready`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
-use futures::{SinkExt, StreamExt};
-use lemur_protocol::wire::{DenseMatmul, Frame, Hello, Message, TrainSetup};
+use futures::future::{AbortHandle, Abortable, Aborted};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, SinkExt, StreamExt};
+use lemur_protocol::auth::{Acceptor, Credentials, Dialer, HandshakeError};
+use lemur_protocol::wire::{DenseMatmul, Frame, Message, TrainSetup};
 use lemur_protocol::{Plan, DEFAULT_LORA_RANK};
 
 use super::transport::{Conn, Listener, Transport};
@@ -33,7 +36,7 @@ pub(super) struct Ready {
 }
 
 /// Reads one frame within `limit`; the error names the peer and what was awaited.
-pub(super) async fn read_frame(conn: &mut Conn, limit: Duration, what: &str, peer: &str) -> Result<Frame, WorkerError> {
+pub(crate) async fn read_frame(conn: &mut Conn, limit: Duration, what: &str, peer: &str) -> Result<Frame, WorkerError> {
     match tokio::time::timeout(limit, conn.reader.next()).await {
         Err(_) => Err(WorkerError::Wire(format!("{peer}: no {what} within {:.0} s", limit.as_secs_f64()))),
         Ok(None) => Err(WorkerError::Wire(format!("{peer}: closed the connection before {what}"))),
@@ -41,15 +44,17 @@ pub(super) async fn read_frame(conn: &mut Conn, limit: Duration, what: &str, pee
     }
 }
 
-/// Connects to rank `expect` at `addr`, retrying until the connect timeout, and shakes hands.
-async fn dial(
+/// Connects to rank `expect` at `addr`, retrying until the connect timeout, and runs the
+/// dialing side of the handshake; returns the authenticated connection and the peer's
+/// machine.
+pub(crate) async fn dial(
     net: &dyn Transport,
     from: &str,
     addr: &str,
-    ours: &Hello,
+    hs: &Handshake,
     expect: u32,
-    t: &Timeouts,
-) -> Result<Conn, WorkerError> {
+) -> Result<(Conn, String), WorkerError> {
+    let t = &hs.timeouts;
     let deadline = Instant::now() + t.connect;
     let mut conn = loop {
         match net.connect(from, addr).await {
@@ -63,43 +68,131 @@ async fn dial(
             }
         }
     };
-    conn.writer.send(Frame::control(Message::Hello(ours.clone()))).await?;
+    let failed = |e: HandshakeError| WorkerError::Peer { rank: expect, message: format!("at {addr}: {e}") };
     let peer = format!("rank {expect} at {addr}");
-    let refused = |message: String| WorkerError::Peer { rank: expect, message };
-    match read_frame(&mut conn, t.handshake, "handshake", &peer).await?.message {
-        Message::Hello(h) => h.check(ours, Some(expect)).map_err(refused)?,
-        Message::Refused { reason } => return Err(refused(format!("refused us: {reason}"))),
-        other => return Err(refused(format!("sent `{}` instead of a handshake", other.name()))),
-    }
-    Ok(conn)
+    let d = Dialer::new(hs.cred.clone(), hs.me, expect)?;
+    conn.writer.send(Frame::control(d.hello())).await?;
+    let proof =
+        d.on_challenge(read_frame(&mut conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)?;
+    conn.writer.send(Frame::control(proof)).await?;
+    let machine =
+        d.on_welcome(read_frame(&mut conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)?;
+    conn.authenticated();
+    Ok((conn, machine))
 }
 
-/// Accepts one connection and shakes hands; returns the peer's rank and the connection.
-async fn accept_one(
-    listener: &mut dyn Listener,
-    ours: &Hello,
-    n: u32,
-    t: &Timeouts,
-) -> Result<(u32, Conn), WorkerError> {
-    let mut conn = listener.accept().await?;
-    let from = conn.remote.clone();
-    let frame = read_frame(&mut conn, t.handshake, "handshake", &from).await?;
-    let Message::Hello(h) = frame.message else {
-        return Err(WorkerError::Wire(format!("{from} sent `{}` instead of a handshake", frame.message.name())));
-    };
-    let verdict = h.check(ours, None).and_then(|_| {
-        if h.rank >= n || h.rank == ours.rank {
-            Err(format!("rank {} is not a peer of rank {} in a cluster of {n}", h.rank, ours.rank))
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(reason) = verdict {
-        let _ = conn.writer.send(Frame::control(Message::Refused { reason: reason.clone() })).await;
-        return Err(WorkerError::Peer { rank: h.rank, message: reason });
+/// What a rank brings to every handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct Handshake {
+    pub cred: Credentials,
+    pub me: u32,
+    pub ranks: u32,
+    pub machine: String,
+    pub timeouts: Timeouts,
+}
+
+impl Handshake {
+    pub fn of(cfg: &NodeConfig) -> Result<Self, WorkerError> {
+        Ok(Self {
+            cred: cfg.credentials(),
+            me: cfg.rank,
+            ranks: cfg.cluster.ranks.len() as u32,
+            machine: cfg.cluster.get(cfg.rank)?.machine.clone(),
+            timeouts: cfg.timeouts,
+        })
     }
-    conn.writer.send(Frame::control(Message::Hello(ours.clone()))).await?;
-    Ok((h.rank, conn))
+}
+
+/// A connection the accepting side refused or lost during the handshake: where it came
+/// from, and why (for this rank's log only; the peer was told less).
+#[derive(Debug)]
+pub(crate) struct Rejected {
+    pub from: String,
+    pub detail: String,
+}
+
+/// The accepting side of the handshake on one connection, under its own deadline; returns
+/// the peer's authenticated rank and the connection.
+pub(crate) async fn accept_one(mut conn: Conn, hs: Handshake) -> Result<(u32, Conn), Rejected> {
+    let from = conn.remote.clone();
+    let reject = |detail: String| Rejected { from: from.clone(), detail };
+    let limit = hs.timeouts.handshake;
+    let shake = async {
+        let mut acc = Acceptor::new(hs.cred.clone(), hs.me, hs.ranks, &hs.machine).map_err(|e| e.to_string())?;
+        let mut peer = None;
+        for hello in [true, false] {
+            let msg = match conn.reader.next().await {
+                None => return Err("closed the connection during the handshake".to_string()),
+                Some(Err(e)) => return Err(format!("sent a bad frame during the handshake: {e}")),
+                Some(Ok(f)) => f.message,
+            };
+            let reply = if hello {
+                acc.on_hello(msg)
+            } else {
+                acc.on_proof(msg).map(|(rank, welcome)| {
+                    peer = Some(rank);
+                    welcome
+                })
+            };
+            match reply {
+                Ok(m) => conn.writer.send(Frame::control(m)).await.map_err(|e| e.to_string())?,
+                Err(refusal) => {
+                    let _ = conn.writer.send(Frame::control(Message::Refused { reason: refusal.reason })).await;
+                    return Err(refusal.detail);
+                }
+            }
+        }
+        peer.ok_or_else(|| "the handshake ended without a rank".to_string())
+    };
+    match tokio::time::timeout(limit, shake).await {
+        Err(_) => Err(reject(format!("no complete handshake within {:.0} s", limit.as_secs_f64()))),
+        Ok(Err(detail)) => Err(reject(detail)),
+        Ok(Ok(rank)) => {
+            conn.authenticated();
+            Ok((rank, conn))
+        }
+    }
+}
+
+/// Handshakes in progress at once on a listening rank; a connection beyond them evicts
+/// the oldest, so idle or slow connections cannot crowd out the real leader, whose
+/// handshake takes a round trip.
+const HANDSHAKE_SLOTS: usize = 16;
+
+/// Accepts connections until every rank below this one has authenticated, each handshake
+/// concurrent with the others under its own deadline.
+async fn accept_lower(listener: &mut dyn Listener, hs: &Handshake) -> Result<HashMap<u32, Conn>, WorkerError> {
+    let me = hs.me;
+    let mut got: HashMap<u32, Conn> = HashMap::new();
+    let mut pending = FuturesUnordered::new();
+    let mut slots: VecDeque<AbortHandle> = VecDeque::new();
+    while (0..me).any(|r| !got.contains_key(&r)) {
+        tokio::select! {
+            conn = listener.accept() => {
+                let conn = conn?;
+                slots.retain(|h| !h.is_aborted());
+                if slots.len() >= HANDSHAKE_SLOTS {
+                    if let Some(oldest) = slots.pop_front() {
+                        oldest.abort();
+                    }
+                }
+                let (handle, reg) = AbortHandle::new_pair();
+                let from = conn.remote.clone();
+                slots.push_back(handle);
+                pending.push(Abortable::new(accept_one(conn, hs.clone()), reg).map(move |r| (from, r)));
+            }
+            Some((from, res)) = pending.next(), if !pending.is_empty() => match res {
+                Err(Aborted) => tracing::warn!(peer = %from, "dropped a handshake to make room for newer connections"),
+                Ok(Ok((r, conn))) if r < me && !got.contains_key(&r) => {
+                    tracing::info!(rank = me, peer = r, from = %from, "peer authenticated");
+                    got.insert(r, conn);
+                }
+                Ok(Ok((r, _))) => tracing::warn!(peer = %from, rank = r, "refused a second or higher-ranked connection"),
+                Ok(Err(rej)) => tracing::warn!(peer = %rej.from, "refused a connection: {}", rej.detail),
+            },
+        }
+    }
+    Ok(got)
 }
 
 /// Connects this rank to every other, takes (or, on rank 0, sends) the plan, loads the
@@ -108,7 +201,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     let me = cfg.rank;
     let n = cfg.cluster.ranks.len() as u32;
     let info = cfg.cluster.get(me)?.clone();
-    let ours = Hello::new(&cfg.cluster.id, me, &info.machine);
+    let hs = Handshake::of(cfg)?;
     let t = cfg.timeouts;
     let net = cfg.transport.as_ref();
     let mut conns: HashMap<u32, Conn> = HashMap::new();
@@ -128,7 +221,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         }
         for r in 1..n {
             let addr = cfg.cluster.get(r)?.addr.clone();
-            let mut conn = dial(net, &info.addr, &addr, &ours, r, &t).await?;
+            let (mut conn, _) = dial(net, &info.addr, &addr, &hs, r).await?;
             conn.writer
                 .send(Frame::control(Message::Setup {
                     plan: Box::new(job.plan.clone()),
@@ -149,30 +242,18 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
         // Lower ranks (0 included) connect to us; we connect to higher ranks.
-        let accept = async {
-            let mut got: HashMap<u32, Conn> = HashMap::new();
-            while (0..me).any(|r| !got.contains_key(&r)) {
-                match accept_one(listener.as_mut(), &ours, n, &t).await {
-                    Ok((r, conn)) if r < me => {
-                        got.insert(r, conn);
-                    }
-                    Ok((r, _)) => tracing::warn!(rank = r, "unexpected connection from a higher rank"),
-                    Err(e) => tracing::warn!(error = %e, "refused a connection"),
-                }
-            }
-            Ok::<_, WorkerError>(got)
-        };
+        let accept = accept_lower(listener.as_mut(), &hs);
         let dial_up = async {
             let mut got = HashMap::new();
             for r in me + 1..n {
                 let addr = cfg.cluster.get(r)?.addr.clone();
-                got.insert(r, dial(net, &info.addr, &addr, &ours, r, &t).await?);
+                got.insert(r, dial(net, &info.addr, &addr, &hs, r).await?.0);
             }
             Ok::<_, WorkerError>(got)
         };
         let (lower, higher) = tokio::time::timeout(t.wait_for_leader, async { tokio::try_join!(accept, dial_up) })
             .await
-            .map_err(|_| WorkerError::Wire(format!("no leader within {:.0} s", t.wait_for_leader.as_secs_f64())))??;
+            .map_err(|_| WorkerError::NoLeader { seconds: t.wait_for_leader.as_secs_f64() })??;
         conns.extend(lower);
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;

@@ -11,7 +11,8 @@ use std::pin::Pin;
 
 use futures::future::BoxFuture;
 use futures::{Sink, Stream};
-use lemur_protocol::wire::{Frame, FrameCodec, FrameError};
+use lemur_protocol::auth::PRE_AUTH_MAX_FRAME;
+use lemur_protocol::wire::{Frame, FrameCodec, FrameError, FrameLimit, DEFAULT_MAX_FRAME};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -28,6 +29,16 @@ pub struct Conn {
     pub writer: FrameSink,
     /// Where it comes from, for logs and errors (an address).
     pub remote: String,
+    /// The largest frame the reader accepts: [`PRE_AUTH_MAX_FRAME`] until the handshake
+    /// has authenticated the peer, then [`DEFAULT_MAX_FRAME`] ([`Conn::authenticated`]).
+    pub limit: FrameLimit,
+}
+
+impl Conn {
+    /// The peer has authenticated: take frames of any size the protocol allows.
+    pub fn authenticated(&self) {
+        self.limit.set(DEFAULT_MAX_FRAME);
+    }
 }
 
 impl fmt::Debug for Conn {
@@ -57,10 +68,12 @@ pub struct Tcp;
 fn tcp_conn(stream: TcpStream, remote: String) -> std::io::Result<Conn> {
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
+    let limit = FrameLimit::new(PRE_AUTH_MAX_FRAME);
     Ok(Conn {
-        reader: Box::pin(FramedRead::new(rd, FrameCodec::default())),
+        reader: Box::pin(FramedRead::new(rd, FrameCodec::with_limit(limit.clone(), DEFAULT_MAX_FRAME))),
         writer: Box::pin(FramedWrite::new(wr, FrameCodec::default())),
         remote,
+        limit,
     })
 }
 
@@ -80,7 +93,7 @@ impl Transport for Tcp {
         Box::pin(async move {
             let l = TcpListener::bind(addr)
                 .await
-                .map_err(|e| WorkerError::Wire(format!("cannot listen on {addr}: {e}")))?;
+                .map_err(|e| WorkerError::Listen { addr: addr.to_string(), message: e.to_string() })?;
             Ok(Box::new(TcpAccept(l)) as Box<dyn Listener>)
         })
     }
