@@ -404,3 +404,76 @@ pub fn serve_bin() -> PathBuf {
     assert!(bin.exists(), "{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
     bin
 }
+
+/// The model id the test servers answer to.
+pub const SERVED_MODEL: &str = "smol";
+
+/// A two-rank plan for SmolLM2: layers 15.. and the head on rank 1.
+pub fn smol_plan(dir: &Path, gguf: &Path) -> Result<(PathBuf, PathBuf)> {
+    let cfg = lemurian::planner::load_model(gguf.to_str().context("path")?)?;
+    let mut plan = plan_with(&cfg, &["m4-pro", "m5-pro"], 64, 32, |op| {
+        usize::from(op.layer.is_some_and(|l| l >= 15) || op.layer.is_none() && op.kind != OpKind::Embedding)
+    })?;
+    plan.workload.weights = WeightFormat::Q4_1;
+    let plan_path = dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string(&plan)?)?;
+    Ok((plan_path, cluster_file(dir, &plan)?))
+}
+
+/// A running server and its worker; both killed if the test fails.
+pub struct Server {
+    pub url: String,
+    pub procs: Procs,
+}
+
+impl Server {
+    pub fn start(dir: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
+        let (plan, cluster) = smol_plan(dir, gguf)?;
+        let mut procs = spawn_workers(&cluster, 2, &[])?;
+        let port = free_ports(1)[0];
+        let server = Command::new(serve_bin())
+            .arg("--cluster")
+            .arg(&cluster)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--model")
+            .arg(gguf)
+            .args(["--http", &format!("127.0.0.1:{port}"), "--served-model-name", SERVED_MODEL])
+            .args(if extra.contains(&"--grace") { &[][..] } else { &["--grace", "20"][..] })
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        procs.0.insert(0, server);
+        let url = format!("http://127.0.0.1:{port}");
+        // Ready once /health answers 200.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Some(status) = procs.0[0].try_wait()? {
+                bail!("lemur-serve exited with {status} before it was ready");
+            }
+            if health_ok(port) {
+                return Ok(Self { url, procs });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("lemur-serve was not ready within 90 s")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.procs.0[0].id()
+    }
+}
+
+/// GET /health by hand (no client library on this side).
+pub fn health_ok(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
