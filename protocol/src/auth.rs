@@ -151,6 +151,11 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// Keyed with `key` when there is one, else keyless.
+    pub fn new(key: Option<&ClusterKey>, cluster_id: &str) -> Self {
+        key.map_or_else(|| Self::keyless(cluster_id), |k| Self::keyed(k, cluster_id))
+    }
+
     /// A keyed cluster's credentials.
     pub fn keyed(key: &ClusterKey, cluster_id: &str) -> Self {
         Self { secret: key.0, keyed: true, cluster_id: cluster_id.into() }

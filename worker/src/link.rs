@@ -25,7 +25,7 @@ async fn next(net: &mut Conn, what: &str) -> Result<Frame, WorkerError> {
 /// The probe's handshake: the workers' own, in a two-rank cluster of its own (keyed when
 /// `key` is given, so a listener on a network answers only the prober that holds it).
 fn handshake(me: u32, machine: &str, key: Option<&ClusterKey>) -> Handshake {
-    let cred = key.map_or_else(|| Credentials::keyless(CLUSTER), |k| Credentials::keyed(k, CLUSTER));
+    let cred = Credentials::new(key, CLUSTER);
     let timeouts = Timeouts { connect: WAIT, handshake: WAIT, ..Timeouts::default() };
     Handshake { cred, me, ranks: 2, machine: machine.into(), timeouts }
 }

@@ -280,6 +280,13 @@ impl MemNet {
     }
 }
 
+/// One end of a connection to `remote`: what it receives and where it sends, with its
+/// own frame limit, [`PRE_AUTH_MAX_FRAME`] until the handshake raises it.
+fn mem_conn(rx: mpsc::UnboundedReceiver<Bytes>, writer: MemSink, remote: &str) -> Conn {
+    let limit = FrameLimit::new(PRE_AUTH_MAX_FRAME);
+    Conn { reader: stream_of(rx, limit.clone()), writer: Box::pin(writer), remote: remote.to_string(), limit }
+}
+
 /// The receiving end of a direction, with the connection's frame limit (as TCP's codec
 /// checks it, counting the 4-byte length).
 fn stream_of(rx: mpsc::UnboundedReceiver<Bytes>, limit: FrameLimit) -> super::transport::FrameStream {
@@ -318,20 +325,9 @@ impl Transport for MemNet {
             let listener = self.lock().listeners.get(to).cloned().ok_or_else(refused)?;
             let (out_sink, out_rx) = self.direction(from, to);
             let (back_sink, back_rx) = self.direction(to, from);
-            let (l_server, l_client) = (FrameLimit::new(PRE_AUTH_MAX_FRAME), FrameLimit::new(PRE_AUTH_MAX_FRAME));
-            let server = Conn {
-                reader: stream_of(out_rx, l_server.clone()),
-                writer: Box::pin(back_sink),
-                remote: from.to_string(),
-                limit: l_server,
-            };
+            let server = mem_conn(out_rx, back_sink, from);
             listener.send(server).map_err(|_| refused())?;
-            Ok(Conn {
-                reader: stream_of(back_rx, l_client.clone()),
-                writer: Box::pin(out_sink),
-                remote: to.to_string(),
-                limit: l_client,
-            })
+            Ok(mem_conn(back_rx, out_sink, to))
         })
     }
 }

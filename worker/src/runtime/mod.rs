@@ -76,10 +76,7 @@ impl NodeConfig {
 
     /// What this rank proves itself with in handshakes.
     pub fn credentials(&self) -> Credentials {
-        match &self.key {
-            Some(k) => Credentials::keyed(k, &self.cluster.id),
-            None => Credentials::keyless(&self.cluster.id),
-        }
+        Credentials::new(self.key.as_ref(), &self.cluster.id)
     }
 
     /// Refuses a keyless cluster with an address other than loopback

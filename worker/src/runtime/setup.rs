@@ -14,7 +14,7 @@ use futures::future::{AbortHandle, Abortable, Aborted};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use lemur_protocol::auth::{Acceptor, Credentials, Dialer, HandshakeError};
-use lemur_protocol::wire::{DenseMatmul, Frame, Message, TrainSetup};
+use lemur_protocol::wire::{DenseMatmul, Frame, FrameError, Message, TrainSetup};
 use lemur_protocol::{Plan, DEFAULT_LORA_RANK};
 
 use super::transport::{Conn, Listener, Transport};
@@ -56,29 +56,44 @@ pub(crate) async fn dial(
 ) -> Result<(Conn, String), WorkerError> {
     let t = &hs.timeouts;
     let deadline = Instant::now() + t.connect;
-    let mut conn = loop {
-        match net.connect(from, addr).await {
-            Ok(c) => break c,
+    loop {
+        let mut conn = match net.connect(from, addr).await {
+            Ok(c) => c,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(addr, error = %e, "peer not up yet");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
             Err(e) => {
                 return Err(WorkerError::Peer { rank: expect, message: format!("cannot connect to {addr}: {e}") })
             }
+        };
+        match dial_handshake(&mut conn, addr, hs, expect).await {
+            Ok(machine) => {
+                conn.authenticated();
+                return Ok((conn, machine));
+            }
+            // A worker between two leaders' runs resets connections its old listener
+            // queued: the peer is not up yet, as when the connect itself is refused.
+            Err(WorkerError::Frame(FrameError::Io(e))) if Instant::now() < deadline => {
+                tracing::debug!(addr, error = %e, "the peer reset the handshake; dialing again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
         }
-    };
+    }
+}
+
+/// The dialing side of the handshake on a fresh connection; returns the peer's machine.
+async fn dial_handshake(conn: &mut Conn, addr: &str, hs: &Handshake, expect: u32) -> Result<String, WorkerError> {
+    let t = &hs.timeouts;
     let failed = |e: HandshakeError| WorkerError::Peer { rank: expect, message: format!("at {addr}: {e}") };
     let peer = format!("rank {expect} at {addr}");
     let d = Dialer::new(hs.cred.clone(), hs.me, expect)?;
     conn.writer.send(Frame::control(d.hello())).await?;
-    let proof =
-        d.on_challenge(read_frame(&mut conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)?;
+    let proof = d.on_challenge(read_frame(conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)?;
     conn.writer.send(Frame::control(proof)).await?;
-    let machine =
-        d.on_welcome(read_frame(&mut conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)?;
-    conn.authenticated();
-    Ok((conn, machine))
+    d.on_welcome(read_frame(conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)
 }
 
 /// What a rank brings to every handshake.
@@ -170,7 +185,6 @@ async fn accept_lower(listener: &mut dyn Listener, hs: &Handshake) -> Result<Has
         tokio::select! {
             conn = listener.accept() => {
                 let conn = conn?;
-                slots.retain(|h| !h.is_aborted());
                 if slots.len() >= HANDSHAKE_SLOTS {
                     if let Some(oldest) = slots.pop_front() {
                         oldest.abort();
