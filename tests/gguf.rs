@@ -389,6 +389,7 @@ fn smollm2_lora_training_across_two_ranks_lowers_the_loss() -> Result<()> {
         .arg("--train")
         .arg(&data)
         .args(["--steps", "6", "--lr", "2e-3", "--lora-alpha", "16"])
+        .env("LEMUR_CACHE", test_cache(&cluster))
         .output()?;
     for w in workers.0.drain(..) {
         wait_exit(w, std::time::Duration::from_secs(20))?;

@@ -313,10 +313,12 @@ fn train(files: &TrainSetupFiles, plan: &Plan, tag: &str, extra: &[&str]) -> Res
     for r in 1..plan.machines.len() {
         let mut cmd = std::process::Command::new(worker_bin());
         cmd.args(["--once", "--rank", &r.to_string(), "--cluster"]).arg(&cluster).args(["--wait", "60"]);
+        cmd.env("LEMUR_CACHE", test_cache(&cluster));
         workers.0.push(cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?);
     }
     let mut cmd = std::process::Command::new(worker_bin());
     cmd.args(["--rank", "0", "--cluster"])
+        .env("LEMUR_CACHE", test_cache(&cluster))
         .arg(&cluster)
         .arg("--plan")
         .arg(&plan_path)

@@ -5,6 +5,8 @@
 //! - [`profile`]: what a machine can do ([`MachineProfile`]) and how machines are joined ([`LinkProfile`]).
 //! - [`op`]: the names of ops ([`OpKind`]) and passes ([`Phase`]) that plans place.
 //! - [`plan`]: the plan file ([`Plan`]) workers execute, and its validation.
+//! - [`blob`]: one op's weights as the leader streams them and a rank caches them
+//!   (shape, encoding, SHA-256), and the cache file's layout.
 //! - [`auth`]: the cluster key file and the handshake's state machines (mutual
 //!   challenge-response under HMAC-SHA256, before anything else is accepted).
 //! - [`wire`]: messages between workers ([`wire::Message`]), tensors as raw bytes, and
@@ -20,6 +22,7 @@
 //! Only this crate defines what goes on the wire or into a file another process reads.
 
 pub mod auth;
+pub mod blob;
 pub mod cli;
 pub mod error;
 pub mod gguf;

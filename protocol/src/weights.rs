@@ -84,7 +84,7 @@ impl WeightFormat {
     }
 
     /// (bytes, weights) of one block of a block format.
-    fn block_layout(self) -> Option<(u64, u64)> {
+    pub fn block_layout(self) -> Option<(u64, u64)> {
         Some(match self {
             WeightFormat::Dense | WeightFormat::Q4KM | WeightFormat::Q5KM => return None,
             WeightFormat::Q8_0 => (34, 32),

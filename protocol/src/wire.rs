@@ -21,7 +21,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -33,6 +33,8 @@ pub enum WireDType {
     F16,
     Bf16,
     U32,
+    /// Raw bytes (weight chunks).
+    U8,
 }
 
 impl WireDType {
@@ -40,6 +42,7 @@ impl WireDType {
         match self {
             WireDType::F32 | WireDType::U32 => 4,
             WireDType::F16 | WireDType::Bf16 => 2,
+            WireDType::U8 => 1,
         }
     }
 }
@@ -205,11 +208,12 @@ pub enum Message {
     Refused {
         reason: String,
     },
-    /// Rank 0 to every rank: the plan, the cluster, and the weights to load.
+    /// Rank 0 to every rank: the plan, the cluster, and the checkpoint whose weights it
+    /// serves (a rank fetches those of its ops, or takes them from its cache).
     Setup {
         plan: Box<Plan>,
         ranks: Vec<RankInfo>,
-        model_dir: String,
+        checkpoint: Box<crate::blob::CheckpointRef>,
         dtype: WireDType,
         /// Time every op, synchronising the device after each (cost-model validation).
         timing: bool,
@@ -225,6 +229,21 @@ pub enum Message {
         /// When quantized linear ops multiply by their dequantized weight.
         #[serde(default)]
         dense_matmul: DenseMatmul,
+    },
+    /// A rank to rank 0 after the set-up: the ops whose weights it lacks (none when its
+    /// cache holds them all), in this order.
+    FetchWeights {
+        ops: Vec<crate::blob::OpRef>,
+    },
+    /// Rank 0 to a rank: the next op's weights follow in `WeightChunk`s, `blob.len` bytes in all.
+    WeightBlob {
+        blob: crate::blob::BlobMeta,
+    },
+    /// Rank 0 to a rank: bytes `offset..offset + data` of the current blob, with their SHA-256.
+    WeightChunk {
+        offset: u64,
+        sha256: String,
+        data: TensorMeta,
     },
     /// A rank has loaded its weights and connected to its peers.
     Ready {
@@ -374,6 +393,7 @@ impl Message {
             | Message::Adapters { tensors, .. }
             | Message::LoadAdapters { tensors, .. } => tensors.iter().collect(),
             Message::Logits { logits, .. } => vec![logits],
+            Message::WeightChunk { data, .. } => vec![data],
             _ => Vec::new(),
         }
     }
@@ -387,6 +407,9 @@ impl Message {
             Message::Welcome { .. } => "welcome",
             Message::Refused { .. } => "refused",
             Message::Setup { .. } => "setup",
+            Message::FetchWeights { .. } => "fetch_weights",
+            Message::WeightBlob { .. } => "weight_blob",
+            Message::WeightChunk { .. } => "weight_chunk",
             Message::Ready { .. } => "ready",
             Message::Start { .. } => "start",
             Message::Activation { .. } => "activation",

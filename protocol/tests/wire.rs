@@ -2,6 +2,7 @@
 //! be errors (never panics, never unbounded allocations).
 
 use bytes::{BufMut, Bytes, BytesMut};
+use lemur_protocol::blob::{BlobMeta, Encoding, OpRef};
 use lemur_protocol::wire::{
     decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, Segment, TensorMeta,
     WireDType, MAGIC, PROTOCOL_VERSION,
@@ -50,7 +51,10 @@ fn every_message() -> Vec<Frame> {
         Frame::control(Message::Setup {
             plan: Box::new(tiny_plan()),
             ranks: vec![RankInfo { rank: 0, addr: "127.0.0.1:1".into(), machine: "a".into() }],
-            model_dir: "/models/x".into(),
+            checkpoint: Box::new(lemur_protocol::blob::CheckpointRef {
+                hash: "0f".repeat(32),
+                config: lemur_protocol::ModelConfig::tiny(),
+            }),
             dtype: WireDType::F32,
             timing: true,
             train: Some(lemur_protocol::wire::TrainSetup {
@@ -65,6 +69,28 @@ fn every_message() -> Vec<Frame> {
             quantize: Some(lemur_protocol::WeightFormat::Q8_0),
             dense_matmul: lemur_protocol::wire::DenseMatmul::Prefill,
         }),
+        Frame::control(Message::FetchWeights {
+            ops: vec![
+                OpRef { kind: lemur_protocol::OpKind::Embedding, layer: None },
+                OpRef { kind: lemur_protocol::OpKind::DownProj, layer: Some(3) },
+            ],
+        }),
+        Frame::control(Message::WeightBlob {
+            blob: BlobMeta {
+                op: OpRef { kind: lemur_protocol::OpKind::QProj, layer: Some(1) },
+                shape: vec![64, 256],
+                encoding: Encoding::Blocks(lemur_protocol::WeightFormat::Q4K),
+                len: 64 * 144,
+                sha256: "ab".repeat(32),
+            },
+        }),
+        {
+            let (c, c_b) = tensor(WireDType::U8, &[1000], 11);
+            Frame {
+                message: Message::WeightChunk { offset: 4 << 20, sha256: "cd".repeat(32), data: c },
+                tensors: vec![c_b],
+            }
+        },
         Frame::control(Message::Ready { rank: 1, weight_bytes: 10, load_seconds: 0.5 }),
         Frame {
             message: Message::Start {
@@ -230,7 +256,7 @@ fn malformed_frames_are_errors() {
     buf.put_slice(&[0; 16]);
     assert!(matches!(codec.decode(&mut buf), Err(FrameError::TooLarge { .. })));
     // Encoding checks tensors against their metadata.
-    let mut f = every_message().swap_remove(7);
+    let mut f = every_message().into_iter().find(|f| matches!(f.message, Message::Start { .. })).unwrap();
     f.tensors[0] = Bytes::from_static(&[1, 2, 3]);
     assert!(encode_payload(&f, &mut BytesMut::new()).is_err());
     f.tensors.clear();

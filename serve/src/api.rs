@@ -101,7 +101,20 @@ async fn not_allowed(req: actix_web::HttpRequest) -> HttpResponse {
 }
 
 /// Reads the body up to [`MAX_BODY`].
-async fn read_body(mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {
+/// A body must arrive whole within this (a slow sender holds a connection, never a worker).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+async fn read_body(payload: web::Payload) -> Result<Vec<u8>, ApiError> {
+    actix_web::rt::time::timeout(BODY_TIMEOUT, read_whole_body(payload)).await.unwrap_or_else(|_| {
+        let msg = format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs());
+        Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            body: ErrorBody::new("invalid_request_error", msg, None, Some("body_timeout")),
+        })
+    })
+}
+
+async fn read_whole_body(mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad(None, format!("reading the body: {e}"), None))?;

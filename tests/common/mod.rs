@@ -137,6 +137,12 @@ pub fn cluster_file(dir: &Path, plan: &Plan) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The cache folder of the test cluster whose file is `cluster` (a folder next to it, so
+/// a test's weights never land in the user's cache): pass it as `LEMUR_CACHE`.
+pub fn test_cache(cluster: &Path) -> PathBuf {
+    cluster.with_file_name("cache")
+}
+
 /// Starts ranks 1.. in the background.
 pub fn spawn_workers(cluster: &Path, n: usize, extra: &[&str]) -> Result<Procs> {
     let mut procs = Procs(Vec::new());
@@ -146,6 +152,7 @@ pub fn spawn_workers(cluster: &Path, n: usize, extra: &[&str]) -> Result<Procs> 
             .arg(cluster)
             .args(["--wait", "60"])
             .args(extra)
+            .env("LEMUR_CACHE", test_cache(cluster))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -174,6 +181,7 @@ pub fn run_leader(
         .arg(model)
         .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &n.to_string()])
         .args(extra)
+        .env("LEMUR_CACHE", test_cache(cluster))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -439,6 +447,7 @@ impl Server {
             .arg("--model")
             .arg(gguf)
             .args(["--http", &format!("127.0.0.1:{port}"), "--served-model-name", SERVED_MODEL])
+            .env("LEMUR_CACHE", test_cache(&cluster))
             .args(if extra.contains(&"--grace") { &[][..] } else { &["--grace", "20"][..] })
             .args(extra)
             .stdout(Stdio::null())

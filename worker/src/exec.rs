@@ -34,6 +34,15 @@ pub enum OpWeights {
 }
 
 impl OpWeights {
+    /// The lm head that shares this embedding table (tied word embeddings).
+    pub fn tied_head(&self) -> Result<OpWeights, WorkerError> {
+        match self {
+            OpWeights::QEmbedding(q) => Ok(OpWeights::QLinear(QMatMul::from_arc(q.clone())?)),
+            OpWeights::Embedding(e) => Ok(OpWeights::Linear(Linear::new(e.embeddings().clone(), None))),
+            _ => Err(WorkerError::Weights("a tied lm head needs the embedding's table".into())),
+        }
+    }
+
     /// A linear op's weight as a dense `[out, in]` tensor: the weight itself, or for a
     /// quantized one a dequantized copy made now (the caller drops it after use).
     pub fn dense(&self, device: &Device) -> Result<Tensor, WorkerError> {

@@ -18,11 +18,13 @@
 //!   [`runtime::memnet`] with fault injection), the actix actors over the state machines,
 //!   the optimizer, and rank 0's request and training loops.
 //! - Files: [`cluster`] (`cluster.toml`), [`weights`] (checkpoints: safetensors, GGUF),
+//!   [`weight_cache`] (weights as the leader streams them, a rank's cache of them, the
+//!   checkpoint's content hash),
 //!   [`checkpoint`] (PEFT adapter checkpoints, resuming), [`dataset`] (JSONL training
 //!   data), [`tokenizer`]; [`sampling`] turns logits into tokens.
 //! - Measuring: [`profiler`] (`lemur-profile`'s device measurements), [`link`].
 //! - [`device`]: cpu, cuda and metal behind cargo features; [`tensor_wire`]: tensors to and
-//!   from wire bytes; [`random_model`]: deterministic random checkpoints for tests.
+//!   from wire bytes; [`progress`]: progress bars; [`random_model`]: deterministic random checkpoints for tests.
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
@@ -41,6 +43,7 @@ pub mod link;
 pub mod lora;
 pub mod profiler;
 pub mod program;
+pub mod progress;
 pub mod qmm;
 pub mod random_model;
 pub mod rng;
@@ -50,6 +53,7 @@ pub mod tensor_wire;
 pub mod tokenizer;
 pub mod train;
 pub mod view;
+pub mod weight_cache;
 pub mod weights;
 
 pub use error::WorkerError;

@@ -13,6 +13,7 @@ pub fn wire_dtype(dt: DType) -> Result<WireDType, WorkerError> {
         DType::F16 => WireDType::F16,
         DType::BF16 => WireDType::Bf16,
         DType::U32 => WireDType::U32,
+        DType::U8 => WireDType::U8,
         other => return Err(WorkerError::Wire(format!("tensors of {other:?} do not travel"))),
     })
 }
@@ -23,6 +24,7 @@ pub fn candle_dtype(dt: WireDType) -> DType {
         WireDType::F16 => DType::F16,
         WireDType::Bf16 => DType::BF16,
         WireDType::U32 => DType::U32,
+        WireDType::U8 => DType::U8,
     }
 }
 
@@ -34,6 +36,7 @@ pub fn to_wire(t: &Tensor) -> Result<(TensorMeta, Bytes), WorkerError> {
         DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>()?).to_vec(),
         DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>()?).to_vec(),
         DType::U32 => bytemuck::cast_slice(&flat.to_vec1::<u32>()?).to_vec(),
+        DType::U8 => flat.to_vec1::<u8>()?,
         other => return Err(WorkerError::Wire(format!("tensors of {other:?} do not travel"))),
     };
     Ok((TensorMeta { dtype: wire_dtype(t.dtype())?, shape: t.dims().to_vec() }, Bytes::from(bytes)))

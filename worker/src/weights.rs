@@ -36,6 +36,8 @@ pub struct Checkpoint {
     /// The GGUF header, for GGUF checkpoints (tokenizer and chat template live there).
     pub gguf: Option<GgufHeader>,
     tensors: Tensors,
+    /// The files its weights and shape come from (what its content hash covers).
+    pub files: Vec<PathBuf>,
     /// Dequantize GGUF's quantized tensors at load instead of running them as stored.
     pub dequantize: bool,
     /// Quantize dense tensors (safetensors, or an unquantized GGUF) to this at load.
@@ -84,7 +86,7 @@ pub fn ggml_type(f: WeightFormat) -> Option<GgmlDType> {
 }
 
 /// The weight format of a GGUF block type (dense for f32, f16, bf16).
-fn format_of(t: GgmlDType) -> Option<WeightFormat> {
+pub(crate) fn format_of(t: GgmlDType) -> Option<WeightFormat> {
     match t {
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Some(WeightFormat::Dense),
         _ => BLOCK_TYPES.iter().find(|(_, g)| *g == t).map(|(w, _)| *w),
@@ -199,11 +201,13 @@ impl Checkpoint {
         // assumes nobody truncates them while the worker runs.
         #[allow(unsafe_code)]
         let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| file_err(path, e.to_string()))?;
+        files.insert(0, cfg_path);
         Ok(Self {
             path: path.to_path_buf(),
             config,
             gguf: None,
             tensors: Tensors::Safetensors(tensors),
+            files,
             dequantize: false,
             quantize: None,
         })
@@ -221,6 +225,7 @@ impl Checkpoint {
             config,
             gguf: Some(header),
             tensors: Tensors::Gguf { file: file.to_path_buf(), content },
+            files: vec![file.to_path_buf()],
             dequantize: false,
             quantize: None,
         })
@@ -269,27 +274,7 @@ impl Checkpoint {
 
     /// Checks that the plan was made for this checkpoint's shape.
     pub fn check_plan_model(&self, plan_model: &ModelConfig) -> Result<(), WorkerError> {
-        let (a, b) = (&self.config, plan_model);
-        let same = a.vocab_size == b.vocab_size
-            && a.hidden_size == b.hidden_size
-            && a.intermediate_size == b.intermediate_size
-            && a.num_layers == b.num_layers
-            && a.num_heads == b.num_heads
-            && a.num_kv_heads == b.num_kv_heads
-            && a.head_dim == b.head_dim;
-        if !same {
-            return Err(WorkerError::Plan(format!(
-                "the plan is for model `{}` ({} layers, hidden {}), but {} holds `{}` ({} layers, hidden {})",
-                b.name,
-                b.num_layers,
-                b.hidden_size,
-                self.path.display(),
-                a.name,
-                a.num_layers,
-                a.hidden_size
-            )));
-        }
-        Ok(())
+        check_model_shape(&self.config, &self.path.display().to_string(), plan_model)
     }
 
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
@@ -396,42 +381,14 @@ impl Checkpoint {
         // Ops are sorted, so a tied embedding loads before the head that shares its table.
         let mut table: Option<OpWeights> = None;
         for (kind, layer) in ops {
-            let names = tensor_names(&self.config, self.is_gguf(), kind, layer);
             let tied = match (&table, kind) {
-                (Some(OpWeights::QEmbedding(q)), OpKind::LmHead) if self.config.tie_word_embeddings => {
-                    Some(OpWeights::QLinear(QMatMul::from_arc(q.clone())?))
-                }
-                (Some(OpWeights::Embedding(e)), OpKind::LmHead) if self.config.tie_word_embeddings => {
-                    Some(OpWeights::Linear(Linear::new(e.embeddings().clone(), None)))
-                }
+                (Some(t), OpKind::LmHead) if self.config.tie_word_embeddings => Some(t.tied_head()?),
                 _ => None,
             };
-            let w = match (tied, names.first()) {
-                // A tied head reuses the embedding's table rather than loading it again.
-                (Some(w), _) => w,
-                (None, None) => OpWeights::None,
-                (None, Some(name)) if !matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) => {
-                    // `--quantize` lays tensors out as llama-quantize would (the planner
-                    // prices that layout): the head in Q6_K, a mix's Q6_K layers, fallbacks.
-                    let target = self.quantize.map(|q| q.tensor_format(kind, layer, &self.config).and_then(ggml_type));
-                    let stored = match target {
-                        Some(Some(t)) => Some(self.quantize_at_load(name, kind, t, &dev)?),
-                        Some(None) => None,
-                        None => self.load_quantized(name, kind, &dev)?,
-                    };
-                    match stored {
-                        Some(q) => {
-                            bytes += q.storage_size_in_bytes() as u64;
-                            self.check_shape(name, kind, q.shape().dims())?;
-                            match kind {
-                                OpKind::Embedding => OpWeights::QEmbedding(Arc::new(q)),
-                                _ => OpWeights::QLinear(QMatMul::from_qtensor(q)?),
-                            }
-                        }
-                        None => self.dense_weights(name, kind, exec, &mut bytes)?,
-                    }
-                }
-                (None, Some(name)) => self.dense_weights(name, kind, exec, &mut bytes)?,
+            // A tied head reuses the embedding's table rather than loading it again.
+            let w = match tied {
+                Some(w) => w,
+                None => self.op_weights(kind, layer, &dev, exec.dtype, &mut bytes)?,
             };
             if kind == OpKind::Embedding {
                 table = Some(w.clone());
@@ -444,16 +401,49 @@ impl Checkpoint {
         Ok(bytes)
     }
 
+    /// The weights of op `kind` in `layer` on `dev` as the run holds them (quantized as
+    /// stored or by `--quantize`, else dense in `dtype`); adds their size to `bytes`.
+    pub(crate) fn op_weights(
+        &self,
+        kind: OpKind,
+        layer: Option<u32>,
+        dev: &Device,
+        dtype: DType,
+        bytes: &mut u64,
+    ) -> Result<OpWeights, WorkerError> {
+        let names = tensor_names(&self.config, self.is_gguf(), kind, layer);
+        let Some(name) = names.first() else { return Ok(OpWeights::None) };
+        if matches!(kind, OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm) {
+            return self.dense_weights(name, kind, dev, dtype, bytes);
+        }
+        // `--quantize` lays tensors out as llama-quantize would (the planner prices that
+        // layout): the head in Q6_K, a mix's Q6_K layers, fallbacks.
+        let target = self.quantize.map(|q| q.tensor_format(kind, layer, &self.config).and_then(ggml_type));
+        let stored = match target {
+            Some(Some(t)) => Some(self.quantize_at_load(name, kind, t, dev)?),
+            Some(None) => None,
+            None => self.load_quantized(name, kind, dev)?,
+        };
+        let Some(q) = stored else { return self.dense_weights(name, kind, dev, dtype, bytes) };
+        *bytes += q.storage_size_in_bytes() as u64;
+        self.check_shape(name, kind, q.shape().dims())?;
+        Ok(match kind {
+            OpKind::Embedding => OpWeights::QEmbedding(Arc::new(q)),
+            _ => OpWeights::QLinear(QMatMul::from_qtensor(q)?),
+        })
+    }
+
     /// An op's weights loaded in the run's dtype (dequantized if stored quantized).
     fn dense_weights(
         &self,
         name: &str,
         kind: OpKind,
-        exec: &Executor,
+        dev: &Device,
+        dtype: DType,
         bytes: &mut u64,
     ) -> Result<OpWeights, WorkerError> {
-        let t = self.load(name, kind, &exec.device, exec.dtype)?;
-        *bytes += (t.elem_count() * exec.dtype.size_in_bytes()) as u64;
+        let t = self.load(name, kind, dev, dtype)?;
+        *bytes += (t.elem_count() * dtype.size_in_bytes()) as u64;
         self.check_shape(name, kind, t.dims())?;
         Ok(match kind {
             OpKind::Embedding => OpWeights::Embedding(Embedding::new(t, self.config.hidden_size as usize)),
@@ -463,18 +453,7 @@ impl Checkpoint {
     }
 
     fn check_shape(&self, name: &str, kind: OpKind, dims: &[usize]) -> Result<(), WorkerError> {
-        let c = &self.config;
-        let (h, q, kv, i, v) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
-        let want: Vec<u64> = match kind {
-            OpKind::Embedding | OpKind::LmHead => vec![v, h],
-            OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm => vec![h],
-            OpKind::QProj => vec![q, h],
-            OpKind::KProj | OpKind::VProj => vec![kv, h],
-            OpKind::OProj => vec![h, q],
-            OpKind::GateProj | OpKind::UpProj => vec![i, h],
-            OpKind::DownProj => vec![h, i],
-            _ => return Ok(()),
-        };
+        let Some(want) = weight_shape(&self.config, kind) else { return Ok(()) };
         let got: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
         if got != want {
             return Err(WorkerError::Weights(format!(
@@ -484,6 +463,41 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// Checks that a plan made for `plan_model` fits a checkpoint of shape `a` (`what` names it).
+pub fn check_model_shape(a: &ModelConfig, what: &str, plan_model: &ModelConfig) -> Result<(), WorkerError> {
+    let b = plan_model;
+
+    let same = a.vocab_size == b.vocab_size
+        && a.hidden_size == b.hidden_size
+        && a.intermediate_size == b.intermediate_size
+        && a.num_layers == b.num_layers
+        && a.num_heads == b.num_heads
+        && a.num_kv_heads == b.num_kv_heads
+        && a.head_dim == b.head_dim;
+    if !same {
+        return Err(WorkerError::Plan(format!(
+            "the plan is for model `{}` ({} layers, hidden {}), but {} holds `{}` ({} layers, hidden {})",
+            b.name, b.num_layers, b.hidden_size, what, a.name, a.num_layers, a.hidden_size
+        )));
+    }
+    Ok(())
+}
+
+/// The shape of op `kind`'s weight in a model of shape `c` (`None`: an op without one).
+pub fn weight_shape(c: &ModelConfig, kind: OpKind) -> Option<Vec<u64>> {
+    let (h, q, kv, i, v) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
+    Some(match kind {
+        OpKind::Embedding | OpKind::LmHead => vec![v, h],
+        OpKind::AttnNorm | OpKind::MlpNorm | OpKind::FinalNorm => vec![h],
+        OpKind::QProj => vec![q, h],
+        OpKind::KProj | OpKind::VProj => vec![kv, h],
+        OpKind::OProj => vec![h, q],
+        OpKind::GateProj | OpKind::UpProj => vec![i, h],
+        OpKind::DownProj => vec![h, i],
+        _ => return None,
+    })
 }
 
 /// The run's dtype by name.

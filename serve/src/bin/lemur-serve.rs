@@ -50,6 +50,9 @@ struct Args {
     /// one, every address in the cluster file must be a loopback address.
     #[arg(long, env = "LEMUR_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Lemurian's cache folder (the checkpoint's hash is remembered under checkpoints/).
+    #[arg(long, env = "LEMUR_CACHE")]
+    cache_dir: Option<PathBuf>,
     /// The model's id in requests and /v1/models (default: the checkpoint's file or folder name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -179,6 +182,9 @@ fn run(args: Args) -> Result<()> {
     };
     let mut cfg = NodeConfig::new(0, cluster, device, Some(job));
     cfg.key = key;
+    if let Some(dir) = &args.cache_dir {
+        cfg.cache_dir = dir.clone();
+    }
     lemur_serve::serve(cfg, front)?;
     eprintln!("lemur-serve: stopped");
     Ok(())

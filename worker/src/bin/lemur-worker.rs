@@ -55,7 +55,8 @@ struct Args {
     #[arg(long)]
     plan: Option<PathBuf>,
     /// Rank 0: the checkpoint, a Hugging Face directory (config.json, *.safetensors,
-    /// tokenizer.json) or a GGUF file, at the same path on every rank.
+    /// tokenizer.json) or a GGUF file. Only rank 0 needs it: every other rank is sent the
+    /// weights of its ops and keeps them in its cache (--cache-dir).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Rank 0: the prompt as text; the generated text streams to stdout.
@@ -175,6 +176,10 @@ struct Args {
     /// must be readable by its owner only. Without one, the cluster must be on loopback.
     #[arg(long, env = "LEMUR_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Lemurian's cache folder: other ranks keep the weights rank 0 sent them under
+    /// weights/<checkpoint hash>/ and load them from there while the hash matches.
+    #[arg(long, env = "LEMUR_CACHE")]
+    cache_dir: Option<PathBuf>,
     /// Ranks other than 0: serve one leader's run, then exit (default: serve leader after
     /// leader until stopped).
     #[arg(long)]
@@ -386,6 +391,9 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
     let mut cfg = NodeConfig::new(args.rank, cluster, device, job);
     cfg.timeouts = Timeouts { wait_for_leader: Duration::from_secs(args.wait), ..Timeouts::default() };
     cfg.key = key;
+    if let Some(dir) = &args.cache_dir {
+        cfg.cache_dir = dir.clone();
+    }
     if args.rank != 0 && !args.once {
         serve_worker(cfg)?;
         return Ok(());

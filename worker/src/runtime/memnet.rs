@@ -7,7 +7,8 @@
 //! sent (the nth `activation` from rank 1 to rank 0, say), in the spirit of tikv's
 //! `transport_simulate.rs`:
 //! - [`Fault::Drop`] loses the frame; [`Fault::Delay`] delivers it later (frames sent
-//!   meanwhile overtake it: reordering).
+//!   meanwhile overtake it: reordering). [`Fault::Duplicate`] delivers it twice;
+//!   [`Fault::Corrupt`] flips a bit of its last byte (a tensor's data, in frames with one).
 //! - [`Fault::Cut`] delivers it, then closes the connection both ways (a peer that died
 //!   or a cable pulled out: the other side sees the stream end).
 //! - [`Fault::Isolate`] delivers it, then closes every connection of the named address
@@ -38,6 +39,10 @@ use crate::error::WorkerError;
 pub enum Fault {
     Drop,
     Delay(Duration),
+    /// Deliver the frame twice.
+    Duplicate,
+    /// Flip a bit in the frame's last byte (tensor data, for frames that carry some).
+    Corrupt,
     Cut,
     /// Close every connection of this address after delivering.
     Isolate(String),
@@ -232,6 +237,14 @@ impl Sink<Frame> for MemSink {
         match fault {
             None => self.deliver(bytes),
             Some(Fault::Drop) => Ok(()),
+            Some(Fault::Duplicate) => self.deliver(bytes.clone()).and_then(|_| self.deliver(bytes)),
+            Some(Fault::Corrupt) => {
+                let mut b = bytes.to_vec();
+                if let Some(last) = b.last_mut() {
+                    *last ^= 0x01;
+                }
+                self.deliver(Bytes::from(b))
+            }
             Some(Fault::Delay(d)) => {
                 let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(tx) = tx {

@@ -23,6 +23,7 @@
 
 mod actors;
 mod compute;
+mod fetch;
 pub mod job;
 mod leader;
 pub mod memnet;
@@ -66,12 +67,24 @@ pub struct NodeConfig {
     /// The cluster's shared key: every connection authenticates with it. Without one, the
     /// cluster must be on loopback addresses only ([`NodeConfig::check_exposure`]).
     pub key: Option<ClusterKey>,
+    /// Lemurian's cache folder: ranks other than 0 keep the weights rank 0 sent them under
+    /// `weights/`; rank 0 remembers its checkpoint's hash under `checkpoints/`.
+    pub cache_dir: std::path::PathBuf,
 }
 
 impl NodeConfig {
     /// A rank over TCP with the default timeouts and no key.
     pub fn new(rank: u32, cluster: Cluster, device: Device, job: Option<Job>) -> Self {
-        Self { rank, cluster, device, job, timeouts: Timeouts::default(), transport: Arc::new(Tcp), key: None }
+        Self {
+            rank,
+            cluster,
+            device,
+            job,
+            timeouts: Timeouts::default(),
+            transport: Arc::new(Tcp),
+            key: None,
+            cache_dir: crate::weight_cache::default_cache_dir(),
+        }
     }
 
     /// What this rank proves itself with in handshakes.

@@ -6,7 +6,7 @@
 //! validates the plan, loads only its weights (and LoRA adapters) and reports `Ready`.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
@@ -14,16 +14,19 @@ use futures::future::{AbortHandle, Abortable, Aborted};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use lemur_protocol::auth::{Acceptor, Credentials, Dialer, HandshakeError};
+use lemur_protocol::blob::{CheckpointRef, OpRef};
 use lemur_protocol::wire::{DenseMatmul, Frame, FrameError, Message, TrainSetup};
-use lemur_protocol::{Plan, DEFAULT_LORA_RANK};
+use lemur_protocol::{OpKind, Plan, DEFAULT_LORA_RANK};
 
+use super::fetch;
 use super::transport::{Conn, Listener, Transport};
 use super::{NodeConfig, Timeouts};
 use crate::error::WorkerError;
 use crate::exec::Executor;
 use crate::program::RankProgram;
 use crate::tensor_wire::{candle_dtype, wire_dtype};
-use crate::weights::Checkpoint;
+use crate::weight_cache::{checkpoint_hash, variant, WeightCache};
+use crate::weights::{check_model_shape, Checkpoint};
 
 /// What set-up leaves for the actors: the connections by rank, the rank's program and
 /// executor, and what rank 0 must know of the run.
@@ -219,20 +222,29 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     let t = cfg.timeouts;
     let net = cfg.transport.as_ref();
     let mut conns: HashMap<u32, Conn> = HashMap::new();
-    let (plan, model_dir, dtype, timing, train, dequantize, dense_matmul) = if me == 0 {
+    let (plan, source, dtype, timing, train, dense_matmul) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
-        // Check the plan, the request and every rank's weights before dialling anyone (the
-        // checkpoint is at the same path on every machine; each rank checks again as it loads).
+        // Check the plan, the request and every rank's weights before dialling anyone: only
+        // rank 0 has the checkpoint, and it serves each rank the weights of its ops.
         let mut ck = Checkpoint::open(&job.model_dir)?;
         (ck.dequantize, ck.quantize) = (job.dequantize, job.quantize);
         ck.check_plan_model(&job.plan.model)?;
         ck.check_plan_weights(&job.plan)?;
         job.validate(&ck.config)?;
         let ranks = cfg.cluster.rank_of_machine();
+        let mut allowed = HashMap::new();
         for r in 0..n {
-            ck.check_tensors(&RankProgram::new(&job.plan, r, &ranks)?.local_weights())?;
+            let ops = RankProgram::new(&job.plan, r, &ranks)?.local_weights();
+            ck.check_tensors(&ops)?;
+            allowed.insert(r, fetch::ops_with_weights(&ops, &ck.config));
         }
+        let (files, root) = (ck.files.clone(), cfg.cache_dir.clone());
+        let hash = tokio::task::spawn_blocking(move || checkpoint_hash(&files, &root))
+            .await
+            .map_err(|e| WorkerError::Weights(format!("hashing the checkpoint panicked: {e}")))??;
+        let checkpoint = CheckpointRef { hash, config: ck.config.clone() };
+        tracing::info!(hash = %checkpoint.hash, path = %job.model_dir.display(), "serving the checkpoint's weights");
         for r in 1..n {
             let addr = cfg.cluster.get(r)?.addr.clone();
             let (mut conn, _) = dial(net, &info.addr, &addr, &hs, r).await?;
@@ -240,7 +252,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                 .send(Frame::control(Message::Setup {
                     plan: Box::new(job.plan.clone()),
                     ranks: cfg.cluster.ranks.clone(),
-                    model_dir: job.model_dir.display().to_string(),
+                    checkpoint: Box::new(checkpoint.clone()),
                     dtype: wire_dtype(job.dtype)?,
                     timing: job.timing,
                     train: job.train.clone(),
@@ -251,7 +263,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                 .await?;
             conns.insert(r, conn);
         }
-        (job.plan, job.model_dir, job.dtype, job.timing, job.train, (job.dequantize, job.quantize), job.dense_matmul)
+        (job.plan, Source::Leader(Arc::new(ck), allowed), job.dtype, job.timing, job.train, job.dense_matmul)
     } else {
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
@@ -272,7 +284,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         conns.extend(higher);
         let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, model_dir, dtype, timing, train, dequantize, quantize, dense_matmul } =
+        let Message::Setup { plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul } =
             frame.message
         else {
             return Err(WorkerError::Peer {
@@ -285,11 +297,26 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        (*plan, PathBuf::from(model_dir), candle_dtype(dtype), timing, train, (dequantize, quantize), dense_matmul)
+        let dtype = candle_dtype(dtype);
+        let variant = variant(dtype, dequantize, quantize);
+        (*plan, Source::Fetch(*checkpoint, variant), dtype, timing, train, dense_matmul)
     };
 
-    // Validate and load before any compute; report failures to rank 0 by name.
-    let loaded = load(&plan, me, cfg, model_dir, (dtype, dequantize), train.as_ref()).await;
+    // Validate and load before any compute; report failures to rank 0 by name. Rank 0
+    // serves every rank its weights while it loads its own.
+    let loaded = match source {
+        Source::Leader(ck, allowed) => {
+            let serving = futures::future::try_join_all(
+                conns.iter_mut().map(|(r, conn)| fetch::serve(conn, *r, &allowed[r], ck.clone(), dtype, &t)),
+            );
+            let own = load_local(&plan, me, cfg, ck.clone(), dtype, train.as_ref());
+            tokio::try_join!(own, serving).map(|(own, _)| own)
+        }
+        Source::Fetch(checkpoint, variant) => match conns.get_mut(&0) {
+            Some(leader) => load_fetched(&plan, me, cfg, (checkpoint, variant), dtype, train.as_ref(), leader).await,
+            None => Err(WorkerError::Wire("no connection from rank 0".into())),
+        },
+    };
     let (prog, exec, weight_bytes, load_seconds) = match loaded {
         Ok(p) => p,
         Err(e) => {
@@ -321,17 +348,20 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     Ok(Ready { conns, prog, exec, timing, dense_matmul })
 }
 
-/// This rank's program, and its weights and adapters loaded (on a blocking thread).
-async fn load(
-    plan: &Plan,
-    me: u32,
-    cfg: &NodeConfig,
-    dir: PathBuf,
-    (dtype, (dequantize, quantize)): (DType, (bool, Option<lemur_protocol::WeightFormat>)),
-    train: Option<&TrainSetup>,
-) -> Result<(RankProgram, Executor, u64, f64), WorkerError> {
-    let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
-    let adapters = match (&prog, train) {
+/// Where a rank's weights come from.
+enum Source {
+    /// Rank 0: its checkpoint, and the ops whose weights each rank may fetch.
+    Leader(Arc<Checkpoint>, HashMap<u32, Vec<OpRef>>),
+    /// Another rank: rank 0's checkpoint, by hash, in this variant (see [`variant`]).
+    Fetch(CheckpointRef, String),
+}
+
+/// The adapters this rank's ops get: (op, layer) list, LoRA rank, set-up.
+type AdapterList = Option<(Vec<(lemur_protocol::OpKind, u32)>, usize, TrainSetup)>;
+
+/// Which adapters this rank's program needs.
+fn adapters_of(prog: &RankProgram, train: Option<&TrainSetup>) -> Result<AdapterList, WorkerError> {
+    Ok(match (prog, train) {
         (RankProgram::Train(t), Some(setup)) => Some((t.local_adapters(), t.lora_rank, setup.clone())),
         (RankProgram::Train(_), None) => {
             return Err(WorkerError::Plan("a training plan needs the adapters' set-up".into()))
@@ -350,37 +380,90 @@ async fn load(
             Some((list, rank, setup.clone()))
         }
         (RankProgram::Infer(_), None) => None,
-    };
+    })
+}
+
+/// Initialises the adapters `list` names on `exec`.
+fn init_adapters(exec: &mut Executor, adapters: AdapterList) -> Result<(), WorkerError> {
+    let Some((list, rank, setup)) = adapters else { return Ok(()) };
+    for (kind, layer) in list {
+        let (a, b) = crate::lora::init(&exec.cfg, kind, layer, rank, setup.seed, setup.zero_b, &exec.device)?;
+        let ad = crate::lora::Adapter {
+            a: candle_core::Var::from_tensor(&a)?,
+            b: candle_core::Var::from_tensor(&b)?,
+            scale: setup.alpha / rank as f64,
+            dropout: setup.dropout,
+        };
+        exec.adapters.insert((kind, Some(layer)), ad);
+    }
+    Ok(())
+}
+
+type Loaded = (RankProgram, Executor, u64, f64);
+
+/// Rank 0: its program, and its weights and adapters loaded from its checkpoint (on a
+/// blocking thread).
+async fn load_local(
+    plan: &Plan,
+    me: u32,
+    cfg: &NodeConfig,
+    ck: Arc<Checkpoint>,
+    dtype: DType,
+    train: Option<&TrainSetup>,
+) -> Result<Loaded, WorkerError> {
+    let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
+    let adapters = adapters_of(&prog, train)?;
     let device = cfg.device.clone();
-    let model = plan.model.clone();
     let wanted = prog.local_weights();
     let t0 = Instant::now();
     let (exec, bytes) = tokio::task::spawn_blocking(move || {
-        let mut ck = Checkpoint::open(&dir)?;
-        (ck.dequantize, ck.quantize) = (dequantize, quantize);
-        ck.check_plan_model(&model)?;
         let mut exec = Executor::new(ck.config.clone(), device, dtype)?;
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ops")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_message(format!("rank {me}: loading weights"));
+        let bar = crate::progress::ops_bar(0, &format!("rank {me}: loading weights"));
         let bytes = ck.load_into(&mut exec, &wanted, Some(&bar))?;
         bar.finish_and_clear();
-        if let Some((list, rank, setup)) = adapters {
-            for (kind, layer) in list {
-                let (a, b) = crate::lora::init(&ck.config, kind, layer, rank, setup.seed, setup.zero_b, &exec.device)?;
-                let ad = crate::lora::Adapter {
-                    a: candle_core::Var::from_tensor(&a)?,
-                    b: candle_core::Var::from_tensor(&b)?,
-                    scale: setup.alpha / rank as f64,
-                    dropout: setup.dropout,
-                };
-                exec.adapters.insert((kind, Some(layer)), ad);
+        init_adapters(&mut exec, adapters)?;
+        Ok::<_, WorkerError>((exec, bytes))
+    })
+    .await
+    .map_err(|e| WorkerError::Weights(format!("loading panicked: {e}")))??;
+    Ok((prog, exec, bytes, t0.elapsed().as_secs_f64()))
+}
+
+/// A rank other than 0: its program, and the weights of its ops from its cache or fetched
+/// from rank 0 (see [`fetch`]), then its adapters.
+async fn load_fetched(
+    plan: &Plan,
+    me: u32,
+    cfg: &NodeConfig,
+    (checkpoint, variant): (CheckpointRef, String),
+    dtype: DType,
+    train: Option<&TrainSetup>,
+    leader: &mut Conn,
+) -> Result<Loaded, WorkerError> {
+    let config = checkpoint.config.clone();
+    config.validate().map_err(|e| WorkerError::Peer { rank: 0, message: format!("the checkpoint's shape: {e}") })?;
+    check_model_shape(&config, "rank 0's checkpoint", &plan.model)?;
+    let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
+    let adapters = adapters_of(&prog, train)?;
+    let local = prog.local_weights();
+    let t0 = Instant::now();
+    let cache = WeightCache::new(&cfg.cache_dir, &checkpoint, &variant)?;
+    let blobs =
+        fetch::fetch(leader, me, fetch::ops_with_weights(&local, &config), cache, &config, &cfg.timeouts).await?;
+    let device = cfg.device.clone();
+    let (exec, bytes) = tokio::task::spawn_blocking(move || {
+        let mut exec = Executor::new(config.clone(), device, dtype)?;
+        let mut bytes = 0;
+        for blob in blobs {
+            let op = blob.meta.op;
+            bytes += blob.meta.len;
+            let w = blob.into_weights(&config, &exec.device, dtype)?;
+            if op.kind == OpKind::Embedding && config.tie_word_embeddings && local.contains(&(OpKind::LmHead, None)) {
+                exec.set_weights(OpKind::LmHead, None, w.tied_head()?);
             }
+            exec.set_weights(op.kind, op.layer, w);
         }
+        init_adapters(&mut exec, adapters)?;
         Ok::<_, WorkerError>((exec, bytes))
     })
     .await

@@ -152,6 +152,8 @@ pub struct TestCluster {
     pub net: MemNet,
     pub cluster: Cluster,
     results: Vec<mpsc::Receiver<Result<Option<Outcome>, WorkerError>>>,
+    /// The ranks' cache folder, when the cluster made its own (removed when dropped).
+    _cache: Option<tempfile::TempDir>,
 }
 
 impl TestCluster {
@@ -160,8 +162,24 @@ impl TestCluster {
         Self::start_with(id, plan, job, net, |_| fast())
     }
 
-    /// As [`TestCluster::start`], with each rank's timeouts.
+    /// As [`TestCluster::start`], with each rank's timeouts, and a cache folder of its own.
     pub fn start_with(id: &str, plan: &Plan, job: Job, net: MemNet, timeouts: impl Fn(u32) -> Timeouts) -> Self {
+        let cache = tempfile::tempdir().expect("a temporary cache folder");
+        let mut c = Self::start_in(id, plan, job, net, cache.path(), timeouts);
+        c._cache = Some(cache);
+        c
+    }
+
+    /// As [`TestCluster::start_with`], rank r caching weights in `cache/rank{r}` (a
+    /// machine of its own).
+    pub fn start_in(
+        id: &str,
+        plan: &Plan,
+        job: Job,
+        net: MemNet,
+        cache: &Path,
+        timeouts: impl Fn(u32) -> Timeouts,
+    ) -> Self {
         let cluster = cluster_of(id, plan);
         let mut results = Vec::new();
         let mut job = Some(job);
@@ -170,13 +188,14 @@ impl TestCluster {
                 NodeConfig::new(rank, cluster.clone(), Device::Cpu, if rank == 0 { job.take() } else { None });
             cfg.timeouts = timeouts(rank);
             cfg.transport = Arc::new(net.clone());
+            cfg.cache_dir = cache.join(format!("rank{rank}"));
             let (tx, rx) = mpsc::channel();
             std::thread::spawn(move || {
                 let _ = tx.send(run_node(cfg));
             });
             results.push(rx);
         }
-        Self { net, cluster, results }
+        Self { net, cluster, results, _cache: None }
     }
 
     /// The address of rank `r` (what faults name).
