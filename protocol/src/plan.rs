@@ -342,6 +342,31 @@ impl Plan {
             .min()
     }
 
+    /// Renames machine i to `names[i]` everywhere the plan names it (its ops, their costs,
+    /// the predicted use per machine).
+    pub fn rename_machines(&mut self, names: &[String]) {
+        let map: BTreeMap<String, String> =
+            self.machines.iter().zip(names).map(|(m, n)| (m.name.clone(), n.clone())).collect();
+        let rename = |s: &mut String| {
+            if let Some(n) = map.get(s.as_str()) {
+                *s = n.clone();
+            }
+        };
+        for m in self.machines.iter_mut() {
+            rename(&mut m.name);
+        }
+        for op in self.ops.iter_mut() {
+            rename(&mut op.machine);
+            op.costs_ms = std::mem::take(&mut op.costs_ms)
+                .into_iter()
+                .map(|(k, v)| (map.get(&k).cloned().unwrap_or(k), v))
+                .collect();
+        }
+        for u in self.predicted.per_machine.iter_mut() {
+            rename(&mut u.machine);
+        }
+    }
+
     /// The ops placed on `machine`, in execution order.
     pub fn ops_on<'a>(&'a self, machine: &'a str) -> impl Iterator<Item = &'a PlanOp> + 'a {
         self.ops.iter().filter(move |o| o.machine == machine)

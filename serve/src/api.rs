@@ -534,6 +534,7 @@ struct Health {
     running: usize,
     kv_positions_reserved: usize,
     kv_positions: Option<usize>,
+    replans: u64,
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
@@ -541,10 +542,16 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         Ok(s) => s,
         Err(e) => return ApiError::unavailable(e.to_string()).response(),
     };
+    // Serving with a rank lost, or while a new placement is set up, is degraded but up:
+    // requests are taken (they queue during the set-up).
     let status = if s.down.is_some() {
         "down"
     } else if s.draining {
         "draining"
+    } else if s.replanning {
+        "replanning"
+    } else if s.ranks.iter().any(|r| r.lost.is_some()) {
+        "degraded"
     } else {
         "ok"
     };
@@ -554,13 +561,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         .map(|r| RankHealth {
             rank: r.rank,
             machine: state.machines.get(r.rank as usize).cloned().unwrap_or_default(),
-            state: if r.lost.is_some() {
-                "lost"
-            } else if s.down.is_some() {
-                "unknown"
-            } else {
-                "up"
-            },
+            state: crate::metrics::rank_state(&s, r),
             reason: r.lost.clone(),
             peak_rss_bytes: r.peak_rss_bytes,
         })
@@ -574,8 +575,13 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         running: s.running,
         kv_positions_reserved: s.kv_positions_reserved,
         kv_positions: s.kv_positions,
+        replans: s.replans,
     };
-    let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if matches!(status, "ok" | "degraded" | "replanning") {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     HttpResponse::build(code).json(body)
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
-use lemur_worker::runtime::ClusterStatus;
+use lemur_worker::runtime::{ClusterStatus, RankStatus};
 
 /// A cumulative histogram over fixed upper bounds.
 #[derive(Debug, Clone)]
@@ -66,6 +66,20 @@ pub struct Metrics {
     /// The plan's predictions for a request alone: time to first token and per token, s.
     pub predicted_ttft: Option<f64>,
     pub predicted_tpot: Option<f64>,
+}
+
+/// A rank as `/health` and `/metrics` show it: `up` (in the placement), `standby` (up
+/// but not in it), `lost` (with its reason), or `unknown` (the cluster is down).
+pub fn rank_state(s: &ClusterStatus, r: &RankStatus) -> &'static str {
+    if r.lost.is_some() {
+        "lost"
+    } else if s.down.is_some() {
+        "unknown"
+    } else if r.active {
+        "up"
+    } else {
+        "standby"
+    }
 }
 
 impl Metrics {
@@ -145,8 +159,25 @@ impl Metrics {
             }
             counter(&mut out, "lemur_steps_total", "Batched steps run.", s.steps);
             gauge(&mut out, "lemur_busy_seconds", "Seconds with a step in flight.", s.busy_seconds);
-            let up = s.ranks.iter().filter(|r| r.lost.is_none()).count();
-            gauge(&mut out, "lemur_ranks_up", "Ranks connected.", if s.down.is_some() { 0.0 } else { up as f64 });
+            let up = s.ranks.iter().filter(|r| rank_state(s, r) == "up").count();
+            gauge(&mut out, "lemur_ranks_up", "Ranks serving in the current placement.", up as f64);
+            counter(
+                &mut out,
+                "lemur_replans_total",
+                "Placements made after the first (a rank lost or back).",
+                s.replans,
+            );
+            counter(&mut out, "lemur_replayed_total", "Requests replayed on a new placement.", s.replayed);
+            gauge(
+                &mut out,
+                "lemur_replanning",
+                "1 while a new placement is set up.",
+                f64::from(u8::from(s.replanning)),
+            );
+            let _ = writeln!(out, "# HELP lemur_rank_state Each rank's state (up, standby, lost, unknown).\n# TYPE lemur_rank_state gauge");
+            for r in &s.ranks {
+                let _ = writeln!(out, "lemur_rank_state{{rank=\"{}\",state=\"{}\"}} 1", r.rank, rank_state(s, r));
+            }
             let _ = writeln!(out, "# HELP lemur_rank_peak_rss_bytes Peak resident memory by rank.\n# TYPE lemur_rank_peak_rss_bytes gauge");
             for r in &s.ranks {
                 let _ = writeln!(out, "lemur_rank_peak_rss_bytes{{rank=\"{}\"}} {}", r.rank, r.peak_rss_bytes);

@@ -22,6 +22,9 @@ pub enum WorkerError {
     /// A rank other than 0 waited its whole `wait_for_leader` without a leader arriving.
     #[error("no leader within {seconds:.0} s")]
     NoLeader { seconds: f64 },
+    /// Rank 0 connected and ended the set-up at once (a probe that this rank is up).
+    #[error("rank 0 ended the set-up: {0}")]
+    Dismissed(String),
     #[error("wire: {0}")]
     Wire(String),
     #[error("rank {rank}: {message}")]

@@ -19,7 +19,7 @@ use lemur_protocol::wire::DenseMatmul;
 use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
 use lemur_worker::batch::BatchConfig;
 use lemur_worker::cluster::Cluster;
-use lemur_worker::runtime::{Job, NodeConfig};
+use lemur_worker::runtime::{Job, NodeConfig, Replan};
 use lemur_worker::tokenizer::Tok;
 use lemur_worker::weights::{parse_dtype, parse_quantize, Checkpoint};
 
@@ -50,6 +50,14 @@ struct Args {
     /// one, every address in the cluster file must be a loopback address.
     #[arg(long, env = "LEMUR_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// When a rank is lost, fail its requests and answer 503 until restarted, instead of
+    /// planning again over the ranks left (replaying its requests) and bringing the rank
+    /// back when it returns.
+    #[arg(long)]
+    no_failover: bool,
+    /// Seconds the planner may take for a new placement after a rank is lost or back.
+    #[arg(long, default_value_t = 10, value_parser = parse::at_least_one::<u64>)]
+    replan_seconds: u64,
     /// Lemurian's cache folder (the checkpoint's hash is remembered under checkpoints/).
     #[arg(long, env = "LEMUR_CACHE")]
     cache_dir: Option<PathBuf>,
@@ -167,6 +175,7 @@ fn run(args: Args) -> Result<()> {
         quantize,
         serve: Some(batch),
         dense_matmul: args.dense_matmul,
+        replan: (!args.no_failover).then(|| replanner(Duration::from_secs(args.replan_seconds))),
         ..Job::new(plan, args.model.clone(), dtype)
     };
     let front = lemur_serve::Front {
@@ -205,4 +214,12 @@ fn plan_here(args: &Args, dir: &std::path::Path, cluster: &Cluster, ck: &Checkpo
     let planned = planner.plan().context("planning")?;
     eprint!("{}", lemur_planner::report::summary(&planned));
     Ok(planned.plan)
+}
+
+/// A new placement over the machines left, from the profiles the plan records.
+fn replanner(limit: Duration) -> Replan {
+    Replan(Arc::new(move |plan, machines| {
+        let names: Vec<&str> = machines.iter().map(String::as_str).collect();
+        lemur_planner::replan(plan, &names, limit).map_err(|e| e.to_string())
+    }))
 }

@@ -359,6 +359,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
             on_token,
             timing: args.timings.is_some(),
             repeat: args.repeat,
+            replan: None,
             train_loop,
             train: match &adapter {
                 Some((cfg, _)) => Some(TrainSetup {

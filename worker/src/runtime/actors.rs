@@ -21,6 +21,9 @@ use crate::error::WorkerError;
 #[rtype(result = "()")]
 pub(super) struct Inbound {
     pub from: u32,
+    /// The cluster it came through (rank 0 starts a new one for each placement; frames
+    /// of an old one are dropped).
+    pub epoch: u64,
     pub frame: Frame,
 }
 
@@ -29,8 +32,14 @@ pub(super) struct Inbound {
 #[rtype(result = "()")]
 pub(super) struct PeerDown {
     pub rank: u32,
+    pub epoch: u64,
     pub reason: String,
 }
+
+/// Close this connection (its run is over; a last frame written before is sent).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Close;
 
 /// Write this frame to the peer.
 #[derive(Message)]
@@ -46,6 +55,7 @@ pub(super) struct Crash(pub String);
 #[derive(Clone)]
 pub(super) struct Router {
     pub me: u32,
+    pub epoch: u64,
     pub peers: HashMap<u32, Addr<Peer>>,
     pub inbox: Recipient<Inbound>,
     /// The node's crash switch (fail points).
@@ -57,7 +67,7 @@ impl Router {
     /// Sends `frame` to rank `to`; to this rank itself, through its node's inbox.
     pub fn send(&self, to: u32, frame: Frame) -> Result<(), WorkerError> {
         if to == self.me {
-            self.inbox.do_send(Inbound { from: self.me, frame });
+            self.inbox.do_send(Inbound { from: self.me, epoch: self.epoch, frame });
             return Ok(());
         }
         let peer =
@@ -69,7 +79,7 @@ impl Router {
     /// Sends `frame` to every rank, this one included.
     pub fn broadcast(&self, frame: &Frame) {
         self.to_peers(frame);
-        self.inbox.do_send(Inbound { from: self.me, frame: frame.clone() });
+        self.inbox.do_send(Inbound { from: self.me, epoch: self.epoch, frame: frame.clone() });
     }
 
     /// Sends `frame` to every other rank.
@@ -86,6 +96,7 @@ impl Router {
 pub(super) struct Peer {
     pub rank: u32,
     pub me: u32,
+    pub epoch: u64,
     /// The node: frames in, and the news that this connection is gone.
     pub inbox: Recipient<Inbound>,
     pub down: Recipient<PeerDown>,
@@ -93,6 +104,8 @@ pub(super) struct Peer {
     pub last_seen: Instant,
     pub seq: u64,
     pub t: Timeouts,
+    /// Closed by this rank: no more heartbeats.
+    pub closing: bool,
 }
 
 impl Actor for Peer {
@@ -100,11 +113,15 @@ impl Actor for Peer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.t.heartbeat_interval, |act, ctx| {
+            if act.closing {
+                return;
+            }
             act.seq += 1;
             let _ = act.sink.write(Frame::control(Message::Heartbeat { rank: act.me, seq: act.seq }));
             if act.last_seen.elapsed() > act.t.peer_dead {
                 act.down.do_send(PeerDown {
                     rank: act.rank,
+                    epoch: act.epoch,
                     reason: format!("no heartbeat for {:.1} s", act.last_seen.elapsed().as_secs_f64()),
                 });
                 ctx.stop();
@@ -119,26 +136,35 @@ impl StreamHandler<Result<Frame, FrameError>> for Peer {
             Ok(frame) => {
                 self.last_seen = Instant::now();
                 if !matches!(frame.message, Message::Heartbeat { .. }) {
-                    self.inbox.do_send(Inbound { from: self.rank, frame });
+                    self.inbox.do_send(Inbound { from: self.rank, epoch: self.epoch, frame });
                 }
             }
             Err(e) => {
-                self.down.do_send(PeerDown { rank: self.rank, reason: format!("bad frame: {e}") });
+                self.down.do_send(PeerDown { rank: self.rank, epoch: self.epoch, reason: format!("bad frame: {e}") });
                 ctx.stop();
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        self.down.do_send(PeerDown { rank: self.rank, reason: "closed the connection".into() });
+        self.down.do_send(PeerDown { rank: self.rank, epoch: self.epoch, reason: "closed the connection".into() });
         ctx.stop();
     }
 }
 
 impl WriteHandler<FrameError> for Peer {
     fn error(&mut self, err: FrameError, _ctx: &mut Self::Context) -> Running {
-        self.down.do_send(PeerDown { rank: self.rank, reason: format!("write failed: {err}") });
+        self.down.do_send(PeerDown { rank: self.rank, epoch: self.epoch, reason: format!("write failed: {err}") });
         Running::Stop
+    }
+}
+
+impl Handler<Close> for Peer {
+    type Result = ();
+    fn handle(&mut self, _: Close, _ctx: &mut Self::Context) {
+        // The sink sends what it holds, then closes; the actor stops when it has.
+        self.closing = true;
+        self.sink.close();
     }
 }
 

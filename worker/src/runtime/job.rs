@@ -60,6 +60,22 @@ impl std::fmt::Debug for TokenSink {
     }
 }
 
+/// How a serving rank 0 plans again over the ranks that are up, when one is lost or comes
+/// back: given the plan the server started with and the machines left (in rank order), a
+/// plan over exactly those machines, or why there is none (the model does not fit them).
+/// Workers never plan: `lemur-serve` passes `lemur_planner::replan`.
+#[derive(Clone)]
+pub struct Replan(pub Arc<ReplanFn>);
+
+/// The re-planner's signature: the first plan and the machines left, to a plan or why not.
+pub type ReplanFn = dyn Fn(&Plan, &[String]) -> Result<Plan, String> + Send + Sync;
+
+impl std::fmt::Debug for Replan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replan")
+    }
+}
+
 /// One optimizer step's figures, for progress bars and loss logs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepLog {
@@ -159,6 +175,9 @@ pub struct Job {
     /// Serve requests (through [`super::Engine`]) with this batching instead of running
     /// `prompt`.
     pub serve: Option<crate::batch::BatchConfig>,
+    /// Serving: plan around a lost rank and bring back one that returns (without it, a
+    /// lost rank takes the cluster down).
+    pub replan: Option<Replan>,
 }
 
 impl Job {
@@ -183,6 +202,7 @@ impl Job {
             dequantize: false,
             quantize: None,
             serve: None,
+            replan: None,
             dense_matmul: lemur_protocol::wire::DenseMatmul::Never,
         }
     }

@@ -71,12 +71,19 @@ pub(super) struct LeaderState {
 /// Routes frames and, on rank 0, drives the request.
 pub(super) struct Node {
     pub me: u32,
+    /// Ranks in the cluster file.
     pub n: u32,
+    /// Ranks of the current run (rank 0 first).
+    pub active: Vec<u32>,
+    /// The current run's cluster: frames and losses from an older one are ignored.
+    pub epoch: u64,
     pub router: Router,
     pub compute: Addr<Compute>,
     pub leader: Option<LeaderState>,
     /// Rank 0's inference: the scheduler and whom each request's events go to.
     pub serving: Option<Serving>,
+    /// Rank 0 serving: re-planning around lost ranks and bringing them back.
+    pub failover: Option<super::failover::Failover>,
     pub result: Shared,
     pub shutting_down: bool,
     /// The longest a serving step may run.
@@ -114,7 +121,7 @@ impl Node {
     /// Runs the scheduler's next steps, as many as it has room and work for.
     pub(super) fn pump(&mut self) {
         let Some(serving) = self.serving.as_mut() else { return };
-        if serving.down.is_some() {
+        if serving.down.is_some() || serving.replanning || serving.rejoin_pending {
             return;
         }
         while let Some(step) = serving.sched.next_step() {
@@ -171,6 +178,7 @@ impl Node {
         }
         self.pump();
         self.check_drained(ctx);
+        self.maybe_rejoin(ctx);
     }
 
     fn on_logits(&mut self, step_id: u64, rows: Vec<f32>, shape: &[usize], ctx: &mut Context<Self>) {
@@ -337,7 +345,7 @@ impl Node {
         if let Some(tensors) = &tl.resume {
             self.load_everywhere(tensors);
         }
-        let mut t = Trainer::new(tl, self.n);
+        let mut t = Trainer::new(tl, self.active.len() as u32);
         let actions = t.start_step();
         if let Some(l) = self.leader.as_mut() {
             l.trainer = Some(t);
@@ -384,7 +392,7 @@ impl Node {
     /// A rank's adapters: a checkpoint's state, or a gradient check's gradients (when every
     /// rank's are in, the check is over).
     fn on_adapters(&mut self, rank: u32, tensors: AdapterGrads, ctx: &mut Context<Self>) {
-        let n = self.n;
+        let n = self.active.len() as u32;
         let Some(l) = self.leader.as_mut() else { return };
         let tensors = match l.trainer.as_mut().map(|t| t.on_state(rank, tensors)) {
             Some(Ok(actions)) => return self.run_train(actions, ctx),
@@ -449,7 +457,7 @@ impl Node {
                     let s =
                         RankStats { bytes_sent, handover_bytes, handover_ms, peak_runs, peak_rss_bytes, kernel_paths };
                     l.stats.insert(rank, s);
-                    if l.done && l.stats.len() as u32 == self.n {
+                    if l.done && l.stats.len() == self.active.len() {
                         self.complete_request(ctx);
                     }
                 }
@@ -465,6 +473,12 @@ impl Node {
         if self.leader.is_some() {
             return self.finish_with(Err(e), ctx);
         }
+        // With failover, a rank's failure is planned around.
+        if let (Some(_), Some(_), WorkerError::Peer { rank, message }) = (&self.failover, &self.serving, &e) {
+            if *rank != 0 && self.active.contains(rank) {
+                return self.lose(*rank, message.clone(), ctx);
+            }
+        }
         let Some(serving) = self.serving.as_mut() else { return self.finish_with(Err(e), ctx) };
         tracing::error!("the cluster is down: {e}");
         serving.down.get_or_insert_with(|| e.to_string());
@@ -477,6 +491,9 @@ impl Node {
 impl Handler<Inbound> for Node {
     type Result = ();
     fn handle(&mut self, m: Inbound, ctx: &mut Self::Context) {
+        if m.epoch != self.epoch {
+            return;
+        }
         let from = m.from;
         match &m.frame.message {
             Message::Start { .. }
@@ -518,7 +535,10 @@ impl Handler<Begin> for Node {
                 ..cfg
             };
             tracing::info!(?cfg, "serving");
-            self.serving = Some(Serving::new(Scheduler::new(cfg), self.n));
+            self.serving = Some(Serving::new(Scheduler::new(cfg), self.n, &self.active));
+            if self.failover.is_some() {
+                self.start_probing(ctx);
+            }
             // A step that never ends (a rank alive but stuck) must not hang its requests.
             ctx.run_interval(Duration::from_secs(1), |act, ctx| {
                 let limit = act.step_timeout;
@@ -570,7 +590,7 @@ impl Handler<Begin> for Node {
         }
         // One request alone: its whole prompt in one prefill step.
         let cfg = BatchConfig { prefill_chunk: usize::MAX, prefill_tokens: usize::MAX, ..BatchConfig::default() };
-        self.serving = Some(Serving::new(Scheduler::new(cfg), self.n));
+        self.serving = Some(Serving::new(Scheduler::new(cfg), self.n, &self.active));
         self.submit_job(ctx);
     }
 }
@@ -578,12 +598,15 @@ impl Handler<Begin> for Node {
 impl Handler<PeerDown> for Node {
     type Result = ();
     fn handle(&mut self, m: PeerDown, ctx: &mut Self::Context) {
-        if self.shutting_down {
+        if self.shutting_down || m.epoch != self.epoch {
             return;
         }
         if self.me == 0 {
             if let Some(r) = self.serving.as_mut().and_then(|s| s.ranks.get_mut(m.rank as usize)) {
                 r.lost = Some(m.reason.clone());
+            }
+            if self.failover.is_some() && self.serving.is_some() {
+                return self.lose(m.rank, m.reason, ctx);
             }
             self.fail(WorkerError::Peer { rank: m.rank, message: format!("lost: {}", m.reason) }, ctx);
         } else if m.rank == 0 {

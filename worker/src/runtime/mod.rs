@@ -23,6 +23,7 @@
 
 mod actors;
 mod compute;
+mod failover;
 mod fetch;
 pub mod job;
 mod leader;
@@ -42,7 +43,7 @@ use actix::prelude::*;
 use candle_core::Device;
 use lemur_protocol::auth::{ClusterKey, Credentials};
 
-pub use job::{AdapterGrads, Job, Outcome, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
+pub use job::{AdapterGrads, Job, Outcome, Replan, StepLog, StepSink, Timeouts, TokenSink, TrainLoop};
 pub use optimizer::{AdamW, AdapterState};
 pub use serving::{ClusterStatus, Engine, RankStatus, SubmitError};
 pub use transport::{Conn, Tcp, Transport};
@@ -70,6 +71,9 @@ pub struct NodeConfig {
     /// Lemurian's cache folder: ranks other than 0 keep the weights rank 0 sent them under
     /// `weights/`; rank 0 remembers its checkpoint's hash under `checkpoints/`.
     pub cache_dir: std::path::PathBuf,
+    /// Rank 0: the ranks this run uses, rank 0 among them (default: every rank of the
+    /// cluster file). The others are never dialled and go on waiting for a leader.
+    pub active: Option<Vec<u32>>,
 }
 
 impl NodeConfig {
@@ -84,12 +88,28 @@ impl NodeConfig {
             transport: Arc::new(Tcp),
             key: None,
             cache_dir: crate::weight_cache::default_cache_dir(),
+            active: None,
         }
     }
 
     /// What this rank proves itself with in handshakes.
     pub fn credentials(&self) -> Credentials {
         Credentials::new(self.key.as_ref(), &self.cluster.id)
+    }
+
+    /// The ranks of this run, sorted: [`NodeConfig::active`], checked against the cluster.
+    pub fn run_ranks(&self) -> Result<Vec<u32>, WorkerError> {
+        let Some(active) = &self.active else { return Ok(self.cluster.ranks.iter().map(|r| r.rank).collect()) };
+        let mut a = active.clone();
+        a.sort_unstable();
+        a.dedup();
+        if a.first() != Some(&0) {
+            return Err(WorkerError::Plan(format!("the run's ranks {a:?} must include rank 0, the leader")));
+        }
+        for &r in &a {
+            self.cluster.get(r)?;
+        }
+        Ok(a)
     }
 
     /// Refuses a keyless cluster with an address other than loopback
@@ -120,6 +140,7 @@ pub fn serve_worker(cfg: NodeConfig) -> Result<(), WorkerError> {
             Err(WorkerError::NoLeader { seconds }) => {
                 tracing::debug!(rank = me, seconds, "no leader yet; still waiting")
             }
+            Err(WorkerError::Dismissed(reason)) => tracing::debug!(rank = me, reason, "rank 0 looked in; waiting"),
             Err(e) => tracing::warn!(rank = me, round, error = %e, "the run failed; waiting for the next leader"),
         }
     }
@@ -164,39 +185,20 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
     let n = cfg.cluster.ranks.len() as u32;
     let ready = setup::connect_and_load(&cfg).await?;
     let t = cfg.timeouts;
-    let prog = Arc::new(ready.prog);
-    let (timing, dense_matmul) = (ready.timing, ready.dense_matmul);
-    let mut conns = ready.conns;
+    let failover = cfg.job.as_ref().and_then(|j| j.replan.clone()).map(|r| failover::Failover::new(cfg.clone(), r));
     let node = Node::create(|ctx| {
-        let node_addr = ctx.address();
-        let mut peers = HashMap::new();
-        for (r, conn) in conns.drain() {
-            let (inbox, down) = (node_addr.clone().recipient(), node_addr.clone().recipient());
-            let peer = Peer::create(move |pctx| {
-                Peer::add_stream(conn.reader, pctx);
-                let sink = SinkWrite::new(conn.writer, pctx);
-                Peer { rank: r, me, inbox, down, sink, last_seen: Instant::now(), seq: 0, t }
-            });
-            peers.insert(r, peer);
-        }
-        let router = Router { me, peers, inbox: node_addr.clone().recipient(), crash: node_addr.clone().recipient() };
-        let cell = Arc::new(Mutex::new(Some(ready.exec)));
-        let (prog2, router2, id) = (prog.clone(), router.clone(), cfg.cluster.id.clone());
-        let compute = SyncArbiter::start(1, move || {
-            let exec = cell.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let mut c = Compute::new(me, prog2.clone(), router2.clone(), timing);
-            c.exec = exec;
-            c.cluster_id = id.clone();
-            c.dense_matmul = dense_matmul;
-            c
-        });
+        let active = ready.active.clone();
+        let (router, compute) = spawn_cluster(ctx.address(), me, 0, ready, &cfg);
         Node {
             me,
             n,
+            active,
+            epoch: 0,
             router,
             compute,
             leader: None,
             serving: None,
+            failover,
             result: result.clone(),
             shutting_down: false,
             step_timeout: t.step,
@@ -207,4 +209,40 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
         node.do_send(Begin(job));
     }
     Ok(node)
+}
+
+/// The actors of one run's cluster for `node`: a `Peer` per connection and `Compute` on
+/// its own thread with the run's program and weights, all tagged `epoch`.
+fn spawn_cluster(
+    node: Addr<Node>,
+    me: u32,
+    epoch: u64,
+    ready: setup::Ready,
+    cfg: &NodeConfig,
+) -> (Router, Addr<Compute>) {
+    let t = cfg.timeouts;
+    let mut peers = HashMap::new();
+    for (r, conn) in ready.conns {
+        let (inbox, down) = (node.clone().recipient(), node.clone().recipient());
+        let peer = Peer::create(move |pctx| {
+            Peer::add_stream(conn.reader, pctx);
+            let sink = SinkWrite::new(conn.writer, pctx);
+            Peer { rank: r, me, epoch, inbox, down, sink, last_seen: Instant::now(), seq: 0, t, closing: false }
+        });
+        peers.insert(r, peer);
+    }
+    let router = Router { me, epoch, peers, inbox: node.clone().recipient(), crash: node.recipient() };
+    let prog = Arc::new(ready.prog);
+    let cell = Arc::new(Mutex::new(Some(ready.exec)));
+    let (router2, id) = (router.clone(), cfg.cluster.id.clone());
+    let (timing, dense_matmul) = (ready.timing, ready.dense_matmul);
+    let compute = SyncArbiter::start(1, move || {
+        let exec = cell.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut c = Compute::new(me, prog.clone(), router2.clone(), timing);
+        c.exec = exec;
+        c.cluster_id = id.clone();
+        c.dense_matmul = dense_matmul;
+        c
+    });
+    (router, compute)
 }

@@ -43,10 +43,18 @@ pub(super) struct Serving {
     pub ranks: Vec<RankStatus>,
     pub draining: bool,
     pub drained: Vec<oneshot::Sender<()>>,
+    /// A new placement is being planned and set up (requests wait in the queue).
+    pub replanning: bool,
+    /// A lost rank is back: re-plan once the steps in flight are done.
+    pub rejoin_pending: bool,
+    /// Placements made since the start (each lost rank, each rank back).
+    pub replans: u64,
+    /// Requests put back in the queue to run again on a new placement.
+    pub replayed: u64,
 }
 
 impl Serving {
-    pub fn new(sched: Scheduler, ranks: u32) -> Self {
+    pub fn new(sched: Scheduler, ranks: u32, active: &[u32]) -> Self {
         Self {
             sched,
             sinks: HashMap::new(),
@@ -56,9 +64,15 @@ impl Serving {
             last_batch: 0,
             busy: Duration::ZERO,
             down: None,
-            ranks: (0..ranks).map(|rank| RankStatus { rank, ..RankStatus::default() }).collect(),
+            ranks: (0..ranks)
+                .map(|rank| RankStatus { rank, active: active.contains(&rank), ..RankStatus::default() })
+                .collect(),
             draining: false,
             drained: Vec::new(),
+            replanning: false,
+            rejoin_pending: false,
+            replans: 0,
+            replayed: 0,
         }
     }
 }
@@ -77,6 +91,8 @@ pub enum SubmitError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RankStatus {
     pub rank: u32,
+    /// In the current placement.
+    pub active: bool,
     /// Why it is gone, if it is.
     pub lost: Option<String>,
     pub peak_rss_bytes: u64,
@@ -89,6 +105,12 @@ pub struct ClusterStatus {
     pub ranks: Vec<RankStatus>,
     pub down: Option<String>,
     pub draining: bool,
+    /// A new placement is being set up (a rank lost or back); requests queue meanwhile.
+    pub replanning: bool,
+    /// Placements made since the start, the first excluded.
+    pub replans: u64,
+    /// Requests replayed on a new placement since the start.
+    pub replayed: u64,
     pub queue_depth: usize,
     pub running: usize,
     pub kv_positions_reserved: usize,
@@ -252,6 +274,9 @@ impl Handler<Status> for Node {
             ranks: s.ranks.clone(),
             down: s.down.clone(),
             draining: s.draining,
+            replanning: s.replanning || s.rejoin_pending,
+            replans: s.replans,
+            replayed: s.replayed,
             queue_depth: s.sched.queue_depth(),
             running: s.sched.running(),
             kv_positions_reserved: s.sched.reserved_positions(),

@@ -15,7 +15,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use lemur_protocol::auth::{Acceptor, Credentials, Dialer, HandshakeError};
 use lemur_protocol::blob::{CheckpointRef, OpRef};
-use lemur_protocol::wire::{DenseMatmul, Frame, FrameError, Message, TrainSetup};
+use lemur_protocol::wire::{DenseMatmul, Frame, FrameError, Message, RankInfo, TrainSetup};
 use lemur_protocol::{OpKind, Plan, DEFAULT_LORA_RANK};
 
 use super::fetch;
@@ -36,6 +36,8 @@ pub(super) struct Ready {
     pub exec: Executor,
     pub timing: bool,
     pub dense_matmul: DenseMatmul,
+    /// The ranks of this run, sorted (rank 0 first).
+    pub active: Vec<u32>,
 }
 
 /// Reads one frame within `limit`; the error names the peer and what was awaited.
@@ -57,8 +59,19 @@ pub(crate) async fn dial(
     hs: &Handshake,
     expect: u32,
 ) -> Result<(Conn, String), WorkerError> {
-    let t = &hs.timeouts;
-    let deadline = Instant::now() + t.connect;
+    dial_within(net, from, addr, hs, expect, hs.timeouts.connect).await
+}
+
+/// As [`dial`], retrying for at most `patience` (zero: one attempt).
+pub(crate) async fn dial_within(
+    net: &dyn Transport,
+    from: &str,
+    addr: &str,
+    hs: &Handshake,
+    expect: u32,
+    patience: Duration,
+) -> Result<(Conn, String), WorkerError> {
+    let deadline = Instant::now() + patience;
     loop {
         let mut conn = match net.connect(from, addr).await {
             Ok(c) => c,
@@ -177,51 +190,66 @@ pub(crate) async fn accept_one(mut conn: Conn, hs: Handshake) -> Result<(u32, Co
 /// handshake takes a round trip.
 const HANDSHAKE_SLOTS: usize = 16;
 
-/// Accepts connections until every rank below this one has authenticated, each handshake
-/// concurrent with the others under its own deadline.
-async fn accept_lower(listener: &mut dyn Listener, hs: &Handshake) -> Result<HashMap<u32, Conn>, WorkerError> {
-    let me = hs.me;
-    let mut got: HashMap<u32, Conn> = HashMap::new();
-    let mut pending = FuturesUnordered::new();
-    let mut slots: VecDeque<AbortHandle> = VecDeque::new();
-    while (0..me).any(|r| !got.contains_key(&r)) {
-        tokio::select! {
-            conn = listener.accept() => {
-                let conn = conn?;
-                if slots.len() >= HANDSHAKE_SLOTS {
-                    if let Some(oldest) = slots.pop_front() {
-                        oldest.abort();
-                    }
-                }
-                let (handle, reg) = AbortHandle::new_pair();
-                let from = conn.remote.clone();
-                slots.push_back(handle);
-                pending.push(Abortable::new(accept_one(conn, hs.clone()), reg).map(move |r| (from, r)));
-            }
-            Some((from, res)) = pending.next(), if !pending.is_empty() => match res {
-                Err(Aborted) => tracing::warn!(peer = %from, "dropped a handshake to make room for newer connections"),
-                Ok(Ok((r, conn))) if r < me && !got.contains_key(&r) => {
-                    tracing::info!(rank = me, peer = r, from = %from, "peer authenticated");
-                    got.insert(r, conn);
-                }
-                Ok(Ok((r, _))) => tracing::warn!(peer = %from, rank = r, "refused a second or higher-ranked connection"),
-                Ok(Err(rej)) => tracing::warn!(peer = %rej.from, "refused a connection: {}", rej.detail),
-            },
-        }
+type Handshaking = futures::future::BoxFuture<'static, (String, Result<Result<(u32, Conn), Rejected>, Aborted>)>;
+
+/// The accepting side of a listening rank, kept across the set-up's two phases (rank 0
+/// first, then the other ranks of the run): handshakes run concurrently, each under its
+/// own deadline, in at most [`HANDSHAKE_SLOTS`] slots.
+struct Accepting {
+    hs: Handshake,
+    got: HashMap<u32, Conn>,
+    pending: FuturesUnordered<Handshaking>,
+    slots: VecDeque<AbortHandle>,
+}
+
+impl Accepting {
+    fn new(hs: &Handshake) -> Self {
+        Self { hs: hs.clone(), got: HashMap::new(), pending: FuturesUnordered::new(), slots: VecDeque::new() }
     }
-    Ok(got)
+
+    /// Accepts connections until every rank in `want` (each below this one) has
+    /// authenticated; connections from other lower ranks are kept for later.
+    async fn until(&mut self, listener: &mut dyn Listener, want: &[u32]) -> Result<(), WorkerError> {
+        let me = self.hs.me;
+        while want.iter().any(|r| !self.got.contains_key(r)) {
+            tokio::select! {
+                conn = listener.accept() => {
+                    let conn = conn?;
+                    if self.slots.len() >= HANDSHAKE_SLOTS {
+                        if let Some(oldest) = self.slots.pop_front() {
+                            oldest.abort();
+                        }
+                    }
+                    let (handle, reg) = AbortHandle::new_pair();
+                    let from = conn.remote.clone();
+                    self.slots.push_back(handle);
+                    self.pending.push(Abortable::new(accept_one(conn, self.hs.clone()), reg).map(move |r| (from, r)).boxed());
+                }
+                Some((from, res)) = self.pending.next(), if !self.pending.is_empty() => match res {
+                    Err(Aborted) => tracing::warn!(peer = %from, "dropped a handshake to make room for newer connections"),
+                    Ok(Ok((r, conn))) if r < me && !self.got.contains_key(&r) => {
+                        tracing::info!(rank = me, peer = r, from = %from, "peer authenticated");
+                        self.got.insert(r, conn);
+                    }
+                    Ok(Ok((r, _))) => tracing::warn!(peer = %from, rank = r, "refused a second or higher-ranked connection"),
+                    Ok(Err(rej)) => tracing::warn!(peer = %rej.from, "refused a connection: {}", rej.detail),
+                },
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Connects this rank to every other, takes (or, on rank 0, sends) the plan, loads the
 /// weights and, on rank 0, waits for every rank to be ready.
 pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerError> {
     let me = cfg.rank;
-    let n = cfg.cluster.ranks.len() as u32;
     let info = cfg.cluster.get(me)?.clone();
     let hs = Handshake::of(cfg)?;
     let t = cfg.timeouts;
     let net = cfg.transport.as_ref();
     let mut conns: HashMap<u32, Conn> = HashMap::new();
+    let active: Vec<u32>;
     let (plan, source, dtype, timing, train, dense_matmul) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
@@ -233,8 +261,9 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         ck.check_plan_weights(&job.plan)?;
         job.validate(&ck.config)?;
         let ranks = cfg.cluster.rank_of_machine();
+        active = cfg.run_ranks()?;
         let mut allowed = HashMap::new();
-        for r in 0..n {
+        for &r in &active {
             let ops = RankProgram::new(&job.plan, r, &ranks)?.local_weights();
             ck.check_tensors(&ops)?;
             allowed.insert(r, fetch::ops_with_weights(&ops, &ck.config));
@@ -245,13 +274,14 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             .map_err(|e| WorkerError::Weights(format!("hashing the checkpoint panicked: {e}")))??;
         let checkpoint = CheckpointRef { hash, config: ck.config.clone() };
         tracing::info!(hash = %checkpoint.hash, path = %job.model_dir.display(), "serving the checkpoint's weights");
-        for r in 1..n {
+        let entries: Vec<RankInfo> = active.iter().map(|&r| cfg.cluster.get(r).cloned()).collect::<Result<_, _>>()?;
+        for &r in &active[1..] {
             let addr = cfg.cluster.get(r)?.addr.clone();
             let (mut conn, _) = dial(net, &info.addr, &addr, &hs, r).await?;
             conn.writer
                 .send(Frame::control(Message::Setup {
                     plan: Box::new(job.plan.clone()),
-                    ranks: cfg.cluster.ranks.clone(),
+                    ranks: entries.clone(),
                     checkpoint: Box::new(checkpoint.clone()),
                     dtype: wire_dtype(job.dtype)?,
                     timing: job.timing,
@@ -267,36 +297,54 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     } else {
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
-        // Lower ranks (0 included) connect to us; we connect to higher ranks.
-        let accept = accept_lower(listener.as_mut(), &hs);
+        // Rank 0 connects first and names the run's ranks; then the lower ones among
+        // them connect to us and we connect to the higher ones.
+        let mut acc = Accepting::new(&hs);
+        tokio::time::timeout(t.wait_for_leader, acc.until(listener.as_mut(), &[0]))
+            .await
+            .map_err(|_| WorkerError::NoLeader { seconds: t.wait_for_leader.as_secs_f64() })??;
+        let leader = acc.got.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
+        let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
+        let (plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul) = match frame.message {
+            Message::Setup { plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul } => {
+                (plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul)
+            }
+            // A leader checking that this rank is up (to bring it back into its plan).
+            Message::Shutdown { reason } => return Err(WorkerError::Dismissed(reason)),
+            other => {
+                return Err(WorkerError::Peer {
+                    rank: 0,
+                    message: format!("sent `{}` instead of the plan", other.name()),
+                })
+            }
+        };
+        let run: Vec<u32> = ranks.iter().map(|r| r.rank).collect();
+        let known = ranks.iter().all(|r| cfg.cluster.get(r.rank).is_ok_and(|mine| mine == r));
+        if !known || !run.contains(&0) || !run.contains(&me) {
+            let msg = "rank 0's cluster differs from this rank's cluster file".to_string();
+            let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
+            return Err(WorkerError::Plan(msg));
+        }
+        let lower: Vec<u32> = run.iter().copied().filter(|&r| r < me).collect();
         let dial_up = async {
             let mut got = HashMap::new();
-            for r in me + 1..n {
+            for &r in run.iter().filter(|&&r| r > me) {
                 let addr = cfg.cluster.get(r)?.addr.clone();
                 got.insert(r, dial(net, &info.addr, &addr, &hs, r).await?.0);
             }
             Ok::<_, WorkerError>(got)
         };
-        let (lower, higher) = tokio::time::timeout(t.wait_for_leader, async { tokio::try_join!(accept, dial_up) })
-            .await
-            .map_err(|_| WorkerError::NoLeader { seconds: t.wait_for_leader.as_secs_f64() })??;
-        conns.extend(lower);
+        let peers = async { tokio::try_join!(acc.until(listener.as_mut(), &lower), dial_up) };
+        let limit = t.connect + t.handshake;
+        let ((), higher) = tokio::time::timeout(limit, peers).await.map_err(|_| {
+            WorkerError::Wire(format!(
+                "the run's other ranks {run:?} did not all connect within {:.0} s",
+                limit.as_secs_f64()
+            ))
+        })??;
+        conns.extend(acc.got.drain().filter(|(r, _)| run.contains(r)));
         conns.extend(higher);
-        let leader = conns.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
-        let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
-        let Message::Setup { plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul } =
-            frame.message
-        else {
-            return Err(WorkerError::Peer {
-                rank: 0,
-                message: format!("sent `{}` instead of the plan", frame.message.name()),
-            });
-        };
-        if ranks != cfg.cluster.ranks {
-            let msg = "rank 0's cluster differs from this rank's cluster file".to_string();
-            let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
-            return Err(WorkerError::Plan(msg));
-        }
+        active = run;
         let dtype = candle_dtype(dtype);
         let variant = variant(dtype, dequantize, quantize);
         (*plan, Source::Fetch(*checkpoint, variant), dtype, timing, train, dense_matmul)
@@ -345,7 +393,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     } else if let Some(leader) = conns.get_mut(&0) {
         leader.writer.send(Frame::control(Message::Ready { rank: me, weight_bytes, load_seconds })).await?;
     }
-    Ok(Ready { conns, prog, exec, timing, dense_matmul })
+    Ok(Ready { conns, prog, exec, timing, dense_matmul, active })
 }
 
 /// Where a rank's weights come from.
@@ -469,4 +517,21 @@ async fn load_fetched(
     .await
     .map_err(|e| WorkerError::Weights(format!("loading panicked: {e}")))??;
     Ok((prog, exec, bytes, t0.elapsed().as_secs_f64()))
+}
+
+/// Whether rank `rank` is up and waiting for a leader: one connection attempt and a
+/// handshake, then `Shutdown` (the rank goes back to waiting). Rank 0 only.
+pub(super) async fn probe(cfg: &NodeConfig, rank: u32) -> bool {
+    let (Ok(hs), Ok(me), Ok(them)) = (Handshake::of(cfg), cfg.cluster.get(cfg.rank), cfg.cluster.get(rank)) else {
+        return false;
+    };
+    let dial = dial_within(cfg.transport.as_ref(), &me.addr, &them.addr, &hs, rank, Duration::ZERO);
+    match tokio::time::timeout(cfg.timeouts.handshake, dial).await {
+        Ok(Ok((mut conn, _))) => {
+            let bye = Message::Shutdown { reason: "probe: rank 0 is checking that this rank is up".into() };
+            let _ = conn.writer.send(Frame::control(bye)).await;
+            true
+        }
+        _ => false,
+    }
 }
