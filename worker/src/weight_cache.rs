@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear};
-use lemur_protocol::blob::{encode_blob, hex, read_blob, BlobError, BlobMeta, CheckpointRef, Encoding, OpRef};
+use lemur_protocol::blob::{encode_blob, hex, read_blob, BlobMeta, CheckpointRef, Encoding, OpRef};
 use lemur_protocol::{ModelConfig, OpKind, WeightFormat};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -180,9 +180,6 @@ impl WeightCache {
                 let mut data = file;
                 data.drain(..at);
                 Lookup::Hit(Blob { meta, data })
-            }
-            Err(e @ (BlobError::Magic | BlobError::Header(_) | BlobError::Meta(_))) => {
-                Lookup::Corrupt(format!("{}: {e}", path.display()))
             }
             Err(e) => Lookup::Corrupt(format!("{}: {e}", path.display())),
         }

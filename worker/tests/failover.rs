@@ -68,15 +68,7 @@ impl Served {
         self.rt.block_on(async {
             let mut streams = Vec::new();
             for (prompt, n) in reqs {
-                let r = Request {
-                    id: self.engine.next_id(),
-                    prompt: prompt.clone(),
-                    max_new_tokens: *n,
-                    stop_tokens: vec![],
-                    sampling: Sampling::default(),
-                    keep_logits: false,
-                };
-                streams.push(self.engine.submit(r).await?);
+                streams.push(self.engine.submit(greedy(&self.engine, prompt.clone(), *n)).await?);
             }
             let mut out = Vec::new();
             for mut rx in streams {
@@ -132,8 +124,30 @@ fn three_rank_plan(cfg: &lemur_protocol::ModelConfig) -> Result<Plan> {
     })
 }
 
-fn requests() -> Vec<(Vec<u32>, usize)> {
-    (0..4u32).map(|i| ((0..(3 + 4 * i)).map(|t| (t * 11 + i * 7) % 200 + 1).collect(), 6 + i as usize)).collect()
+/// A greedy request for `n` tokens.
+fn greedy(engine: &Engine, prompt: Vec<u32>, n: usize) -> Request {
+    Request {
+        id: engine.next_id(),
+        prompt,
+        max_new_tokens: n,
+        stop_tokens: vec![],
+        sampling: Sampling::default(),
+        keep_logits: false,
+    }
+}
+
+/// Four requests of different lengths (prompt, tokens to generate).
+type Requests = Vec<(Vec<u32>, usize)>;
+
+/// A random checkpoint (seed `seed`, in `dir`), four requests, candle-transformers'
+/// tokens for each, and the three-rank plan.
+fn fixture(dir: &Path, seed: u64) -> Result<(std::path::PathBuf, Requests, Vec<Vec<u32>>, Plan)> {
+    let cfg = tiny(2);
+    let model = model(dir, &cfg, seed)?;
+    let reqs: Requests =
+        (0..4u32).map(|i| ((0..(3 + 4 * i)).map(|t| (t * 11 + i * 7) % 200 + 1).collect(), 6 + i as usize)).collect();
+    let want = reqs.iter().map(|(p, n)| reference_generate(&model, p, *n).map(|r| r.0)).collect::<Result<_>>()?;
+    Ok((model, reqs, want, three_rank_plan(&cfg)?))
 }
 
 fn planner_replan() -> Replan {
@@ -146,12 +160,7 @@ fn planner_replan() -> Replan {
 #[test]
 fn a_rank_lost_mid_decode_is_planned_around_replayed_unchanged_and_planned_back_in() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let cfg = tiny(2);
-    let model = model(dir.path(), &cfg, 7)?;
-    let reqs = requests();
-    let want: Vec<Vec<u32>> =
-        reqs.iter().map(|(p, n)| reference_generate(&model, p, *n).map(|r| r.0)).collect::<Result<_>>()?;
-    let plan = three_rank_plan(&cfg)?;
+    let (model, reqs, want, plan) = fixture(dir.path(), 7)?;
     let net = MemNet::new();
     let s = serve("failover", &plan, &model, net.clone(), planner_replan())?;
     let (a0, a2) = (s.addr(0), s.addr(2));
@@ -189,12 +198,7 @@ fn a_rank_lost_mid_decode_is_planned_around_replayed_unchanged_and_planned_back_
 #[test]
 fn with_no_placement_over_the_ranks_left_requests_are_refused_with_the_reason_until_the_rank_returns() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let cfg = tiny(2);
-    let model = model(dir.path(), &cfg, 8)?;
-    let reqs = requests();
-    let want: Vec<Vec<u32>> =
-        reqs.iter().map(|(p, n)| reference_generate(&model, p, *n).map(|r| r.0)).collect::<Result<_>>()?;
-    let plan = three_rank_plan(&cfg)?;
+    let (model, reqs, want, plan) = fixture(dir.path(), 8)?;
     // A re-planner for which the model needs all three machines.
     let inner = planner_replan();
     let replan = Replan(Arc::new(move |plan, machines| {
@@ -211,14 +215,7 @@ fn with_no_placement_over_the_ranks_left_requests_are_refused_with_the_reason_un
     assert_eq!(got[0].1, FinishReason::Failed, "nowhere to replay it");
     let st = s.wait_for("down", |st| st.down.is_some())?;
     assert!(st.down.as_deref().is_some_and(|d| d.contains("1.5 GB more")), "{st:?}");
-    let err = s.rt.block_on(s.engine.submit(Request {
-        id: s.engine.next_id(),
-        prompt: vec![1, 2],
-        max_new_tokens: 2,
-        stop_tokens: vec![],
-        sampling: Sampling::default(),
-        keep_logits: false,
-    }));
+    let err = s.rt.block_on(s.engine.submit(greedy(&s.engine, vec![1, 2], 2)));
     assert!(matches!(&err, Err(SubmitError::Unavailable(m)) if m.contains("1.5 GB more")), "{err:?}");
     worker(&s.cluster, &net, s.cache.path(), 2, true);
     s.wait_for("back up", |st| st.down.is_none() && !st.replanning && st.ranks.iter().all(|r| r.active))?;

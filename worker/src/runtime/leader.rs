@@ -602,11 +602,11 @@ impl Handler<PeerDown> for Node {
             return;
         }
         if self.me == 0 {
-            if let Some(r) = self.serving.as_mut().and_then(|s| s.ranks.get_mut(m.rank as usize)) {
-                r.lost = Some(m.reason.clone());
-            }
             if self.failover.is_some() && self.serving.is_some() {
                 return self.lose(m.rank, m.reason, ctx);
+            }
+            if let Some(r) = self.serving.as_mut().and_then(|s| s.ranks.get_mut(m.rank as usize)) {
+                r.lost = Some(m.reason.clone());
             }
             self.fail(WorkerError::Peer { rank: m.rank, message: format!("lost: {}", m.reason) }, ctx);
         } else if m.rank == 0 {

@@ -275,9 +275,8 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         let checkpoint = CheckpointRef { hash, config: ck.config.clone() };
         tracing::info!(hash = %checkpoint.hash, path = %job.model_dir.display(), "serving the checkpoint's weights");
         let entries: Vec<RankInfo> = active.iter().map(|&r| cfg.cluster.get(r).cloned()).collect::<Result<_, _>>()?;
-        for &r in &active[1..] {
-            let addr = cfg.cluster.get(r)?.addr.clone();
-            let (mut conn, _) = dial(net, &info.addr, &addr, &hs, r).await?;
+        for peer in &entries[1..] {
+            let (mut conn, _) = dial(net, &info.addr, &peer.addr, &hs, peer.rank).await?;
             conn.writer
                 .send(Frame::control(Message::Setup {
                     plan: Box::new(job.plan.clone()),
@@ -291,7 +290,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                     dense_matmul: job.dense_matmul,
                 }))
                 .await?;
-            conns.insert(r, conn);
+            conns.insert(peer.rank, conn);
         }
         (job.plan, Source::Leader(Arc::new(ck), allowed), job.dtype, job.timing, job.train, job.dense_matmul)
     } else {
