@@ -5,6 +5,10 @@ Usage: openai_client.py BASE_URL MODEL MODE, MODE one of:
             stop strings, max_tokens, malformed and oversized requests, a disconnect.
   sigterm   one long stream; prints "streaming" once it has begun, then reads it to the end.
   queue     (a server with --max-batch 1 --max-queue 1) the third request gets a 429.
+  failover  a long greedy stream; prints "streaming" once it has begun (the test kills
+            rank 1), reads it to the end and checks it against the same request run
+            before, checks /health and /metrics, prints "restart" and waits for a line
+            on stdin (the test started rank 1 again), then for /health to say ok.
 Prints "ok" when every check passed; any failure raises.
 """
 
@@ -205,4 +209,39 @@ def queue():
     print("ok")
 
 
-{"api": api, "sigterm": sigterm, "queue": queue}[MODE]()
+def health():
+    status, h = raw("/health", None, method="GET")
+    assert status == 200, (status, h)
+    return h
+
+
+def failover():
+    prompt, n = "Count from one to fifty: one, two, three, four,", 120
+    want, _, _ = complete(prompt, n)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True)
+    pieces = []
+    for i, chunk in enumerate(stream):
+        if i == 2:
+            print("streaming", flush=True)
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+    assert "".join(pieces) == want, ("".join(pieces), want)
+    h = health()
+    assert h["status"] == "degraded" and h["ranks"][1]["state"] == "lost", h
+    assert h["ranks"][1]["reason"], h
+    assert metric("lemur_replans_total") == 1 and metric("lemur_replayed_total") >= 1
+    assert complete(prompt, n)[0] == want, "served by rank 0 alone"
+    print("restart", flush=True)
+    sys.stdin.readline()
+    for _ in range(1200):
+        h = health()
+        if h["status"] == "ok":
+            break
+        time.sleep(0.1)
+    assert h["status"] == "ok" and all(r["state"] == "up" for r in h["ranks"]), h
+    assert metric("lemur_replans_total") == 2
+    assert complete(prompt, n)[0] == want, "served by both ranks again"
+    print("ok")
+
+
+{"api": api, "sigterm": sigterm, "queue": queue, "failover": failover}[MODE]()

@@ -74,6 +74,49 @@ fn sigterm_during_a_stream_finishes_it_then_every_rank_exits_cleanly() -> Result
 }
 
 #[test]
+fn a_rank_killed_mid_stream_is_planned_around_with_the_same_text_and_rejoins_when_restarted() -> Result<()> {
+    let (gguf, python) = (smollm2()?, openai_python()?);
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path(), &gguf, &[])?;
+    let mut c = client(&python, &server.url, "failover")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(c.stdout.take().context("stdout")?).lines();
+    let mut next = || lines.next().transpose().map(|l| l.unwrap_or_default());
+    if next()? != "streaming" {
+        let out = c.wait_with_output()?;
+        bail!("the client never began streaming: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    server.procs.0[1].kill()?;
+    let _ = server.procs.0[1].wait();
+    if next()? != "restart" {
+        let out = c.wait_with_output()?;
+        bail!("the client's checks after the kill failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The same rank 1, long-running this time.
+    let cluster = dir.path().join("cluster.toml");
+    let worker = Command::new(worker_bin())
+        .args(["--rank", "1", "--cluster"])
+        .arg(&cluster)
+        .env("LEMUR_CACHE", test_cache(&cluster))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    server.procs.0.push(worker);
+    std::io::Write::write_all(c.stdin.as_mut().context("stdin")?, b"back\n")?;
+    let last = next()?;
+    let out = wait_exit(c, Duration::from_secs(200))?;
+    assert!(
+        out.status.success() && last == "ok",
+        "the client failed after the restart ({last}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
 fn bad_flags_and_files_are_refused_naming_them() -> Result<()> {
     let gguf = smollm2()?;
     let dir = tempfile::tempdir()?;

@@ -44,6 +44,19 @@ pub enum WorkerError {
     Frame(#[from] lemur_protocol::wire::FrameError),
 }
 
+impl WorkerError {
+    /// This error, blamed on rank `rank` where it is a failure of the link to it (a
+    /// closed or broken connection, a bad frame): what a leader plans around.
+    pub fn at(self, rank: u32) -> Self {
+        match self {
+            Self::Wire(message) => Self::Peer { rank, message },
+            Self::Frame(e) => Self::Peer { rank, message: format!("frame: {e}") },
+            Self::Io(e) => Self::Peer { rank, message: format!("i/o: {e}") },
+            e => e,
+        }
+    }
+}
+
 /// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set.
 pub fn candle_message(e: &candle_core::Error) -> String {
     match e {

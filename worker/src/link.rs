@@ -19,7 +19,11 @@ const CLUSTER: &str = "lemur-link-probe";
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn next(net: &mut Conn, what: &str) -> Result<Frame, WorkerError> {
-    crate::runtime::setup::read_frame(net, WAIT, what, &net.remote.clone()).await
+    // The probe's two ranks mean nothing to its user: name the address instead.
+    crate::runtime::setup::read_frame(net, WAIT, what, 1).await.map_err(|e| match e {
+        WorkerError::Peer { message, .. } => WorkerError::Wire(format!("{}: {message}", net.remote)),
+        e => e,
+    })
 }
 
 /// The probe's handshake: the workers' own, in a two-rank cluster of its own (keyed when

@@ -2,6 +2,8 @@
 //! candle-transformers' Mistral whatever the frames' timing, and every fault (a hung peer,
 //! a killed peer, a dying leader, a worker lost mid-training) ends the run with an error
 //! that names the rank, within the heartbeat deadline, with no sleeps in the tests.
+//! Duplicated frames change nothing either; a rank dying as it hands its KV cache over
+//! fails the request naming it.
 
 mod common;
 
@@ -55,6 +57,48 @@ fn delayed_and_reordered_frames_change_no_token() -> Result<()> {
     }
     let c = TestCluster::start("reorder", &plan, infer_job(&plan, &model, &PROMPT, 8), net);
     assert_eq!(c.finish()?.tokens, want);
+    Ok(())
+}
+
+#[test]
+fn duplicated_frames_change_no_token() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(2);
+    let model = model(dir.path(), &cfg, 6)?;
+    let (want, _) = reference_generate(&model, &PROMPT, 8)?;
+    // The embedding and layer 0 on rank 1, which runs its whole part of a step on the
+    // step's start: a second start would run it again.
+    let plan =
+        infer_plan(&cfg, 2, 8, |op| usize::from(op.layer == Some(0) || op.kind == lemur_protocol::OpKind::Embedding))?;
+    let net = MemNet::new();
+    let c0 = addrs(&plan);
+    // Activations both ways, a step's start and its logits, each delivered twice.
+    for (from, to, msg, skip) in
+        [(1, 0, "activation", 1), (0, 1, "activation", 2), (0, 1, "start", 3), (1, 0, "logits", 2)]
+    {
+        let mut r = Rule::on(&c0[from], &c0[to], msg, Fault::Duplicate).after(skip);
+        r.times = 2;
+        net.add(r);
+    }
+    let c = TestCluster::start("duplicate", &plan, infer_job(&plan, &model, &PROMPT, 8), net);
+    assert_eq!(c.finish()?.tokens, want);
+    Ok(())
+}
+
+#[test]
+fn a_rank_dying_as_it_hands_its_kv_cache_over_fails_the_request_naming_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(2);
+    let model = model(dir.path(), &cfg, 4)?;
+    // Prefill on rank 1, decode on rank 0: rank 1 sends rank 0 each layer's cache.
+    let plan = infer_plan(&cfg, 2, 8, |op| usize::from(op.phase == lemur_protocol::Phase::Prefill))?;
+    let net = MemNet::new();
+    let (a0, a1) = ("127.0.0.1:7000", "127.0.0.1:7001");
+    net.add(Rule::on(a1, a0, "kv_handover", Fault::Isolate(a1.into())));
+    let c = TestCluster::start("handover", &plan, infer_job(&plan, &model, &PROMPT, 8), net);
+    let err = c.failure(0)?;
+    assert!(err.contains("rank 1") && err.contains("lost"), "{err}");
+    assert!(c.net.sent(a1, a0, "kv_handover") == 1, "it died on the first layer's cache");
     Ok(())
 }
 

@@ -91,12 +91,13 @@ impl Served {
     }
 }
 
-/// Rank 0 serving `plan` with `replan`; rank 1 a long-running worker, rank 2 one run.
-fn serve(id: &str, plan: &Plan, model: &Path, net: MemNet, replan: Replan) -> Result<Served> {
+/// Rank 0 serving `plan` with `replan`; rank 1 a long-running worker, rank 2 one run
+/// (or long-running too, with `forever`).
+fn serve(id: &str, plan: &Plan, model: &Path, net: MemNet, replan: Replan, forever: bool) -> Result<Served> {
     let cluster = cluster_of(id, plan);
     let cache = tempfile::tempdir()?;
     worker(&cluster, &net, cache.path(), 1, true);
-    worker(&cluster, &net, cache.path(), 2, false);
+    worker(&cluster, &net, cache.path(), 2, forever);
     let mut job = infer_job(plan, model, &[1], 1);
     job.serve = Some(BatchConfig { max_batch: 8, prefill_chunk: 8, prefill_tokens: 16, ..BatchConfig::default() });
     job.replan = Some(replan);
@@ -157,12 +158,31 @@ fn planner_replan() -> Replan {
     }))
 }
 
+/// The planner's placement, except that over two machines everything but the embedding
+/// goes to the second (so a re-plan moves weights there).
+fn second_machine_replan() -> Replan {
+    let inner = planner_replan();
+    Replan(Arc::new(move |plan, machines| {
+        let mut p = (inner.0)(plan, machines)?;
+        if p.machines.len() == 2 {
+            p.reassign(|op| usize::from(op.kind != OpKind::Embedding));
+            p.validate().map_err(|e| e.to_string())?;
+        }
+        Ok(p)
+    }))
+}
+
+/// The tokens of each run.
+fn tokens(got: Vec<(Vec<u32>, FinishReason)>) -> Vec<Vec<u32>> {
+    got.into_iter().map(|r| r.0).collect()
+}
+
 #[test]
 fn a_rank_lost_mid_decode_is_planned_around_replayed_unchanged_and_planned_back_in() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (model, reqs, want, plan) = fixture(dir.path(), 7)?;
     let net = MemNet::new();
-    let s = serve("failover", &plan, &model, net.clone(), planner_replan())?;
+    let s = serve("failover", &plan, &model, net.clone(), planner_replan(), false)?;
     let (a0, a2) = (s.addr(0), s.addr(2));
     assert_eq!(s.status()?.ranks.iter().filter(|r| r.active).count(), 3);
     let blobs_to_2 = net.sent(&a0, &a2, "weight_blob");
@@ -181,14 +201,14 @@ fn a_rank_lost_mid_decode_is_planned_around_replayed_unchanged_and_planned_back_
     let logits_from_2 = net.sent(&a2, &a0, "logits");
 
     // Served by ranks 0 and 1 alone, still right.
-    assert_eq!(s.run(&reqs[..2])?.into_iter().map(|r| r.0).collect::<Vec<_>>(), want[..2]);
+    assert_eq!(tokens(s.run(&reqs[..2])?), want[..2]);
     assert_eq!(net.sent(&a2, &a0, "logits"), logits_from_2, "rank 2 is out of the placement");
 
     // Rank 2 started again: probed, planned back in, and serving.
     worker(&s.cluster, &net, s.cache.path(), 2, true);
     let st = s.wait_for("rank 2 back", |st| st.replans == 2 && !st.replanning && st.ranks.iter().all(|r| r.active))?;
     assert!(st.ranks.iter().all(|r| r.lost.is_none()), "{st:?}");
-    assert_eq!(s.run(&reqs)?.into_iter().map(|r| r.0).collect::<Vec<_>>(), want);
+    assert_eq!(tokens(s.run(&reqs)?), want);
     assert!(net.sent(&a2, &a0, "logits") > logits_from_2, "rank 2 computes the head again");
     // Back in its first placement, rank 2 took its weights from its cache.
     assert_eq!(net.sent(&a0, &a2, "weight_blob"), blobs_to_2);
@@ -208,7 +228,7 @@ fn with_no_placement_over_the_ranks_left_requests_are_refused_with_the_reason_un
         (inner.0)(plan, machines)
     }));
     let net = MemNet::new();
-    let s = serve("nofit", &plan, &model, net.clone(), replan)?;
+    let s = serve("nofit", &plan, &model, net.clone(), replan, false)?;
     let (a0, a2) = (s.addr(0), s.addr(2));
     net.add(Rule::on(&a2, &a0, "logits", Fault::Isolate(a2.clone())).after(1));
     let got = s.run(&reqs[..1])?;
@@ -219,6 +239,89 @@ fn with_no_placement_over_the_ranks_left_requests_are_refused_with_the_reason_un
     assert!(matches!(&err, Err(SubmitError::Unavailable(m)) if m.contains("1.5 GB more")), "{err:?}");
     worker(&s.cluster, &net, s.cache.path(), 2, true);
     s.wait_for("back up", |st| st.down.is_none() && !st.replanning && st.ranks.iter().all(|r| r.active))?;
-    assert_eq!(s.run(&reqs)?.into_iter().map(|r| r.0).collect::<Vec<_>>(), want);
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    Ok(())
+}
+
+#[test]
+fn a_rank_lost_in_prefill_is_planned_around_and_its_requests_replayed_unchanged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (model, reqs, want, plan) = fixture(dir.path(), 9)?;
+    let net = MemNet::new();
+    let s = serve("prefill", &plan, &model, net.clone(), planner_replan(), true)?;
+    let (a1, a2) = (s.addr(1), s.addr(2));
+    // Rank 1 dies as it hands its first prefill chunk on (and, long-running, waits for
+    // the next leader: it is probed and planned back in).
+    net.add(Rule::on(&a1, &a2, "activation", Fault::Isolate(a1.clone())));
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    let st = s.wait_for("rank 1 back", |st| st.replans == 2 && !st.replanning && st.ranks.iter().all(|r| r.active))?;
+    assert!(st.replayed >= 1, "{st:?}");
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    Ok(())
+}
+
+#[test]
+fn a_rank_lost_while_a_new_placement_loads_is_planned_around_too_and_both_come_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (model, reqs, want, plan) = fixture(dir.path(), 10)?;
+    let net = MemNet::new();
+    let s = serve("replan", &plan, &model, net.clone(), second_machine_replan(), false)?;
+    let (a0, a1, a2) = (s.addr(0), s.addr(1), s.addr(2));
+    // Rank 2 (one run) dies mid-decode; the placement over ranks 0 and 1 moves layer 0 and the
+    // head to rank 1, which dies on the first chunk of those weights.
+    let chunks = net.sent(&a0, &a1, "weight_chunk");
+    net.add(Rule::on(&a2, &a0, "logits", Fault::Isolate(a2.clone())).after(2));
+    net.add(Rule::on(&a0, &a1, "weight_chunk", Fault::Isolate(a1.clone())).after(chunks));
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    assert!(net.sent(&a0, &a1, "weight_chunk") > chunks, "rank 1 died during the transfer");
+    // Placed on rank 0 alone, then (rank 1 being long-running, back waiting for a leader)
+    // on ranks 0 and 1; then rank 2, started again, joins.
+    s.wait_for("rank 1 back", |st| st.replans == 2 && st.ranks[1].active && !st.replanning)?;
+    assert_eq!(tokens(s.run(&reqs[..2])?), want[..2]);
+    worker(&s.cluster, &net, s.cache.path(), 2, true);
+    s.wait_for("rank 2 back", |st| st.replans == 3 && st.ranks.iter().all(|r| r.active) && !st.replanning)?;
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    Ok(())
+}
+
+#[test]
+fn a_hung_rank_is_planned_around_and_back_once_the_partition_heals() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (model, reqs, want, plan) = fixture(dir.path(), 11)?;
+    let net = MemNet::new();
+    let s = serve("hung", &plan, &model, net.clone(), planner_replan(), true)?;
+    let (a0, a2) = (s.addr(0), s.addr(2));
+    // After rank 2's third logits nothing passes between it and rank 0, and nothing
+    // closes: only the heartbeat deadline tells.
+    net.add(Rule::on(&a2, &a0, "logits", Fault::Partition).after(2));
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    let st = s.wait_for("planned around rank 2", |st| st.replans == 1 && !st.replanning)?;
+    assert!(st.ranks[2].lost.is_some() && !st.ranks[2].active, "{st:?}");
+    // Probes time out while the partition holds; once it heals, rank 2 (back waiting for
+    // a leader) answers and is planned in.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!s.status()?.ranks[2].active);
+    net.heal(&a0, &a2);
+    s.wait_for("rank 2 back", |st| st.ranks.iter().all(|r| r.active) && !st.replanning)?;
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    Ok(())
+}
+
+#[test]
+fn a_rank_lost_in_the_first_set_up_is_planned_around_and_joins_when_started_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (model, reqs, want, plan) = fixture(dir.path(), 12)?;
+    let net = MemNet::new();
+    let a0 = addrs(&plan)[0].clone();
+    let a2 = addrs(&plan)[2].clone();
+    // Rank 2 dies on the first chunk of its weights.
+    net.add(Rule::on(&a0, &a2, "weight_chunk", Fault::Isolate(a2.clone())));
+    let s = serve("first", &plan, &model, net.clone(), planner_replan(), false)?;
+    let st = s.status()?;
+    assert!(!st.ranks[2].active && st.ranks[2].lost.is_some() && st.ranks[1].active, "{st:?}");
+    assert_eq!(tokens(s.run(&reqs)?), want);
+    worker(&s.cluster, &net, s.cache.path(), 2, true);
+    s.wait_for("rank 2 in", |st| st.ranks.iter().all(|r| r.active) && !st.replanning)?;
+    assert_eq!(tokens(s.run(&reqs)?), want);
     Ok(())
 }

@@ -34,7 +34,8 @@ struct Args {
     /// The cluster file: each rank's address and machine.
     #[arg(long)]
     cluster: PathBuf,
-    /// The checkpoint: a Hugging Face directory or a GGUF file (at the same path on every rank).
+    /// The checkpoint: a Hugging Face directory or a GGUF file (only rank 0 needs it: the
+    /// other ranks get their weights from it).
     #[arg(long)]
     model: PathBuf,
     /// The plan (from `lemur-plan --out`).

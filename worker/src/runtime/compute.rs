@@ -6,11 +6,12 @@
 //! their inputs and then picked by the scheduler ([`Compute::train_tick`]). Every output
 //! leaves through one [`Outbox`] as soon as it exists, to whichever rank needs it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
+use actix::WeakAddr;
 use candle_core::{DType, Device, Tensor};
 use lemur_protocol::wire::{DenseMatmul, Frame, Gather, Message, RunKey, Segment, WireTensor};
 use lemur_protocol::Phase;
@@ -74,10 +75,48 @@ pub(super) struct Compute {
     /// Optimizer steps this process has applied.
     updates: u64,
     /// Its own address, and whether a Tick is already queued.
-    me_addr: Option<Addr<Compute>>,
+    /// (Weak: an actor holding its own address would never stop, and every re-plan's
+    /// executor, weights and all, would stay behind.)
+    me_addr: Option<WeakAddr<Compute>>,
     tick_pending: bool,
     /// The most training micro-batches held at once.
     peak_runs: u32,
+    /// Steps and micro-batches started lately, and KV caches handed over (request, layer):
+    /// a frame that arrives twice is dropped the second time.
+    started: Recent<RunKey>,
+    handed_over: Recent<(u64, u32)>,
+}
+
+/// Keys seen lately, the oldest forgotten past a bound: how a duplicated frame is told.
+struct Recent<K> {
+    set: HashSet<K>,
+    order: VecDeque<K>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Recent<K> {
+    const KEEP: usize = 4096;
+
+    fn new() -> Self {
+        Self { set: HashSet::new(), order: VecDeque::new() }
+    }
+
+    /// Whether `k` is new; remembers it.
+    fn first(&mut self, k: K) -> bool {
+        if !self.set.insert(k) {
+            return false;
+        }
+        self.order.push_back(k);
+        if self.order.len() > Self::KEEP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn contains(&self, k: &K) -> bool {
+        self.set.contains(k)
+    }
 }
 
 impl Actor for Compute {
@@ -169,6 +208,8 @@ impl Compute {
             me_addr: None,
             tick_pending: false,
             peak_runs: 0,
+            started: Recent::new(),
+            handed_over: Recent::new(),
         }
     }
 
@@ -197,10 +238,25 @@ impl Compute {
         let nth = |i: usize| wire.get(i).ok_or_else(|| WorkerError::Wire("a message without its tensors".into()));
         match frame.message {
             Message::Start { step_id, phase, segments, .. } => {
-                self.start_step(RunKey { request: step_id, step: 0 }, phase, &segments, nth(0)?)
+                let key = RunKey { request: step_id, step: 0 };
+                if !self.started.first(key) {
+                    tracing::debug!(rank = self.me, step_id, "a second start of the step; dropped");
+                    return Ok(());
+                }
+                self.start_step(key, phase, &segments, nth(0)?)
             }
             Message::StartMicroBatch { opt_step, micro_batch, .. } => {
-                self.start_micro_batch(RunKey { request: opt_step, step: micro_batch }, nth(0)?)
+                let key = RunKey { request: opt_step, step: micro_batch };
+                if !self.started.first(key) {
+                    tracing::debug!(
+                        rank = self.me,
+                        opt_step,
+                        micro_batch,
+                        "a second start of the micro-batch; dropped"
+                    );
+                    return Ok(());
+                }
+                self.start_micro_batch(key, nth(0)?)
             }
             Message::Activation { request_id, step, from_op, .. } => {
                 let ts = from_wire_all(&wire, &self.device())?;
@@ -215,11 +271,16 @@ impl Compute {
                         run.deliver_gradient(from_op, to_op, ts);
                         self.kick();
                     }
+                    None if self.started.contains(&key) => self.late(key, from_op),
                     None => self.early_grads.entry(key).or_default().push((from_op, to_op, ts)),
                 }
                 Ok(())
             }
             Message::KvHandover { request_id, layer, start, .. } => {
+                if !self.handed_over.first((request_id, layer)) {
+                    tracing::debug!(rank = self.me, request_id, layer, "a second handover of the cache; dropped");
+                    return Ok(());
+                }
                 let (k, v) = (nth(0)?.clone(), nth(1)?.clone());
                 self.kv(request_id, layer, start, k, v)
             }
@@ -302,6 +363,7 @@ impl Compute {
                     run.deliver_activation(from_op, ts);
                     self.kick();
                 }
+                None if self.started.contains(&key) => self.late(key, from_op),
                 None => self.early.entry(key).or_default().push((from_op, ts)),
             }
             return Ok(());
@@ -311,11 +373,20 @@ impl Compute {
                 run.deliver(from_op, ts);
                 self.step(key)
             }
+            None if self.started.contains(&key) => {
+                self.late(key, from_op);
+                Ok(())
+            }
             None => {
                 self.early.entry(key).or_default().push((from_op, ts));
                 Ok(())
             }
         }
+    }
+
+    /// An input for a step or micro-batch that has ended: a duplicate, dropped.
+    fn late(&self, key: RunKey, from_op: usize) {
+        tracing::debug!(rank = self.me, ?key, from_op, "an input after its run ended; dropped");
     }
 
     fn kv(&mut self, request: u64, layer: u32, start: u64, k: WireTensor, v: WireTensor) -> Result<(), WorkerError> {
@@ -361,7 +432,7 @@ impl Compute {
     /// Queues a Tick unless one is queued.
     fn kick(&mut self) {
         if !self.tick_pending {
-            if let Some(a) = &self.me_addr {
+            if let Some(a) = self.me_addr.as_ref().and_then(WeakAddr::upgrade) {
                 a.do_send(Work::Tick);
                 self.tick_pending = true;
             }
@@ -524,7 +595,7 @@ impl Handler<Work> for Compute {
     type Result = ();
     fn handle(&mut self, w: Work, ctx: &mut Self::Context) {
         if self.me_addr.is_none() {
-            self.me_addr = Some(ctx.address());
+            self.me_addr = Some(ctx.address().downgrade());
         }
         let r = match w {
             Work::Frame(frame) => self.on_frame(frame),

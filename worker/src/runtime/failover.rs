@@ -39,9 +39,66 @@ pub(super) struct Failover {
 }
 
 impl Failover {
-    pub fn new(cfg: NodeConfig, replan: Replan) -> Self {
-        Self { cfg, replan, lost: BTreeMap::new(), probing: false }
+    pub fn new(cfg: NodeConfig, replan: Replan, lost: BTreeMap<u32, String>) -> Self {
+        Self { cfg, replan, lost, probing: false }
     }
+}
+
+/// `cfg` (whose job holds the plan the server started with) re-planned over the ranks
+/// not in `lost`: the configuration to set up, and its plan.
+pub(super) async fn place(
+    mut cfg: NodeConfig,
+    replan: &Replan,
+    lost: &BTreeMap<u32, String>,
+) -> Result<(NodeConfig, Plan), WorkerError> {
+    let live: Vec<_> = cfg.cluster.ranks.iter().filter(|r| !lost.contains_key(&r.rank)).cloned().collect();
+    let machines: Vec<String> = live.iter().map(|r| r.machine.clone()).collect();
+    tracing::info!(?machines, "planning a new placement");
+    let Some(mut job) = cfg.job.take() else { return Err(WorkerError::Plan("rank 0 has no job".into())) };
+    let (first, replan) = (job.plan.clone(), replan.clone());
+    let plan = tokio::task::spawn_blocking(move || (replan.0)(&first, &machines))
+        .await
+        .map_err(|e| WorkerError::Plan(format!("planning panicked: {e}")))?
+        .map_err(|e| WorkerError::Plan(format!("no placement over the ranks left: {e}")))?;
+    let used: Vec<u32> = live
+        .iter()
+        .filter(|r| r.rank == 0 || plan.machines.iter().any(|m| m.name == r.machine))
+        .map(|r| r.rank)
+        .collect();
+    job.plan = plan.clone();
+    cfg.job = Some(job);
+    cfg.active = Some(used);
+    Ok((cfg, plan))
+}
+
+/// Rank 0's first set-up with failover: a rank that cannot be reached or fails its
+/// set-up is planned around as if lost while serving (and probed to come back); the
+/// ranks lost, what was set up, and its configuration (with the plan it runs).
+pub(super) async fn first_setup(
+    cfg: &NodeConfig,
+    replan: &Replan,
+) -> Result<(BTreeMap<u32, String>, setup::Ready, NodeConfig), WorkerError> {
+    let mut lost = BTreeMap::new();
+    let mut run = cfg.clone();
+    loop {
+        match setup::connect_and_load(&run).await {
+            Ok(ready) => return Ok((lost, ready, run)),
+            Err(WorkerError::Peer { rank, message }) if rank != 0 && !lost.contains_key(&rank) => {
+                tracing::warn!(rank, message, "a rank failed its set-up; planning around it");
+                lost.insert(rank, message);
+                run = place(cfg.clone(), replan, &lost)
+                    .await
+                    .map_err(|e| WorkerError::Plan(format!("{e} (lost: {})", describe(&lost))))?
+                    .0;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `rank 2: why; rank 3: why`.
+fn describe(lost: &BTreeMap<u32, String>) -> String {
+    lost.iter().map(|(r, why)| format!("rank {r}: {why}")).collect::<Vec<_>>().join("; ")
 }
 
 impl Node {
@@ -77,25 +134,10 @@ impl Node {
         serving.busy_since = None;
         serving.replayed += serving.sched.running() as u64;
         let events = serving.sched.replay_all();
-        let live: Vec<_> = f.cfg.cluster.ranks.iter().filter(|r| !f.lost.contains_key(&r.rank)).cloned().collect();
-        let machines: Vec<String> = live.iter().map(|r| r.machine.clone()).collect();
-        let (mut cfg, replan, epoch) = (f.cfg.clone(), f.replan.clone(), self.epoch);
-        tracing::info!(epoch, ?machines, "planning a new placement");
+        let (cfg, replan, epoch) = (f.cfg.clone(), f.replan.clone(), self.epoch);
+        let lost = f.lost.clone();
         let fut = async move {
-            let Some(mut job) = cfg.job.take() else { return Err(WorkerError::Plan("rank 0 has no job".into())) };
-            let first = job.plan.clone();
-            let plan = tokio::task::spawn_blocking(move || (replan.0)(&first, &machines))
-                .await
-                .map_err(|e| WorkerError::Plan(format!("planning panicked: {e}")))?
-                .map_err(|e| WorkerError::Plan(format!("no placement over the ranks left: {e}")))?;
-            let used: Vec<u32> = live
-                .iter()
-                .filter(|r| r.rank == 0 || plan.machines.iter().any(|m| m.name == r.machine))
-                .map(|r| r.rank)
-                .collect();
-            job.plan = plan.clone();
-            cfg.job = Some(job);
-            cfg.active = Some(used);
+            let (cfg, plan) = place(cfg, &replan, &lost).await?;
             let ready = setup::connect_and_load(&cfg).await?;
             Ok((ready, plan))
         };

@@ -51,8 +51,7 @@ pub(super) async fn serve(
     dtype: DType,
     t: &Timeouts,
 ) -> Result<u64, WorkerError> {
-    let name = format!("rank {rank}");
-    let frame = read_frame(conn, t.load, "its list of weights to fetch", &name).await?;
+    let frame = read_frame(conn, t.load, "its list of weights to fetch", rank).await.map_err(|e| e.at(rank))?;
     let ops = match frame.message {
         Message::FetchWeights { ops } => ops,
         Message::Error { rank, message } => return Err(peer(rank, message)),
@@ -86,8 +85,7 @@ pub(super) async fn serve(
             }
         };
         let data = Bytes::from(blob.data);
-        let lost =
-            |e: lemur_protocol::wire::FrameError| WorkerError::Wire(format!("rank {rank}: sending its weights: {e}"));
+        let lost = |e: lemur_protocol::wire::FrameError| peer(rank, format!("sending its weights: {e}"));
         conn.writer.send(Frame::control(Message::WeightBlob { blob: blob.meta })).await.map_err(lost)?;
         let mut offset = 0;
         while offset < data.len() {
@@ -137,7 +135,7 @@ pub(super) async fn fetch(
     let bar = crate::progress::ops_bar(missing.len() as u64, &format!("rank {me}: fetching weights"));
     let mut got_bytes = 0u64;
     for op in missing {
-        let frame = read_frame(leader, t.load, &format!("the weights of {op}"), "rank 0").await?;
+        let frame = read_frame(leader, t.load, &format!("the weights of {op}"), 0).await?;
         let meta = match frame.message {
             Message::WeightBlob { blob } => blob,
             Message::Error { rank, message } => return Err(peer(rank, message)),
@@ -152,7 +150,7 @@ pub(super) async fn fetch(
         let len = meta.len as usize;
         let mut data = Vec::with_capacity(len);
         while data.len() < len {
-            let frame = read_frame(leader, t.handshake, &format!("next chunk of {op}"), "rank 0").await?;
+            let frame = read_frame(leader, t.handshake, &format!("next chunk of {op}"), 0).await?;
             let Message::WeightChunk { offset, sha256, .. } = &frame.message else {
                 return Err(peer(0, format!("sent `{}` in the middle of the weights of {op}", frame.message.name())));
             };

@@ -535,10 +535,14 @@ impl Handler<Begin> for Node {
                 ..cfg
             };
             tracing::info!(?cfg, "serving");
-            self.serving = Some(Serving::new(Scheduler::new(cfg), self.n, &self.active));
-            if self.failover.is_some() {
+            let mut serving = Serving::new(Scheduler::new(cfg), self.n, &self.active);
+            if let Some(f) = &self.failover {
+                for (r, why) in &f.lost {
+                    serving.ranks[*r as usize].lost = Some(why.clone());
+                }
                 self.start_probing(ctx);
             }
+            self.serving = Some(serving);
             // A step that never ends (a rank alive but stuck) must not hang its requests.
             ctx.run_interval(Duration::from_secs(1), |act, ctx| {
                 let limit = act.step_timeout;

@@ -183,9 +183,15 @@ fn run_system(cfg: NodeConfig, on_ready: impl FnOnce(Addr<Node>) + 'static) -> R
 async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerError> {
     let me = cfg.rank;
     let n = cfg.cluster.ranks.len() as u32;
-    let ready = setup::connect_and_load(&cfg).await?;
+    let replan = cfg.job.as_ref().and_then(|j| j.replan.clone());
+    let (ready, failover, cfg) = match replan {
+        Some(r) if me == 0 => {
+            let (lost, ready, run) = failover::first_setup(&cfg, &r).await?;
+            (ready, Some(failover::Failover::new(cfg, r, lost)), run)
+        }
+        _ => (setup::connect_and_load(&cfg).await?, None, cfg),
+    };
     let t = cfg.timeouts;
-    let failover = cfg.job.as_ref().and_then(|j| j.replan.clone()).map(|r| failover::Failover::new(cfg.clone(), r));
     let node = Node::create(|ctx| {
         let active = ready.active.clone();
         let (router, compute) = spawn_cluster(ctx.address(), me, 0, ready, &cfg);

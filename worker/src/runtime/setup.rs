@@ -40,13 +40,17 @@ pub(super) struct Ready {
     pub active: Vec<u32>,
 }
 
-/// Reads one frame within `limit`; the error names the peer and what was awaited.
-pub(crate) async fn read_frame(conn: &mut Conn, limit: Duration, what: &str, peer: &str) -> Result<Frame, WorkerError> {
-    match tokio::time::timeout(limit, conn.reader.next()).await {
-        Err(_) => Err(WorkerError::Wire(format!("{peer}: no {what} within {:.0} s", limit.as_secs_f64()))),
-        Ok(None) => Err(WorkerError::Wire(format!("{peer}: closed the connection before {what}"))),
-        Ok(Some(r)) => Ok(r?),
-    }
+/// Reads one frame from rank `rank` within `limit`; a timeout or a closed connection is
+/// [`WorkerError::Peer`], naming the rank and what was awaited (whom a leader plans around).
+pub(crate) async fn read_frame(conn: &mut Conn, limit: Duration, what: &str, rank: u32) -> Result<Frame, WorkerError> {
+    let message = match tokio::time::timeout(limit, conn.reader.next()).await {
+        Ok(Some(Ok(frame))) => return Ok(frame),
+        Err(_) => format!("no {what} within {:.0} s", limit.as_secs_f64()),
+        Ok(None) => format!("closed the connection before {what}"),
+        // Left as it is (a reset handshake is retried); `WorkerError::at` blames it.
+        Ok(Some(Err(e))) => return Err(e.into()),
+    };
+    Err(WorkerError::Peer { rank, message })
 }
 
 /// Connects to rank `expect` at `addr`, retrying until the connect timeout, and runs the
@@ -95,7 +99,7 @@ pub(crate) async fn dial_within(
                 tracing::debug!(addr, error = %e, "the peer reset the handshake; dialing again");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.at(expect)),
         }
     }
 }
@@ -104,12 +108,12 @@ pub(crate) async fn dial_within(
 async fn dial_handshake(conn: &mut Conn, addr: &str, hs: &Handshake, expect: u32) -> Result<String, WorkerError> {
     let t = &hs.timeouts;
     let failed = |e: HandshakeError| WorkerError::Peer { rank: expect, message: format!("at {addr}: {e}") };
-    let peer = format!("rank {expect} at {addr}");
+    let what = format!("handshake (at {addr})");
     let d = Dialer::new(hs.cred.clone(), hs.me, expect)?;
     conn.writer.send(Frame::control(d.hello())).await?;
-    let proof = d.on_challenge(read_frame(conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)?;
+    let proof = d.on_challenge(read_frame(conn, t.handshake, &what, expect).await?.message).map_err(failed)?;
     conn.writer.send(Frame::control(proof)).await?;
-    d.on_welcome(read_frame(conn, t.handshake, "handshake", &peer).await?.message).map_err(failed)
+    d.on_welcome(read_frame(conn, t.handshake, &what, expect).await?.message).map_err(failed)
 }
 
 /// What a rank brings to every handshake.
@@ -289,7 +293,8 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                     quantize: job.quantize,
                     dense_matmul: job.dense_matmul,
                 }))
-                .await?;
+                .await
+                .map_err(|e| WorkerError::from(e).at(peer.rank))?;
             conns.insert(peer.rank, conn);
         }
         (job.plan, Source::Leader(Arc::new(ck), allowed), job.dtype, job.timing, job.train, job.dense_matmul)
@@ -302,8 +307,8 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         tokio::time::timeout(t.wait_for_leader, acc.until(listener.as_mut(), &[0]))
             .await
             .map_err(|_| WorkerError::NoLeader { seconds: t.wait_for_leader.as_secs_f64() })??;
-        let leader = acc.got.get_mut(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
-        let frame = read_frame(leader, t.handshake, "the plan", "rank 0").await?;
+        let mut leader = acc.got.remove(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
+        let frame = read_frame(&mut leader, t.handshake, "the plan", 0).await?;
         let (plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul) = match frame.message {
             Message::Setup { plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul } => {
                 (plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul)
@@ -324,7 +329,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             let _ = leader.writer.send(Frame::control(Message::Error { rank: me, message: msg.clone() })).await;
             return Err(WorkerError::Plan(msg));
         }
-        let lower: Vec<u32> = run.iter().copied().filter(|&r| r < me).collect();
+        let lower: Vec<u32> = run.iter().copied().filter(|&r| r != 0 && r < me).collect();
         let dial_up = async {
             let mut got = HashMap::new();
             for &r in run.iter().filter(|&&r| r > me) {
@@ -335,13 +340,28 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         };
         let peers = async { tokio::try_join!(acc.until(listener.as_mut(), &lower), dial_up) };
         let limit = t.connect + t.handshake;
-        let ((), higher) = tokio::time::timeout(limit, peers).await.map_err(|_| {
-            WorkerError::Wire(format!(
-                "the run's other ranks {run:?} did not all connect within {:.0} s",
-                limit.as_secs_f64()
-            ))
-        })??;
-        conns.extend(acc.got.drain().filter(|(r, _)| run.contains(r)));
+        // Rank 0 sends nothing more until we ask for weights: if its connection ends
+        // meanwhile (it gave this run up, say for a rank that died), so does the set-up.
+        let gone = async {
+            let why = match leader.reader.next().await {
+                None => "closed the connection during the set-up".to_string(),
+                Some(Err(e)) => format!("during the set-up: {e}"),
+                Some(Ok(f)) => format!("sent `{}` during the set-up", f.message.name()),
+            };
+            WorkerError::Peer { rank: 0, message: why }
+        };
+        let ((), higher) = tokio::select! {
+            r = tokio::time::timeout(limit, peers) => r.map_err(|_| {
+                WorkerError::Wire(format!(
+                    "the run's other ranks {run:?} did not all connect within {:.0} s",
+                    limit.as_secs_f64()
+                ))
+            })??,
+            e = gone => return Err(e),
+        };
+        // (A second rank 0 that authenticated meanwhile is dropped.)
+        conns.extend(acc.got.drain().filter(|(r, _)| *r != 0 && run.contains(r)));
+        conns.insert(0, leader);
         conns.extend(higher);
         active = run;
         let dtype = candle_dtype(dtype);
@@ -377,7 +397,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
 
     if me == 0 {
         for (r, conn) in conns.iter_mut() {
-            let frame = read_frame(conn, t.load, "ready", &format!("rank {r}")).await?;
+            let frame = read_frame(conn, t.load, "ready", *r).await.map_err(|e| e.at(*r))?;
             match frame.message {
                 Message::Ready { .. } => {}
                 Message::Error { rank, message } => return Err(WorkerError::Peer { rank, message }),
