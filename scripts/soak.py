@@ -1,18 +1,20 @@
-"""A soak of a loopback lemur-serve cluster under load while its ranks are killed (run by scripts/soak.sh).
+"""A soak of a loopback lemur-serve cluster under load while its ranks are killed (run by
+scripts/soak.sh).
 
 Usage: soak.py BIN_DIR CLUSTER PLAN MODEL RANKS [--minutes M] [--clients C]
                [--chaos-min S] [--chaos-max S]
 
 Starts ranks 1..RANKS-1 (`lemur-worker`, long-running) and rank 0 (`lemur-serve`), takes
-each prompt's greedy text as a reference from the whole cluster, then runs C clients for
-M minutes, each sending requests one after another: mixed prompt lengths, plain and
-streamed, and streams it closes early (cancellations). Meanwhile every CHAOS_MIN to
-CHAOS_MAX seconds it kills a random worker rank (SIGKILL or SIGTERM) and starts it again
-5 to 30 s later. Every answer is checked against its reference (a cancelled stream's text
-against the reference's start). It prints a report: requests served, failed (by reason),
-wrong, hung; replays and re-plans from /metrics; p50/p99 latency; resident memory of
-rank 0 after warm-up and at the end (the least of three samples 10 s apart; and its peak). Exits 1 when a target is missed: a hang, a wrong
-text, a failure of an unexpected kind, or rank 0's memory growing more than 10%.
+each prompt's greedy text as a reference from the whole cluster, then runs C clients for M
+minutes, each sending requests one after another: mixed prompt lengths, plain and streamed,
+and streams it closes early (cancellations). Meanwhile every CHAOS_MIN to CHAOS_MAX seconds
+it kills a random worker rank (SIGKILL or SIGTERM) and starts it again 5 to 30 s later.
+Every answer is checked against its reference (a cancelled stream's text against the
+reference's start). It prints a report: requests served, failed (by reason), wrong, hung;
+replays and re-plans from /metrics; p50/p99 latency; resident memory of rank 0 after warm-up
+(the least of three samples 10 s apart), once settled at the end, and its peak. Exits 1 when
+a target is missed: a hang, a wrong text, a failure of an unexpected kind, or rank 0's
+memory growing more than 10%.
 """
 
 import argparse
@@ -288,6 +290,12 @@ def main():
         # The cluster should be whole again once the last killed rank is back.
         wait_ok(60)
         replans, replayed = metric("lemur_replans_total"), metric("lemur_replayed_total")
+        # Rank 0 settled (the last re-plan done, no load): three more samples for the end.
+        time.sleep(10)
+        settled = []
+        for _ in range(3):
+            settled.append(rss_kb(procs[0].pid))
+            time.sleep(2)
     finally:
         stop.set()
         for p in procs.values():
@@ -302,7 +310,8 @@ def main():
     warm = [kb for t, kb in rss if kb and t >= min(120, args.minutes * 6)] or [kb for _, kb in rss if kb]
     # The least of three samples, so that a re-plan's transient (rank 0 reading the weights
     # a rank lacks) is not taken for growth; a leak raises the least too.
-    rss_start, rss_end, rss_peak = min(warm[:3]), min(warm[-3:]), max(warm)
+    settled = [kb for kb in settled if kb] or warm[-3:]
+    rss_start, rss_end, rss_peak = min(warm[:3]), min(settled), max(warm)
     growth = rss_end / rss_start - 1
     unexpected = {m: c for m, c in failed.items() if not expected(m)}
     report = {

@@ -33,6 +33,10 @@ pub(super) enum Work {
     /// Run the most urgent ready training micro-batch until it blocks (sent by Compute to
     /// itself, so that every message that arrived meanwhile is delivered before it chooses).
     Tick,
+    /// The run's cluster is over (rank 0 is setting up a new placement): free the
+    /// executor, weights and caches now rather than when the last address goes, so that
+    /// rank 0 never holds two placements' weights at once.
+    Release,
 }
 
 /// Traffic and timing of the requests in flight, reported to rank 0 when one finishes.
@@ -602,6 +606,12 @@ impl Handler<Work> for Compute {
             Work::Tick => {
                 self.tick_pending = false;
                 self.train_tick()
+            }
+            Work::Release => {
+                (self.exec, self.runs, self.trains) = (None, HashMap::new(), HashMap::new());
+                (self.early, self.early_grads) = (HashMap::new(), HashMap::new());
+                // The actor itself stops once the node drops its address.
+                return;
             }
         };
         if let Err(e) = r {

@@ -126,6 +126,7 @@ impl Node {
         for p in self.router.peers.values() {
             p.do_send(Close);
         }
+        self.compute.do_send(super::compute::Work::Release);
         self.router.peers.clear();
         self.epoch += 1;
         serving.replanning = true;
