@@ -40,49 +40,50 @@ fn two_and_three_ranks_in_one_process_match_candle() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn delayed_and_reordered_frames_change_no_token() -> Result<()> {
+/// Greedy tokens of a 2-rank run (ranks by `rule`) whose frames `(from, to, message, skip)`
+/// each meet `fault` on 3 matches from the (skip + 1)th: candle-transformers' tokens.
+fn faults_change_no_token(
+    id: &str,
+    seed: u64,
+    rule: impl Fn(&lemur_protocol::plan::PlanOp) -> usize,
+    fault: Fault,
+    frames: &[(usize, usize, &'static str, usize)],
+    times: usize,
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = tiny(2);
-    let model = model(dir.path(), &cfg, 5)?;
+    let model = model(dir.path(), &cfg, seed)?;
     let (want, _) = reference_generate(&model, &PROMPT, 8)?;
-    let plan = infer_plan(&cfg, 2, 8, |op| op.id % 2)?;
+    let plan = infer_plan(&cfg, 2, 8, rule)?;
     let net = MemNet::new();
     let c0 = addrs(&plan);
-    // Hold back activations both ways and a start: later frames overtake them.
-    for (from, to, msg, skip) in [(1, 0, "activation", 0), (0, 1, "activation", 3), (0, 1, "start", 2)] {
-        let mut r = Rule::on(&c0[from], &c0[to], msg, Fault::Delay(Duration::from_millis(40))).after(skip);
-        r.times = 3;
+    for &(from, to, msg, skip) in frames {
+        let mut r = Rule::on(&c0[from], &c0[to], msg, fault.clone()).after(skip);
+        r.times = times;
         net.add(r);
     }
-    let c = TestCluster::start("reorder", &plan, infer_job(&plan, &model, &PROMPT, 8), net);
-    assert_eq!(c.finish()?.tokens, want);
+    let c = TestCluster::start(id, &plan, infer_job(&plan, &model, &PROMPT, 8), net);
+    assert_eq!(c.finish()?.tokens, want, "{id}");
     Ok(())
 }
 
 #[test]
+fn delayed_and_reordered_frames_change_no_token() -> Result<()> {
+    // Hold back activations both ways and a start: later frames overtake them.
+    let frames = [(1, 0, "activation", 0), (0, 1, "activation", 3), (0, 1, "start", 2)];
+    faults_change_no_token("reorder", 5, |op| op.id % 2, Fault::Delay(Duration::from_millis(40)), &frames, 3)
+}
+
+#[test]
 fn duplicated_frames_change_no_token() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let cfg = tiny(2);
-    let model = model(dir.path(), &cfg, 6)?;
-    let (want, _) = reference_generate(&model, &PROMPT, 8)?;
     // The embedding and layer 0 on rank 1, which runs its whole part of a step on the
-    // step's start: a second start would run it again.
-    let plan =
-        infer_plan(&cfg, 2, 8, |op| usize::from(op.layer == Some(0) || op.kind == lemur_protocol::OpKind::Embedding))?;
-    let net = MemNet::new();
-    let c0 = addrs(&plan);
-    // Activations both ways, a step's start and its logits, each delivered twice.
-    for (from, to, msg, skip) in
-        [(1, 0, "activation", 1), (0, 1, "activation", 2), (0, 1, "start", 3), (1, 0, "logits", 2)]
-    {
-        let mut r = Rule::on(&c0[from], &c0[to], msg, Fault::Duplicate).after(skip);
-        r.times = 2;
-        net.add(r);
-    }
-    let c = TestCluster::start("duplicate", &plan, infer_job(&plan, &model, &PROMPT, 8), net);
-    assert_eq!(c.finish()?.tokens, want);
-    Ok(())
+    // step's start: a second start would run it again. Activations both ways, a step's
+    // start and its logits, each delivered twice.
+    let rule = |op: &lemur_protocol::plan::PlanOp| {
+        usize::from(op.layer == Some(0) || op.kind == lemur_protocol::OpKind::Embedding)
+    };
+    let frames = [(1, 0, "activation", 1), (0, 1, "activation", 2), (0, 1, "start", 3), (1, 0, "logits", 2)];
+    faults_change_no_token("duplicate", 6, rule, Fault::Duplicate, &frames, 2)
 }
 
 #[test]
