@@ -106,7 +106,7 @@ impl BlobMeta {
             Encoding::Blocks(f) => {
                 let (bytes, block) = f.block_layout().ok_or_else(|| format!("{f} is not one block format"))?;
                 let row = *self.shape.last().ok_or("a blocked tensor with no dimensions")? as u64;
-                if row % block != 0 {
+                if !row.is_multiple_of(block) {
                     return Err(format!("rows of {row} weights do not split into {f}'s blocks of {block}"));
                 }
                 Ok(elems / block * bytes)

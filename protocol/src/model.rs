@@ -189,13 +189,13 @@ impl ModelConfig {
                 return Err(FieldError::new(field, "must be positive".to_string()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(FieldError::new(
                 "num_kv_heads",
                 format!("{} query heads cannot be grouped over {} KV heads", self.num_heads, self.num_kv_heads),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(FieldError::new(
                 "head_dim",
                 format!("RoPE needs an even head dimension, got {}", self.head_dim),

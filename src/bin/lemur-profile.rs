@@ -2,7 +2,8 @@
 //! transport, and fold measured run times back into a profile (thin over the libraries).
 
 /// candle allocates every op's output; mimalloc reuses freed memory instead of returning it
-/// to the OS and faulting it back in, which made element-wise ops several times slower.
+/// to the OS and faulting it back in, which made element-wise ops several times slower
+/// (and `alloc::keep_freed_memory` turns its delayed purging off).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -114,6 +115,7 @@ fn profile_toml(p: &MachineProfile, header: &str) -> Result<String> {
 }
 
 fn main() -> ExitCode {
+    lemurian::worker::alloc::keep_freed_memory();
     let args = Args::parse();
     lemurian::protocol::cli::main(args.verbose, || run(args))
 }

@@ -73,10 +73,15 @@ fn main() -> candle_core::Result<()> {
         (GgmlDType::Q8_0, 1, 16384, 4096),
         (GgmlDType::Q5_0, 1, 16384, 4096),
         (GgmlDType::Q4K, 1, 16384, 4096),
+        (GgmlDType::Q6K, 1, 16384, 4096),
         (GgmlDType::Q4_1, 64, 1536, 576),
         (GgmlDType::Q8_0, 64, 1536, 576),
         (GgmlDType::Q5_0, 64, 1536, 576),
         (GgmlDType::Q4K, 64, 576, 1536),
+        (GgmlDType::Q6K, 64, 576, 1536),
+        (GgmlDType::Q8_0, 512, 1536, 576),
+        (GgmlDType::Q5_0, 512, 1536, 576),
+        (GgmlDType::Q4K, 512, 576, 1536),
     ];
     for &(dtype, m, n, k) in cases {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
@@ -85,7 +90,11 @@ fn main() -> candle_core::Result<()> {
         let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let iters = if m == 1 { 50 } else { 20 };
+        let iters = match m {
+            1 => 50,
+            m if m > 64 => 4,
+            _ => 20,
+        };
         let ours = best(5, iters, || {
             std::hint::black_box(lemur_worker::qmm::matmul(&q, &xs, m).unwrap());
         });

@@ -147,13 +147,11 @@ fn head_body(a: &Args, bh: usize, rows: std::ops::Range<usize>) -> Vec<f32> {
                 continue;
             }
             let p = &mut probs[r * kv + l..r * kv + e];
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
+            let max = lanes(p, f32::NEG_INFINITY, f32::max);
             for x in p.iter_mut() {
                 *x = crate::fastmath::exp(*x - max);
-                sum += *x;
             }
-            inv[r] = 1.0 / sum;
+            inv[r] = 1.0 / lanes(p, 0.0, |a, b| a + b);
         }
         // Each row's weighted sum of values, in key order, in registers where the head
         // width allows (the values of the tile's keys are in L1 by now).
@@ -213,6 +211,23 @@ fn head(a: &Args, bh: usize, rows: std::ops::Range<usize>) -> Vec<f32> {
         return unsafe { head_avx2(a, bh, rows) };
     }
     head_body(a, bh, rows)
+}
+
+/// `xs` folded in sixteen lanes (element `i` into lane `i % 16`, in order), then the lanes
+/// in order, then the tail: a loop the compiler vectorises (the softmax's maximum, `exp` and
+/// sum were one scalar loop, 2 of a 512-token prompt's 9 ms per layer), where one running
+/// fold waits on every step. The order depends only on `xs.len()`.
+#[inline(always)]
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    tail.iter().fold(acc.iter().fold(init, |a, &b| f(a, b)), |a, &b| f(a, b))
 }
 
 /// A dot product in eight lanes (vectorised by the compiler).

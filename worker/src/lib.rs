@@ -28,6 +28,7 @@
 //!
 //! Workers never plan: they validate the plan they are given and execute it.
 
+pub mod alloc;
 pub mod attend;
 pub mod backward;
 pub mod batch;

@@ -156,7 +156,7 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor, WorkerError> {
 /// [`unpermute_qk`] on a quantized tensor's raw bytes: `rows` rows of equal size, each a
 /// run of independent blocks, reordered whole.
 pub fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>, String> {
-    if rows == 0 || heads == 0 || bytes.len() % rows != 0 || rows % (2 * heads) != 0 {
+    if rows == 0 || heads == 0 || !bytes.len().is_multiple_of(rows) || !rows.is_multiple_of(2 * heads) {
         return Err(format!("{} bytes do not split into {rows} rows of {heads} heads' pairs", bytes.len()));
     }
     let (row, per_head) = (bytes.len() / rows, rows / heads);

@@ -127,6 +127,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    lemur_worker::alloc::keep_freed_memory();
     let args = Args::parse();
     lemur_protocol::cli::main(args.verbose, || run(args))
 }

@@ -1,7 +1,8 @@
 //! `lemur-worker`: one rank of a Lemurian cluster (thin over `lemur_worker`).
 
 /// candle allocates every op's output; mimalloc reuses freed memory instead of returning it
-/// to the OS and faulting it back in, which made element-wise ops several times slower.
+/// to the OS and faulting it back in, which made element-wise ops several times slower
+/// (and `alloc::keep_freed_memory` turns its delayed purging off).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -243,6 +244,7 @@ struct Keygen {
 }
 
 fn main() -> ExitCode {
+    lemur_worker::alloc::keep_freed_memory();
     // Test builds only: fail points named in the FAILPOINTS environment variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -34,7 +34,7 @@ unsafe fn hsum(x: __m256) -> f32 {
 /// 16 bytes of nibbles as 32 bytes: the low nibbles first, then the high ones.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+pub(super) unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
     let t = _mm_loadu_si128(qs.as_ptr().cast());
     let both = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4));
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
@@ -43,7 +43,7 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
 /// 32 bits as 32 bytes: 0xFF where the bit is set, 0 where not.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bits(qh: &[u8; 4]) -> __m256i {
+pub(super) unsafe fn bits(qh: &[u8; 4]) -> __m256i {
     let x = i32::from_le_bytes(*qh);
     let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);

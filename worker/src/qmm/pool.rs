@@ -115,7 +115,7 @@ fn helper(s: &'static Shared) {
             spins = spins.wrapping_add(1);
             if idle.elapsed() < SPIN {
                 std::hint::spin_loop();
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             } else {
@@ -163,7 +163,7 @@ pub fn run(n: usize, f: &(dyn Fn(usize) + Sync)) {
     let mut spins = 0u32;
     while s.done.load(Ordering::Acquire) < n {
         spins = spins.wrapping_add(1);
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();

@@ -86,30 +86,39 @@ fn k_quants_match_candle() {
     }
 }
 
-/// The SIMD kernels and the plain dot products give the same sums (both exact in integers
-/// per block; only the float accumulation order differs).
+/// The SIMD kernels (AVX2, and AVX-512 VNNI where the CPU has it) and the plain dot
+/// products give the same sums (all exact in integers per block; only the float
+/// accumulation order differs), on odd block counts and every group size.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn simd_kernels_equal_the_plain_dot_products() {
     if !avx2::available() {
         return;
     }
-    fn one<B: Block>(dtype: GgmlDType, simd: Simd<B>) {
+    fn one<B: Block>(dtype: GgmlDType, fast: impl Fn() -> Kernels<B>) {
         let dev = Device::Cpu;
-        let (m, n, k) = (7, 37, 320);
-        let w = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
-        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &dev).unwrap().to_vec1().unwrap();
-        let data = w.data().unwrap();
-        let fast = blocks32::<B>(&data, n, k, &xs, m, Some(simd)).unwrap();
-        let plain = blocks32::<B>(&data, n, k, &xs, m, None).unwrap();
-        let d = max_rel_diff(&fast, &plain);
-        assert!(d < 1e-5, "{dtype:?}: {d}");
+        for (m, n, k) in [(7, 37, 320), (9, 5, 96), (1, 3, 32), (6, 11, 576)] {
+            let w = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+            let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &dev).unwrap().to_vec1().unwrap();
+            let data = w.data().unwrap();
+            let fast = blocks32::<B>(&data, n, k, &xs, m, fast()).unwrap();
+            let plain = blocks32::<B>(&data, n, k, &xs, m, Kernels::Plain).unwrap();
+            let d = max_rel_diff(&fast, &plain);
+            assert!(d < 1e-5, "{dtype:?} m={m} n={n} k={k}: {d}");
+        }
     }
-    one::<Q4_0>(GgmlDType::Q4_0, kernels!(q4_0).unwrap());
-    one::<Q4_1>(GgmlDType::Q4_1, kernels!(q4_1).unwrap());
-    one::<Q5_0>(GgmlDType::Q5_0, kernels!(q5_0).unwrap());
-    one::<Q5_1>(GgmlDType::Q5_1, kernels!(q5_1).unwrap());
-    one::<Q8_0>(GgmlDType::Q8_0, kernels!(q8_0).unwrap());
+    one::<Q4_0>(GgmlDType::Q4_0, || Kernels::Avx2(simd!(avx2, q4_0)));
+    one::<Q4_1>(GgmlDType::Q4_1, || Kernels::Avx2(simd!(avx2, q4_1)));
+    one::<Q5_0>(GgmlDType::Q5_0, || Kernels::Avx2(simd!(avx2, q5_0)));
+    one::<Q5_1>(GgmlDType::Q5_1, || Kernels::Avx2(simd!(avx2, q5_1)));
+    one::<Q8_0>(GgmlDType::Q8_0, || Kernels::Avx2(simd!(avx2, q8_0)));
+    if !avx512::available() {
+        eprintln!("no AVX-512 VNNI on this CPU: its kernels are not tested here");
+        return;
+    }
+    one::<Q4_0>(GgmlDType::Q4_0, || Kernels::Avx512(simd!(avx512, q4_0)));
+    one::<Q5_0>(GgmlDType::Q5_0, || Kernels::Avx512(simd!(avx512, q5_0)));
+    one::<Q8_0>(GgmlDType::Q8_0, || Kernels::Avx512(simd!(avx512, q8_0)));
 }
 
 #[test]
@@ -125,7 +134,15 @@ fn what_it_does_not_take_is_left_to_candle() {
 #[test]
 fn a_rows_result_does_not_depend_on_its_batch() {
     let dev = Device::Cpu;
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
         let (n, k) = (37, 512);
         let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
         let m = 9;

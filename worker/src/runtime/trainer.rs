@@ -163,7 +163,7 @@ impl Trainer {
         out.push(TrainAction::Broadcast(Frame::control(Message::Update { t: step + 1, lr, clip, weight_decay })));
         let last = self.step >= self.cfg.steps;
         let every = self.cfg.save_every;
-        if self.cfg.output.is_some() && (last || (every > 0 && self.step % every == 0)) {
+        if self.cfg.output.is_some() && (last || (every > 0 && self.step.is_multiple_of(every))) {
             self.phase = Phase::GatheringState { finish: last };
             self.gathered.clear();
             self.gathered_ranks.clear();
