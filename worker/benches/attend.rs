@@ -5,22 +5,12 @@
 //!
 //! `cargo bench -p lemur-worker --bench attend` (threads: `LEMUR_THREADS`)
 
-use std::time::Instant;
+mod common;
+
+use common::best;
 
 use candle_core::{Device, Tensor};
 use lemur_worker::fused::Visibility;
-
-fn best(rounds: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    (0..rounds)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            t.elapsed().as_secs_f64() / iters as f64
-        })
-        .fold(f64::MAX, f64::min)
-}
 
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;

@@ -8,23 +8,12 @@
 
 #![allow(unsafe_code)]
 
-use std::time::Instant;
+mod common;
+
+use common::best;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-
-/// The best of `rounds` timings of `iters` calls, in seconds per call.
-fn best(rounds: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    (0..rounds)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            t.elapsed().as_secs_f64() / iters as f64
-        })
-        .fold(f64::MAX, f64::min)
-}
 
 /// Sums 64-bit words in sixteen lanes: a loop that only reads memory.
 #[inline(always)]

@@ -6,7 +6,9 @@
 //! Each block is unpacked to 32 bytes, multiplied with the activation block's 32 bytes by
 //! `maddubs` (unsigned times signed; a signed weight lends its sign to the activation) and
 //! `madd` into eight 32-bit sums, and accumulated in f32 scaled by the two block scales:
-//! the arithmetic of ggml's AVX2 `vec_dot_*` kernels.
+//! the arithmetic of ggml's AVX2 `vec_dot_*` kernels. Q4_1 and Q5_1 also come as `_vnni`
+//! kernels for CPUs with AVX-512 VNNI: the same steps with one 256-bit `vpdpbusd` for
+//! `maddubs` and `madd` (the same integer sums, so the same results bit for bit).
 
 #![allow(unsafe_code)]
 
@@ -23,9 +25,10 @@ pub fn available() -> bool {
     })
 }
 
+/// The sum of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(x: __m256) -> f32 {
+pub(super) unsafe fn hsum(x: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -67,11 +70,22 @@ macro_rules! kernel {
     // The offset term m * s, an eighth of it in each lane of the accumulator.
     (@offset true, $acc:expr, $vm:expr, $a:expr) => { $acc = _mm256_fmadd_ps($vm, _mm256_set1_ps($a.s8), $acc) };
     (@offset false, $acc:expr, $vm:expr, $a:expr) => { let _ = ($vm, $a); };
-    ($(#[$doc:meta])* $name:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
+    // Four bytes' products summed into each 32-bit lane: `maddubs` then `madd` with ones, or
+    // one `vpdpbusd` (the same sums: `maddubs` cannot saturate on these ranges).
+    (@dot4 false, $qa:expr, $y:expr, $ones:expr) => { _mm256_madd_epi16(_mm256_maddubs_epi16($qa, $y), $ones) };
+    (@dot4 true, $qa:expr, $y:expr, $ones:expr) => {{ let _ = $ones; _mm256_dpbusd_epi32(_mm256_setzero_si256(), $qa, $y) }};
+    ($(#[$doc:meta])* $name:ident, $vnni:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
+        kernel!(@one false, "avx2,fma,f16c", $(#[$doc])* $name, $W, signed: $signed, min: $min, |$b| $unpack);
+        kernel!(@one true, "avx2,fma,f16c,avx512vl,avx512vnni", $(#[$doc])*
+            /// (This one with `vpdpbusd` on 256 bits: the CPU also has AVX-512 VL and VNNI.)
+            $vnni, $W, signed: $signed, min: $min, |$b| $unpack);
+    };
+    (@one $v:tt, $features:literal, $(#[$doc:meta])* $name:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
         $(#[$doc])*
         /// # Safety
-        /// The CPU has AVX2, FMA and F16C ([`available`]).
-        #[target_feature(enable = "avx2,fma,f16c")]
+        /// The CPU has AVX2, FMA and F16C ([`available`]), and for the `_vnni` kernels AVX-512
+        /// VL and VNNI.
+        #[target_feature(enable = $features)]
         pub unsafe fn $name<const R: usize>(w: &[$W], acts: [&[A8]; R]) -> [f32; R] {
             for a in &acts {
                 assert!(a.len() >= w.len(), "activation row shorter than the weight row");
@@ -91,7 +105,7 @@ macro_rules! kernel {
                     for r in 0..R {
                         let a = &acts[r][$i];
                         let y = kernel!(@sign $signed, _mm256_loadu_si256(a.qs.as_ptr().cast()), q);
-                        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qa, y), ones));
+                        let p = _mm256_cvtepi32_ps(kernel!(@dot4 $v, qa, y, ones));
                         $acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_set1_ps(a.d)), p, $acc[r]);
                         kernel!(@offset $min, $acc[r], vm, a);
                     }
@@ -115,24 +129,27 @@ macro_rules! kernel {
 }
 
 kernel!(
+    @one false, "avx2,fma,f16c",
     /// Q4_0 weights (nibble - 8).
     q4_0, Q4_0, signed: true, min: false, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
 );
 kernel!(
     /// Q4_1 weights (nibble, plus a minimum).
-    q4_1, Q4_1, signed: false, min: true, |b| nibbles(&b.qs)
+    q4_1, q4_1_vnni, Q4_1, signed: false, min: true, |b| nibbles(&b.qs)
 );
 kernel!(
+    @one false, "avx2,fma,f16c",
     /// Q5_0 weights (five bits - 16).
     q5_0, Q5_0, signed: true, min: false,
     |b| _mm256_or_si256(nibbles(&b.qs), _mm256_andnot_si256(bits(&b.qh), _mm256_set1_epi8(0xF0u8 as i8)))
 );
 kernel!(
     /// Q5_1 weights (five bits, plus a minimum).
-    q5_1, Q5_1, signed: false, min: true,
+    q5_1, q5_1_vnni, Q5_1, signed: false, min: true,
     |b| _mm256_or_si256(nibbles(&b.qs), _mm256_and_si256(bits(&b.qh), _mm256_set1_epi8(0x10)))
 );
 kernel!(
+    @one false, "avx2,fma,f16c",
     /// Q8_0 weights.
     q8_0, Q8_0, signed: true, min: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast())
 );

@@ -16,6 +16,8 @@ use std::arch::x86_64::*;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
 use half::f16;
 
+use super::avx2::hsum;
+
 /// GGUF's Q4_K block (candle's `BlockQ4K`, whose fields are private to candle).
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -64,6 +66,14 @@ fn scales_and_mins(s: &[u8; 12]) -> [u32; 4] {
     ]
 }
 
+/// A register of 32 16-bit lane indices, lane `l` holding `index(l)` (for `vpermw`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn lanes(index: impl Fn(usize) -> usize) -> __m512i {
+    let idx: [i16; 32] = std::array::from_fn(|l| index(l) as i16);
+    _mm512_loadu_si512(idx.as_ptr().cast())
+}
+
 /// Q4_K weights against Q8_K activation rows.
 ///
 /// # Safety
@@ -75,42 +85,7 @@ pub unsafe fn q4k<const R: usize>(w: &[Q4K], acts: [&[A8K]; R]) -> [f32; R] {
     }
     let low = _mm512_set1_epi8(0x0F);
     // Scale lanes for the register of sub-blocks 2c and 2c + 1: 16 of each.
-    let pick = |c: i16| {
-        _mm512_set_epi16(
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c + 1,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-            2 * c,
-        )
-    };
+    let pick = |c: usize| lanes(|l| 2 * c + l / 16);
     let picks = [pick(0), pick(1), pick(2), pick(3)];
     // The minimums (lanes 8-15) each twice: one per sum of 16 activations.
     let mins_twice = _mm256_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
@@ -129,22 +104,56 @@ pub unsafe fn q4k<const R: usize>(w: &[Q4K], acts: [&[A8K]; R]) -> [f32; R] {
             sc[c] = _mm512_permutexvar_epi16(picks[c], sm512);
         }
         let mins = _mm256_permutexvar_epi16(mins_twice, sm16);
-        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let block = Unpacked { q, sc, sums_by: mins, d: b.d.to_f32(), sums_d: -b.dmin.to_f32() };
+        block.rows(i, &acts, &mut acc, &mut accm);
+    }
+    finish(&acc, &accm)
+}
+
+/// A weight block unpacked for [`Unpacked::rows`]: its values as four registers of 64
+/// unsigned bytes, each register's sub-block scales as 16-bit lanes, what multiplies the
+/// activations' sums of 16 (the minimums, or the scales), and the two float factors.
+struct Unpacked {
+    q: [__m512i; 4],
+    sc: [__m512i; 4],
+    sums_by: __m256i,
+    d: f32,
+    sums_d: f32,
+}
+
+impl Unpacked {
+    /// Adds the block's dot products with block `i` of each activation row: `d * da * sum(sc
+    /// q a)` to `acc`, `sums_d * da * sum(sums_by * bsums)` to `acc_sums`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn rows<const R: usize>(
+        &self,
+        i: usize,
+        acts: &[&[A8K]; R],
+        acc: &mut [__m512; R],
+        acc_sums: &mut [__m256; R],
+    ) {
         for r in 0..R {
             let a = &acts[r][i];
             let mut sumi = _mm512_setzero_si512();
             for c in 0..4 {
                 let y = _mm512_loadu_si512(a.qs.as_ptr().add(64 * c).cast());
-                sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(q[c], y), sc[c]);
+                sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(self.q[c], y), self.sc[c]);
             }
-            let m = _mm256_madd_epi16(_mm256_loadu_si256(a.bsums.as_ptr().cast()), mins);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * a.d), acc[r]);
-            accm[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * a.d), accm[r]);
+            let m = _mm256_madd_epi16(_mm256_loadu_si256(a.bsums.as_ptr().cast()), self.sums_by);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(self.d * a.d), acc[r]);
+            acc_sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(self.sums_d * a.d), acc_sums[r]);
         }
     }
+}
+
+/// Each row's two accumulators summed.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn finish<const R: usize>(acc: &[__m512; R], acc_sums: &[__m256; R]) -> [f32; R] {
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(accm[r]);
+        out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(acc_sums[r]);
     }
     out
 }
@@ -185,10 +194,7 @@ pub unsafe fn q6k<const R: usize>(w: &[Q6K], acts: [&[A8K]; R]) -> [f32; R] {
         _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(6)),
     ];
     // Scale lanes for the register of sub-blocks 4c .. 4c + 3: eight 16-bit lanes each.
-    let pick = |c: i16| {
-        let (a, b, e, f) = (4 * c, 4 * c + 1, 4 * c + 2, 4 * c + 3);
-        _mm512_set_epi16(f, f, f, f, f, f, f, f, e, e, e, e, e, e, e, e, b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
-    };
+    let pick = |c: usize| lanes(|l| 4 * c + l / 8);
     let picks = [pick(0), pick(1), pick(2), pick(3)];
     let mut acc = [_mm512_setzero_ps(); R];
     let mut acc32 = [_mm256_setzero_ps(); R];
@@ -208,29 +214,8 @@ pub unsafe fn q6k<const R: usize>(w: &[Q6K], acts: [&[A8K]; R]) -> [f32; R] {
             sc[c] = _mm512_permutexvar_epi16(picks[c], sc512);
         }
         let d = b.d.to_f32();
-        for r in 0..R {
-            let a = &acts[r][i];
-            let mut sumi = _mm512_setzero_si512();
-            for c in 0..4 {
-                let y = _mm512_loadu_si512(a.qs.as_ptr().add(64 * c).cast());
-                sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(q[c], y), sc[c]);
-            }
-            let m = _mm256_madd_epi16(_mm256_loadu_si256(a.bsums.as_ptr().cast()), sc16);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * a.d), acc[r]);
-            acc32[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-32.0 * d * a.d), acc32[r]);
-        }
+        let block = Unpacked { q, sc, sums_by: sc16, d, sums_d: -32.0 * d };
+        block.rows(i, &acts, &mut acc, &mut acc32);
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(acc32[r]);
-    }
-    out
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum256(m: __m256) -> f32 {
-    let m = _mm_add_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-    let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)))
+    finish(&acc, &acc32)
 }

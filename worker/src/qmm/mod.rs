@@ -76,19 +76,20 @@ macro_rules! simd {
 }
 
 /// The fastest kernels this CPU has for a format (`avx2`: the formats with a minimum, whose
-/// AVX-512 kernels measured no faster on prompts and 0.7-0.8x on a decode row).
+/// 512-bit kernels measured no faster on prompts and 0.7-0.8x on a decode row: they run the
+/// AVX2 kernels, with 256-bit `vpdpbusd` where the CPU has AVX-512 VNNI).
 macro_rules! kernels {
-    ($name:ident, avx2) => {{
-        #[cfg(target_arch = "x86_64")]
-        let k = if avx2::available() { Kernels::Avx2(simd!(avx2, $name)) } else { Kernels::Plain };
-        #[cfg(not(target_arch = "x86_64"))]
-        let k = Kernels::Plain;
-        k
-    }};
-    ($name:ident) => {{
+    ($name:ident, $vnni:ident, avx2) => {
+        kernels!(@pick Kernels::Avx2(simd!(avx2, $vnni)), $name)
+    };
+    ($name:ident) => {
+        kernels!(@pick Kernels::Avx512(simd!(avx512, $name)), $name)
+    };
+    // `$fast` where the CPU has AVX-512 VNNI, else AVX2's, else the plain dot products.
+    (@pick $fast:expr, $name:ident) => {{
         #[cfg(target_arch = "x86_64")]
         let k = if avx512::available() {
-            Kernels::Avx512(simd!(avx512, $name))
+            $fast
         } else if avx2::available() {
             Kernels::Avx2(simd!(avx2, $name))
         } else {
@@ -195,18 +196,18 @@ pub fn matmul(w: &QTensor, x: &[f32], m: usize) -> candle_core::Result<Option<Ve
     use GgmlDType as G;
     Ok(match w.dtype() {
         G::Q4_0 => blocks32::<Q4_0>(bytes, n, k, x, m, kernels!(q4_0)),
-        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1, avx2)),
+        G::Q4_1 => blocks32::<Q4_1>(bytes, n, k, x, m, kernels!(q4_1, q4_1_vnni, avx2)),
         G::Q5_0 => blocks32::<Q5_0>(bytes, n, k, x, m, kernels!(q5_0)),
-        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1, avx2)),
+        G::Q5_1 => blocks32::<Q5_1>(bytes, n, k, x, m, kernels!(q5_1, q5_1_vnni, avx2)),
         G::Q8_0 => blocks32::<Q8_0>(bytes, n, k, x, m, kernels!(q8_0)),
         G::Q2K => kquant::<BlockQ2K>(bytes, n, k, x, m),
         G::Q3K => kquant::<BlockQ3K>(bytes, n, k, x, m),
         #[cfg(target_arch = "x86_64")]
-        G::Q4K if avx512::available() => q4k(bytes, n, k, x, m),
+        G::Q4K if avx512::available() => kquant512(bytes, n, k, x, m, simd!(avx512k, q4k)),
         G::Q4K => kquant::<BlockQ4K>(bytes, n, k, x, m),
         G::Q5K => kquant::<BlockQ5K>(bytes, n, k, x, m),
         #[cfg(target_arch = "x86_64")]
-        G::Q6K if avx512::available() => q6k(bytes, n, k, x, m),
+        G::Q6K if avx512::available() => kquant512(bytes, n, k, x, m, simd!(avx512k, q6k)),
         G::Q6K => kquant::<BlockQ6K>(bytes, n, k, x, m),
         _ => None,
     })
@@ -281,32 +282,24 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
     Some(drive(w, n, k / QK_K, &acts, k / QK_K, m, Dots::each(|w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a))))
 }
 
-/// Q4_K and Q6_K on the AVX-512 VNNI kernels: the activations quantized to Q8_K as candle
-/// does.
+/// Q4_K and Q6_K on the AVX-512 VNNI kernels (`W` the block, `s` its kernels): the
+/// activations quantized to Q8_K as candle does.
 #[cfg(target_arch = "x86_64")]
-fn q8k_acts(x: &[f32], k: usize, m: usize) -> Vec<BlockQ8K> {
-    quantize(x, k, m, |row, out: &mut Vec<BlockQ8K>| {
+fn kquant512<W: Sync>(
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    s: Simd<W, avx512k::A8K>,
+) -> Option<Vec<f32>> {
+    let kb = k / QK_K;
+    let w = cast::<W>(bytes).filter(|w| k.is_multiple_of(QK_K) && w.len() == n * kb)?;
+    let acts = quantize(x, k, m, |row, out: &mut Vec<BlockQ8K>| {
         let start = out.len();
         out.extend((0..row.len() / QK_K).map(|_| BlockQ8K::zeros()));
         BlockQ8K::from_float(row, &mut out[start..]);
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q4k(bytes: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Option<Vec<f32>> {
-    let kb = k / QK_K;
-    let w = cast::<avx512k::Q4K>(bytes).filter(|w| k.is_multiple_of(QK_K) && w.len() == n * kb)?;
-    let acts = q8k_acts(x, k, m);
-    let s = Simd { one: avx512k::q4k::<1>, two: avx512k::q4k::<2>, three: avx512k::q4k::<3>, four: avx512k::q4k::<4> };
-    Some(drive(w, n, kb, avx512k::a8k(&acts), kb, m, dots(s)))
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q6k(bytes: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Option<Vec<f32>> {
-    let kb = k / QK_K;
-    let w = cast::<avx512k::Q6K>(bytes).filter(|w| k.is_multiple_of(QK_K) && w.len() == n * kb)?;
-    let acts = q8k_acts(x, k, m);
-    let s = Simd { one: avx512k::q6k::<1>, two: avx512k::q6k::<2>, three: avx512k::q6k::<3>, four: avx512k::q6k::<4> };
+    });
     Some(drive(w, n, kb, avx512k::a8k(&acts), kb, m, dots(s)))
 }
 

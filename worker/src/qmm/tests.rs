@@ -116,6 +116,8 @@ fn simd_kernels_equal_the_plain_dot_products() {
         eprintln!("no AVX-512 VNNI on this CPU: its kernels are not tested here");
         return;
     }
+    one::<Q4_1>(GgmlDType::Q4_1, || Kernels::Avx2(simd!(avx2, q4_1_vnni)));
+    one::<Q5_1>(GgmlDType::Q5_1, || Kernels::Avx2(simd!(avx2, q5_1_vnni)));
     one::<Q4_0>(GgmlDType::Q4_0, || Kernels::Avx512(simd!(avx512, q4_0)));
     one::<Q5_0>(GgmlDType::Q5_0, || Kernels::Avx512(simd!(avx512, q5_0)));
     one::<Q8_0>(GgmlDType::Q8_0, || Kernels::Avx512(simd!(avx512, q8_0)));
