@@ -17,6 +17,23 @@ use std::arch::x86_64::*;
 
 use super::blocks::{A8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
+/// How far ahead of the block being multiplied the kernels prefetch the weight rows, which
+/// stream from memory once per pass (a task's rows are contiguous, so this runs into the
+/// next rows): a decode step measured 1.5x faster with 4 KB (SmolLM2 Q4_1, 2 threads: 91
+/// -> 142-152 tokens/s; 0.5 KB gave 100, 8 KB no more than 4).
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the cache lines `PREFETCH_BYTES` past the `len` bytes at `at`.
+#[inline(always)]
+pub(super) fn prefetch<T>(at: *const T, len: usize) {
+    let ahead = at.cast::<u8>().wrapping_add(PREFETCH_BYTES);
+    for line in (0..len).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address (and `wrapping_add` makes
+        // none of the pointer arithmetic undefined).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+    }
+}
+
 /// Whether this CPU runs these kernels.
 pub fn available() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -113,6 +130,8 @@ macro_rules! kernel {
             }
             let pairs = w.len() / 2;
             for i in 0..pairs {
+                // The weight row streams from memory once per pass: ask for it ahead.
+                prefetch(w.as_ptr().wrapping_add(2 * i), 2 * std::mem::size_of::<$W>());
                 step!(2 * i, acc0);
                 step!(2 * i + 1, acc1);
             }

@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{bits, nibbles};
+use super::avx2::{bits, nibbles, prefetch};
 use super::blocks::{A8, Q4_0, Q5_0, Q8_0};
 
 /// Whether this CPU runs these kernels (`LEMUR_NO_AVX512=1` turns them off, to measure the
@@ -113,6 +113,8 @@ macro_rules! kernel {
                 }};
             }
             for i in 0..np / 2 {
+                // The weight row streams from memory once per pass: ask for it ahead.
+                prefetch(w.as_ptr().wrapping_add(4 * i), 4 * std::mem::size_of::<$W>());
                 step!(2 * i, acc0);
                 step!(2 * i + 1, acc1);
             }

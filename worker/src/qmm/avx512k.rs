@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
 use half::f16;
 
-use super::avx2::hsum;
+use super::avx2::{hsum, prefetch};
 
 /// GGUF's Q4_K block (candle's `BlockQ4K`, whose fields are private to candle).
 #[derive(Clone, Copy)]
@@ -92,6 +92,7 @@ pub unsafe fn q4k<const R: usize>(w: &[Q4K], acts: [&[A8K]; R]) -> [f32; R] {
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm256_setzero_ps(); R];
     for (i, b) in w.iter().enumerate() {
+        prefetch(b, std::mem::size_of_val(b));
         let sm = scales_and_mins(&b.scales);
         let sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr().cast()));
         let sm512 = _mm512_castsi256_si512(sm16);
@@ -199,6 +200,7 @@ pub unsafe fn q6k<const R: usize>(w: &[Q6K], acts: [&[A8K]; R]) -> [f32; R] {
     let mut acc = [_mm512_setzero_ps(); R];
     let mut acc32 = [_mm256_setzero_ps(); R];
     for (i, b) in w.iter().enumerate() {
+        prefetch(b, std::mem::size_of_val(b));
         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
         let sc512 = _mm512_castsi256_si512(sc16);
         let mut q = [_mm512_setzero_si512(); 4];
