@@ -89,8 +89,12 @@ macro_rules! kernel {
     (@offset false, $acc:expr, $vm:expr, $a:expr) => { let _ = ($vm, $a); };
     // Four bytes' products summed into each 32-bit lane: `maddubs` then `madd` with ones, or
     // one `vpdpbusd` (the same sums: `maddubs` cannot saturate on these ranges).
-    (@dot4 false, $qa:expr, $y:expr, $ones:expr) => { _mm256_madd_epi16(_mm256_maddubs_epi16($qa, $y), $ones) };
-    (@dot4 true, $qa:expr, $y:expr, $ones:expr) => {{ let _ = $ones; _mm256_dpbusd_epi32(_mm256_setzero_si256(), $qa, $y) }};
+    (@dot4 false, $qa:expr, $y:expr) => { _mm256_madd_epi16(_mm256_maddubs_epi16($qa, $y), _mm256_set1_epi16(1)) };
+    (@dot4 true, $qa:expr, $y:expr) => { _mm256_dpbusd_epi32(_mm256_setzero_si256(), $qa, $y) };
+    // One kernel, or (a second name) also its `_vnni` twin.
+    ($(#[$doc:meta])* $name:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
+        kernel!(@one false, "avx2,fma,f16c", $(#[$doc])* $name, $W, signed: $signed, min: $min, |$b| $unpack);
+    };
     ($(#[$doc:meta])* $name:ident, $vnni:ident, $W:ty, signed: $signed:tt, min: $min:tt, |$b:ident| $unpack:expr) => {
         kernel!(@one false, "avx2,fma,f16c", $(#[$doc])* $name, $W, signed: $signed, min: $min, |$b| $unpack);
         kernel!(@one true, "avx2,fma,f16c,avx512vl,avx512vnni", $(#[$doc])*
@@ -107,7 +111,6 @@ macro_rules! kernel {
             for a in &acts {
                 assert!(a.len() >= w.len(), "activation row shorter than the weight row");
             }
-            let ones = _mm256_set1_epi16(1);
             // Two sets of accumulators, for even and odd blocks: the adds of one block do not
             // wait for the previous block's.
             let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
@@ -122,7 +125,7 @@ macro_rules! kernel {
                     for r in 0..R {
                         let a = &acts[r][$i];
                         let y = kernel!(@sign $signed, _mm256_loadu_si256(a.qs.as_ptr().cast()), q);
-                        let p = _mm256_cvtepi32_ps(kernel!(@dot4 $v, qa, y, ones));
+                        let p = _mm256_cvtepi32_ps(kernel!(@dot4 $v, qa, y));
                         $acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_set1_ps(a.d)), p, $acc[r]);
                         kernel!(@offset $min, $acc[r], vm, a);
                     }
@@ -148,7 +151,6 @@ macro_rules! kernel {
 }
 
 kernel!(
-    @one false, "avx2,fma,f16c",
     /// Q4_0 weights (nibble - 8).
     q4_0, Q4_0, signed: true, min: false, |b| _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
 );
@@ -157,7 +159,6 @@ kernel!(
     q4_1, q4_1_vnni, Q4_1, signed: false, min: true, |b| nibbles(&b.qs)
 );
 kernel!(
-    @one false, "avx2,fma,f16c",
     /// Q5_0 weights (five bits - 16).
     q5_0, Q5_0, signed: true, min: false,
     |b| _mm256_or_si256(nibbles(&b.qs), _mm256_andnot_si256(bits(&b.qh), _mm256_set1_epi8(0xF0u8 as i8)))
@@ -168,7 +169,6 @@ kernel!(
     |b| _mm256_or_si256(nibbles(&b.qs), _mm256_and_si256(bits(&b.qh), _mm256_set1_epi8(0x10)))
 );
 kernel!(
-    @one false, "avx2,fma,f16c",
     /// Q8_0 weights.
     q8_0, Q8_0, signed: true, min: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast())
 );

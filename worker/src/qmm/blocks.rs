@@ -81,7 +81,7 @@ pub fn round_half_away(v: f32) -> i32 {
 
 pub fn quantize(xs: &[f32], out: &mut Vec<A8>) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+    if super::avx2::available() {
         // SAFETY: the features were just detected.
         #[allow(unsafe_code)]
         return unsafe { quantize_avx2(xs, out) };

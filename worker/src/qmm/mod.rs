@@ -237,10 +237,10 @@ fn blocks32<B: Block>(bytes: &[u8], n: usize, k: usize, x: &[f32], m: usize, ker
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx512(s) => {
             let pairs = avx512::pairs(&acts, kb, m);
-            drive(w, n, kb, &pairs, kb.div_ceil(2), m, dots(s))
+            drive(w, n, kb, &pairs, m, dots(s))
         }
-        Kernels::Avx2(s) => drive(w, n, kb, &acts, kb, m, dots(s)),
-        Kernels::Plain => drive(w, n, kb, &acts, kb, m, Dots::each(blocks::dot::<B>)),
+        Kernels::Avx2(s) => drive(w, n, kb, &acts, m, dots(s)),
+        Kernels::Plain => drive(w, n, kb, &acts, m, Dots::each(blocks::dot::<B>)),
     })
 }
 
@@ -274,12 +274,8 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K>>(
         return None;
     }
     let w = cast::<T>(bytes).filter(|w| w.len() == n * k / QK_K)?;
-    let acts = quantize(x, k, m, |row, out: &mut Vec<BlockQ8K>| {
-        let start = out.len();
-        out.extend((0..row.len() / QK_K).map(|_| BlockQ8K::zeros()));
-        BlockQ8K::from_float(row, &mut out[start..]);
-    });
-    Some(drive(w, n, k / QK_K, &acts, k / QK_K, m, Dots::each(|w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a))))
+    let acts = q8k(x, k, m);
+    Some(drive(w, n, k / QK_K, &acts, m, Dots::each(|w: &[T], a: &[BlockQ8K]| T::vec_dot(k, w, a))))
 }
 
 /// Q4_K and Q6_K on the AVX-512 VNNI kernels (`W` the block, `s` its kernels): the
@@ -295,12 +291,18 @@ fn kquant512<W: Sync>(
 ) -> Option<Vec<f32>> {
     let kb = k / QK_K;
     let w = cast::<W>(bytes).filter(|w| k.is_multiple_of(QK_K) && w.len() == n * kb)?;
-    let acts = quantize(x, k, m, |row, out: &mut Vec<BlockQ8K>| {
+    let acts = q8k(x, k, m);
+    Some(drive(w, n, kb, avx512k::a8k(&acts), m, dots(s)))
+}
+
+/// Each row of `x` (`m` rows of `k`) as Q8_K blocks, as candle quantizes them (what every
+/// K-quant path multiplies).
+fn q8k(x: &[f32], k: usize, m: usize) -> Vec<BlockQ8K> {
+    quantize(x, k, m, |row, out: &mut Vec<BlockQ8K>| {
         let start = out.len();
         out.extend((0..row.len() / QK_K).map(|_| BlockQ8K::zeros()));
         BlockQ8K::from_float(row, &mut out[start..]);
-    });
-    Some(drive(w, n, kb, avx512k::a8k(&acts), kb, m, dots(s)))
+    })
 }
 
 /// Each row of `x` (`m` rows of `k`) as activation blocks, concatenated.
@@ -361,16 +363,14 @@ impl<W, A, const R: usize, D: Fn(&[W], &[A]) -> f32> DotN<W, A, R> for Rowwise<D
 }
 
 /// The matmul over weight rows `w` (`n` rows of `kb` blocks) and activation rows `acts`
-/// (`m` rows of `ka` units: blocks, or the AVX-512 kernels' pairs), split over the weight's
-/// rows; `[m, n]`. Rows go four at a time, the last one to three together, in tiles that
-/// stay in the L1 cache while a task's weight rows stream past them.
-#[allow(clippy::too_many_arguments)]
+/// (`m` rows of equal length: blocks, or the AVX-512 kernels' pairs), split over the
+/// weight's rows; `[m, n]`. Rows go four at a time, the last one to three together, in tiles
+/// that stay in the L1 cache while a task's weight rows stream past them.
 fn drive<W: Sync, A: Sync, F1, F2, F3, F4>(
     w: &[W],
     n: usize,
     kb: usize,
     acts: &[A],
-    ka: usize,
     m: usize,
     dots: Dots<F1, F2, F3, F4>,
 ) -> Vec<f32>
@@ -380,6 +380,7 @@ where
     F3: DotN<W, A, 3> + Sync,
     F4: DotN<W, A, 4> + Sync,
 {
+    let ka = acts.len() / m.max(1);
     let row = |r: usize| &acts[r * ka..(r + 1) * ka];
     let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
     let tile = (L1_TILE / (ka * std::mem::size_of::<A>()).max(1)).clamp(4, 64) / 4 * 4;
