@@ -5,6 +5,8 @@ Usage: openai_client.py BASE_URL MODEL MODE, MODE one of:
             stop strings, max_tokens, malformed and oversized requests, a disconnect.
   sigterm   one long stream; prints "streaming" once it has begun, then reads it to the end.
   queue     (a server with --max-batch 1 --max-queue 1) the third request gets a 429.
+  planset   (a server over a plan set) 8 concurrent streams against solo runs; the decode
+            placement switched and KV caches moved.
   failover  a long greedy stream; prints "streaming" once it has begun (the test kills
             rank 1), reads it to the end and checks it against the same request run
             before, checks /health and /metrics, prints "restart" and waits for a line
@@ -78,6 +80,32 @@ def expect_error(status, param=None, code=None, **kw):
     raise AssertionError(f"expected {status} for {kw}")
 
 
+def concurrent_equal_solo():
+    """8 concurrent streams of different lengths: each equal to the same request alone."""
+    prompts = [
+        ("Paris is", 6), ("The ocean", 14), ("List three colors:", 9), ("def add(a, b):", 16),
+        ("Hello, my name", 5), ("In 1969, humans", 12), ("The best way to learn", 18), ("Cats and dogs", 8),
+    ]
+    solo = [complete_streamed(p, n) for p, n in prompts]
+    together = [None] * len(prompts)
+    batch_seen = []
+
+    def run(i):
+        together[i] = complete_streamed(*prompts[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        batch_seen.append(metric("lemur_batch_size"))
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    for i, (a, b) in enumerate(zip(together, solo)):
+        assert a == b, (i, a, b)
+    assert max(batch_seen) >= 4, f"the streams never shared a step: batch sizes {sorted(set(batch_seen))}"
+
+
 def api():
     assert [m.id for m in client.models.list().data] == [MODEL]
     status, health = raw("/health", None, method="GET")
@@ -117,29 +145,7 @@ def api():
     assert (cut, finish) == (long_text[: long_text.index(stop)], "stop"), (cut, finish, stop, long_text)
     assert complete_streamed("Once upon a time", 24, stop=[stop]) == (cut, "stop")
 
-    # 8 concurrent streams of different lengths: each equal to the same request alone.
-    prompts = [
-        ("Paris is", 6), ("The ocean", 14), ("List three colors:", 9), ("def add(a, b):", 16),
-        ("Hello, my name", 5), ("In 1969, humans", 12), ("The best way to learn", 18), ("Cats and dogs", 8),
-    ]
-    solo = [complete_streamed(p, n) for p, n in prompts]
-    together = [None] * len(prompts)
-    batch_seen = []
-
-    def run(i):
-        together[i] = complete_streamed(*prompts[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        batch_seen.append(metric("lemur_batch_size"))
-        time.sleep(0.05)
-    for t in threads:
-        t.join()
-    for i, (a, b) in enumerate(zip(together, solo)):
-        assert a == b, (i, a, b)
-    assert max(batch_seen) >= 4, f"the streams never shared a step: batch sizes {sorted(set(batch_seen))}"
+    concurrent_equal_solo()
 
     # Malformed and oversized requests: OpenAI's error body, naming the field.
     status, body = raw("/v1/chat/completions", b"{not json")
@@ -244,4 +250,11 @@ def failover():
     print("ok")
 
 
-{"api": api, "sigterm": sigterm, "queue": queue, "failover": failover}[MODE]()
+def planset():
+    concurrent_equal_solo()
+    assert metric("lemur_placement_switches_total") >= 1, "the batch never moved to the x4 placement"
+    assert metric("lemur_kv_moves_total") > 0
+    print("ok")
+
+
+{"api": api, "sigterm": sigterm, "queue": queue, "failover": failover, "planset": planset}[MODE]()

@@ -42,6 +42,15 @@ fn the_openai_client_chats_completes_streams_and_batches_against_two_ranks() -> 
 }
 
 #[test]
+fn over_a_plan_set_concurrent_streams_switch_placements_and_equal_their_solo_runs() -> Result<()> {
+    let (gguf, python) = (smollm2()?, openai_python()?);
+    let dir = tempfile::tempdir()?;
+    let server = Server::start_set(dir.path(), &gguf, &["--max-batch", "8"])?;
+    run_client(&python, &server.url, "planset")?;
+    Ok(())
+}
+
+#[test]
 fn a_full_queue_answers_429() -> Result<()> {
     let (gguf, python) = (smollm2()?, openai_python()?);
     let dir = tempfile::tempdir()?;

@@ -6,12 +6,18 @@
 //! buckets: one prompt of that length), so each keeps its own proven bound and gap. A
 //! machine holds the weights of every op any bucket places on it, each once, plus the KV
 //! cache of the largest decode bucket; the set says whether that fits.
+//!
+//! [`switching`] prices what a server following the load weighs each step: every decode
+//! placement's step at every decode bucket's batch (the exact evaluation of that
+//! placement on that bucket's instance), and moving a request's KV cache between two
+//! placements' attention machines over the links.
 
 use std::collections::{BTreeSet, HashMap};
 
 use lemur_protocol::{OpKind, Phase};
 
 use crate::cost::CostModel;
+use crate::evaluate::evaluate;
 use crate::planning::{plan, PlanRequest, Planned, PlanningError};
 use crate::problem::Mode;
 
@@ -59,6 +65,10 @@ pub struct PlanSet {
     pub weight_bytes: Vec<u64>,
     pub kv_bytes: Vec<u64>,
     pub capacity_bytes: Vec<u64>,
+    /// What switching between the decode placements costs and gains.
+    pub switching: lemur_protocol::plan::Switching,
+    /// Positions per request the decode buckets planned for.
+    pub context: u64,
 }
 
 impl PlanSet {
@@ -72,6 +82,7 @@ impl PlanSet {
             prefill: self.buckets.iter().filter(|b| b.phase == Phase::Prefill).map(bucket).collect(),
             weight_bytes: by(&self.weight_bytes),
             kv_bytes: by(&self.kv_bytes),
+            switching: self.switching.clone(),
         }
     }
 
@@ -115,6 +126,32 @@ impl PlanSet {
                 b.tokens_per_s,
                 single
             );
+        }
+        let decode: Vec<&BucketPlan> = self.buckets.iter().filter(|b| b.phase == Phase::Decode).collect();
+        if decode.len() > 1 {
+            let sw = &self.switching;
+            let half = (self.context / 2).max(1) as f64;
+            let _ = writeln!(
+                out,
+                "\nfollowing the load (decode): each bucket in its own placement and in x{}'s, and moving one \
+                 request's cache ({half:.0} positions) from x{}'s placement to the bucket's:",
+                decode[0].size, decode[0].size
+            );
+            let theirs = format!("x{}'s placement ms", decode[0].size);
+            let _ = writeln!(out, "{:<16} {:>12} {:>22} {:>16}", "bucket", "own ms", theirs, "move ms");
+            for (b, bucket) in decode.iter().enumerate().skip(1) {
+                let (own, fixed) = (sw.decode_step_ms[b][b], sw.decode_step_ms[0][b]);
+                let moved = sw.move_fixed_ms[0][b] + sw.move_ms_per_position[0][b] * half;
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:>12.2} {:>14.2} ({:.2}x) {:>16.2}",
+                    format!("decode x{}", bucket.size),
+                    own,
+                    fixed,
+                    fixed / own,
+                    moved
+                );
+            }
         }
         let gb = |b: u64| b as f64 / 1e9;
         let _ = writeln!(out, "\nmemory per machine (weights of every bucket once + KV of the largest decode bucket):");
@@ -179,7 +216,57 @@ pub fn plan_set(cost: &impl CostModel, base: &PlanRequest, buckets: &Buckets) ->
         }
     }
     let weight_bytes = held.iter().map(|h| h.iter().map(|k| bytes_of[k]).sum()).collect();
-    Ok(PlanSet { machines, buckets: out, weight_bytes, kv_bytes, capacity_bytes })
+    let decode: Vec<&BucketPlan> = out.iter().filter(|b| b.phase == Phase::Decode).collect();
+    let switching = switching(&decode);
+    let context = buckets.context;
+    Ok(PlanSet { machines, buckets: out, weight_bytes, kv_bytes, capacity_bytes, switching, context })
+}
+
+/// The prices of switching between decode placements (`buckets`, all decode): each
+/// placement's step at each bucket's batch, and moving one request's KV cache from one
+/// placement's decode attention machines to another's (per layer that changes machine:
+/// the link's fixed cost, and its per-byte cost times the bytes of one position's K and V).
+pub fn switching(buckets: &[&BucketPlan]) -> lemur_protocol::plan::Switching {
+    let decode = 1;
+    let step = |p: &BucketPlan, b: &BucketPlan| {
+        let m = evaluate(&b.planned.instance, &p.planned.assignment);
+        m.latency_s.get(decode).copied().unwrap_or(f64::NAN) * 1e3
+    };
+    let decode_step_ms = buckets.iter().map(|p| buckets.iter().map(|b| step(p, b)).collect()).collect();
+    // Per layer, the machine of each placement's decode attention.
+    let attention = |b: &BucketPlan| -> Vec<(Option<u32>, usize)> {
+        let inst = &b.planned.instance;
+        let ph = &inst.phases[decode];
+        let mut at: Vec<(Option<u32>, usize)> = ph
+            .graph
+            .ops()
+            .filter(|(_, op)| op.kind == OpKind::Attention)
+            .map(|(i, op)| (op.layer, b.planned.assignment.machine_of(inst, decode, i)))
+            .collect();
+        at.sort();
+        at
+    };
+    let (mut fixed, mut per_position) = (Vec::new(), Vec::new());
+    for p in buckets {
+        let (mut f_row, mut p_row) = (Vec::new(), Vec::new());
+        for q in buckets {
+            let inst = &q.planned.instance;
+            let bytes = 2 * inst.model.kv_dim() * inst.dtype.bytes();
+            let (mut f, mut per) = (0.0, 0.0);
+            for ((_, a), (_, b)) in attention(p).into_iter().zip(attention(q)) {
+                if a != b {
+                    let (per_byte, fixed_s) = inst.link_cost[a][b];
+                    f += fixed_s * 1e3;
+                    per += per_byte * bytes as f64 * 1e3;
+                }
+            }
+            f_row.push(f);
+            p_row.push(per);
+        }
+        fixed.push(f_row);
+        per_position.push(p_row);
+    }
+    lemur_protocol::plan::Switching { decode_step_ms, move_fixed_ms: fixed, move_ms_per_position: per_position }
 }
 
 fn bucket(cost: &impl CostModel, req: &PlanRequest, phase: Phase, size: u64) -> Result<BucketPlan, PlanningError> {

@@ -57,7 +57,28 @@ fn a_plan_set_follows_the_load_and_counts_weights_once() {
     let kinds: BTreeSet<_> = set.buckets.iter().map(|b| b.phase).collect();
     assert_eq!(kinds.len(), 2);
     assert!(set.fits(), "{}", set.table());
+    // Switching: each bucket's own step on the diagonal; a placement at another bucket's
+    // batch is no faster than that bucket's own placement (the solver's gap aside).
+    let sw = &set.switching;
+    let decode: Vec<_> = set.buckets.iter().filter(|b| b.phase == Phase::Decode).collect();
+    for (i, b) in decode.iter().enumerate() {
+        assert!((sw.decode_step_ms[i][i] - b.step_s * 1e3).abs() <= 1e-9 * b.step_s * 1e3);
+        for (j, other) in decode.iter().enumerate() {
+            let gap = other.planned.plan.gap.max(0.0);
+            assert!(sw.decode_step_ms[i][j] >= sw.decode_step_ms[j][j] * (1.0 - gap) - 1e-9, "{:?}", sw);
+        }
+    }
+    // x1 decodes on the M4 Pro and x16 on the M5 Pro: a request's whole cache changes
+    // machine, 32 layers of K and V (1024 values each) per position over the link.
+    let inst = &decode[0].planned.instance;
+    let link = &inst.links[0];
+    let want = 32.0 * 2.0 * 1024.0 * inst.dtype.bytes() as f64 / (link.bandwidth_gbps * 1e9) * 1e3;
+    assert!((sw.move_ms_per_position[0][1] - want).abs() <= 1e-9 * want, "{} vs {want}", sw.move_ms_per_position[0][1]);
+    assert!((sw.move_fixed_ms[0][1] - 32.0 * link.latency_us * 1e-3).abs() < 1e-9);
+    assert_eq!((sw.move_ms_per_position[0][0], sw.move_fixed_ms[1][1]), (0.0, 0.0));
     let file = set.to_file();
+    file.validate().unwrap();
+    assert!(file.kv_positions().is_some_and(|p| p > 1024));
     assert_eq!((file.decode.len(), file.prefill.len()), (2, 1));
     let back: lemur_protocol::plan::PlanSet = serde_json::from_str(&serde_json::to_string(&file).unwrap()).unwrap();
     assert_eq!(back, file);

@@ -30,6 +30,7 @@ pub mod model;
 pub mod op;
 pub mod openai;
 pub mod plan;
+pub mod plan_set;
 pub mod profile;
 pub mod timings;
 pub mod weights;

@@ -147,28 +147,7 @@ pub struct PlanEdge {
     pub cost_ms: f64,
 }
 
-/// A serving plan set (`lemur-plan --serve --out`): one plan per load bucket.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlanSet {
-    pub format_version: u32,
-    /// Decode buckets by batch size; each plan's decode phase is the bucket's placement.
-    pub decode: Vec<PlanBucket>,
-    /// Prefill buckets by prompt length; each plan's prefill phase is the bucket's.
-    pub prefill: Vec<PlanBucket>,
-    /// Per machine (the plans' machine names): weights of every bucket's ops, each once,
-    /// and the KV cache of the largest decode bucket, bytes.
-    pub weight_bytes: BTreeMap<String, u64>,
-    pub kv_bytes: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlanBucket {
-    /// Batch size (decode) or prompt length (prefill).
-    pub size: u64,
-    pub plan: Plan,
-}
+pub use crate::plan_set::{PlanBucket, PlanSet, Switching};
 
 /// Predicted figures of the chosen placement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ use crate::{Phase, Plan};
 /// First field of every handshake: "LMUR".
 pub const MAGIC: u32 = 0x4c4d_5552;
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Default largest frame: 1 GiB (a prefill activation of 8k tokens x 4096 in f32 is 128 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
@@ -161,6 +161,17 @@ pub struct Segment {
     pub last: bool,
 }
 
+/// One request's KV cache of one layer, moved from rank `from` to rank `to` before a
+/// step whose placement runs that layer's attention elsewhere (serving a plan set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvMove {
+    pub request_id: u64,
+    pub layer: u32,
+    pub from: u32,
+    pub to: u32,
+}
+
 /// What a `Gather` asks each rank for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -229,6 +240,10 @@ pub enum Message {
         /// When quantized linear ops multiply by their dequantized weight.
         #[serde(default)]
         dense_matmul: DenseMatmul,
+        /// Serving a plan set: its other placements (a `Start` names the one it runs). A
+        /// rank loads the weights of its ops in every one, each once.
+        #[serde(default)]
+        alternatives: Vec<Plan>,
     },
     /// A rank to rank 0 after the set-up: the ops whose weights it lacks (none when its
     /// cache holds them all), in this order.
@@ -255,11 +270,23 @@ pub enum Message {
     /// (`[1, total]` u32) are the segments' tokens one after another, each segment one
     /// request's next tokens (a prompt chunk, or one token in decode). `step_id` keys the
     /// step's activations and logits (with step 0).
+    ///
+    /// Serving a plan set: `placement` picks the set's placement the step runs in (0, the
+    /// setup's plan, otherwise its `alternatives[placement - 1]`), `moves` are the KV
+    /// caches that must change rank first (the sender ships each at the step's start, the
+    /// receiver's attention waits for it), and `keep_kv` keeps a finished prompt's caches
+    /// where prefill left them instead of handing them to the placement's decode ranks.
     Start {
         step_id: u64,
         phase: Phase,
         tokens: TensorMeta,
         segments: Vec<Segment>,
+        #[serde(default)]
+        placement: u32,
+        #[serde(default)]
+        moves: Vec<KvMove>,
+        #[serde(default)]
+        keep_kv: bool,
     },
     /// The output of op `from_op`, sent to a rank that consumes it (every local consumer
     /// there reads it). Inference: step `step` of request `request_id`. Training: micro-batch
@@ -286,12 +313,15 @@ pub enum Message {
         micro_batch: u32,
         tokens: TensorMeta,
     },
-    /// After prefill: the K and V cache of `layer` (first entry at absolute position
-    /// `start`), for the rank that decodes it.
+    /// After prefill, or for a step's [`KvMove`]: the K and V cache of `layer` (first
+    /// entry at absolute position `start`), for the rank that runs its attention next.
+    /// `step_id` is the step that sent it (a cache may move more than once).
     KvHandover {
         request_id: u64,
         layer: u32,
         start: u64,
+        #[serde(default)]
+        step_id: u64,
         tensors: Vec<TensorMeta>,
     },
     /// The lm head's output for a step, to rank 0: `[segments, vocab]`, one row per

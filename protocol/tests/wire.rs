@@ -4,8 +4,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use lemur_protocol::blob::{BlobMeta, Encoding, OpRef};
 use lemur_protocol::wire::{
-    decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, Message, RankInfo, Segment, TensorMeta,
-    WireDType, MAGIC, PROTOCOL_VERSION,
+    decode_payload, encode_payload, Frame, FrameCodec, FrameError, Hello, KvMove, Message, RankInfo, Segment,
+    TensorMeta, WireDType, MAGIC, PROTOCOL_VERSION,
 };
 use lemur_protocol::{ModelConfig, Phase, Plan};
 use tokio_util::codec::{Decoder, Encoder};
@@ -68,6 +68,7 @@ fn every_message() -> Vec<Frame> {
             dequantize: true,
             quantize: Some(lemur_protocol::WeightFormat::Q8_0),
             dense_matmul: lemur_protocol::wire::DenseMatmul::Prefill,
+            alternatives: vec![tiny_plan()],
         }),
         Frame::control(Message::FetchWeights {
             ops: vec![
@@ -101,6 +102,9 @@ fn every_message() -> Vec<Frame> {
                     Segment { request_id: 3, position: 0, len: 5, last: false },
                     Segment { request_id: 4, position: 17, len: 1, last: true },
                 ],
+                placement: 2,
+                moves: vec![KvMove { request_id: 4, layer: 1, from: 1, to: 0 }],
+                keep_kv: true,
             },
             tensors: vec![tok_b],
         },
@@ -117,7 +121,7 @@ fn every_message() -> Vec<Frame> {
             Frame { message: Message::StartMicroBatch { opt_step: 7, micro_batch: 1, tokens: t }, tensors: vec![t_b] }
         },
         Frame {
-            message: Message::KvHandover { request_id: 7, layer: 1, start: 0, tensors: vec![k, v] },
+            message: Message::KvHandover { request_id: 7, layer: 1, start: 0, step_id: 9, tensors: vec![k, v] },
             tensors: vec![k_b, v_b],
         },
         Frame { message: Message::Logits { step_id: 7, logits: l }, tensors: vec![l_b] },

@@ -174,6 +174,21 @@ impl Metrics {
                 "1 while a new placement is set up.",
                 f64::from(u8::from(s.replanning)),
             );
+            if let Some(p) = &s.placement {
+                gauge(
+                    &mut out,
+                    "lemur_decode_placement",
+                    "The plan set's decode bucket whose placement decodes now (0 = the first).",
+                    p.decode_placement as f64,
+                );
+                counter(&mut out, "lemur_placement_switches_total", "Decode placement changes.", p.switches);
+                counter(
+                    &mut out,
+                    "lemur_kv_moves_total",
+                    "Layer KV caches moved between ranks for a step's placement.",
+                    p.moves,
+                );
+            }
             let _ = writeln!(out, "# HELP lemur_rank_state Each rank's state (up, standby, lost, unknown).\n# TYPE lemur_rank_state gauge");
             for r in &s.ranks {
                 let _ = writeln!(out, "lemur_rank_state{{rank=\"{}\",state=\"{}\"}} 1", r.rank, rank_state(s, r));

@@ -435,6 +435,42 @@ pub fn smol_plan(dir: &Path, gguf: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((plan_path, cluster_file(dir, &plan)?))
 }
 
+/// A two-rank plan set for SmolLM2: decode x1 as [`smol_plan`] splits it, decode x4 with
+/// layers 0-9 on rank 1, prefill with the odd layers on rank 1; switching to x4's
+/// placement pays from two streams on (free moves).
+pub fn smol_plan_set(dir: &Path, gguf: &Path) -> Result<(PathBuf, PathBuf)> {
+    use lemurian::protocol::plan::{PlanBucket, PlanSet, Switching};
+    let cfg = lemurian::planner::load_model(gguf.to_str().context("path")?)?;
+    let head = |op: &PlanOp| op.layer.is_none() && op.kind != OpKind::Embedding;
+    let rules: [&dyn Fn(&PlanOp) -> bool; 3] =
+        [&|op| op.layer.is_some_and(|l| l >= 15) || head(op), &|op| op.layer.is_some_and(|l| l < 10), &|op| {
+            op.layer.is_some_and(|l| l % 2 == 1)
+        }];
+    let mut plans = Vec::new();
+    for rule in rules {
+        let mut plan = plan_with(&cfg, &["m4-pro", "m5-pro"], 64, 32, |op| usize::from(rule(op)))?;
+        plan.workload.weights = WeightFormat::Q4_1;
+        plans.push(plan);
+    }
+    let bucket = |size: u64, plan: &Plan| PlanBucket { size, plan: plan.clone() };
+    let set = PlanSet {
+        format_version: lemurian::protocol::PLAN_FORMAT_VERSION,
+        decode: vec![bucket(1, &plans[0]), bucket(4, &plans[1])],
+        prefill: vec![bucket(64, &plans[2])],
+        weight_bytes: Default::default(),
+        kv_bytes: Default::default(),
+        switching: Switching {
+            decode_step_ms: vec![vec![1.0, 10.0], vec![5.0, 2.0]],
+            move_fixed_ms: vec![vec![0.0; 2]; 2],
+            move_ms_per_position: vec![vec![0.0; 2]; 2],
+        },
+    };
+    set.validate()?;
+    let path = dir.join("plan-set.json");
+    std::fs::write(&path, serde_json::to_string(&set)?)?;
+    Ok((path, cluster_file(dir, &plans[0])?))
+}
+
 /// A running server and its worker; both killed if the test fails.
 pub struct Server {
     pub url: String,
@@ -444,17 +480,27 @@ pub struct Server {
 impl Server {
     pub fn start(dir: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
         let (plan, cluster) = smol_plan(dir, gguf)?;
-        let mut procs = spawn_workers(&cluster, 2, &[])?;
+        Self::start_on("--plan", &plan, &cluster, gguf, extra)
+    }
+
+    /// The same over a plan set ([`smol_plan_set`]).
+    pub fn start_set(dir: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
+        let (set, cluster) = smol_plan_set(dir, gguf)?;
+        Self::start_on("--plan-set", &set, &cluster, gguf, extra)
+    }
+
+    fn start_on(flag: &str, plan: &Path, cluster: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
+        let mut procs = spawn_workers(cluster, 2, &[])?;
         let port = free_ports(1)[0];
         let server = Command::new(serve_bin())
             .arg("--cluster")
-            .arg(&cluster)
-            .arg("--plan")
-            .arg(&plan)
+            .arg(cluster)
+            .arg(flag)
+            .arg(plan)
             .arg("--model")
             .arg(gguf)
             .args(["--http", &format!("127.0.0.1:{port}"), "--served-model-name", SERVED_MODEL])
-            .env("LEMUR_CACHE", test_cache(&cluster))
+            .env("LEMUR_CACHE", test_cache(cluster))
             .args(if extra.contains(&"--grace") { &[][..] } else { &["--grace", "20"][..] })
             .args(extra)
             .stdout(Stdio::null())

@@ -13,7 +13,8 @@
 //!   plan index, the outputs), [`program`] (the rank's program of either workload;
 //!   inference: a step of prefill or decode, KV handovers) and [`train`] (a training
 //!   micro-batch: forward, then backward); [`batch`] (rank 0's continuous-batching
-//!   scheduler: which requests' tokens the next step runs).
+//!   scheduler: which requests' tokens the next step runs) and [`placement`] (serving a
+//!   plan set: which placement each step runs in, and the KV caches that move for it).
 //! - [`runtime`]: set-up over a [`runtime::Transport`] (TCP, or the in-memory
 //!   [`runtime::memnet`] with fault injection), the actix actors over the state machines,
 //!   the optimizer, and rank 0's request and training loops.
@@ -42,6 +43,7 @@ pub mod fastmath;
 pub mod fused;
 pub mod link;
 pub mod lora;
+pub mod placement;
 pub mod profiler;
 pub mod program;
 pub mod progress;

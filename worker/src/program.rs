@@ -27,9 +27,32 @@ pub enum RankProgram {
 impl RankProgram {
     /// Builds rank `rank`'s view; `rank_of_machine` maps the plan's machines to ranks.
     pub fn new(plan: &Plan, rank: u32, rank_of_machine: &HashMap<String, u32>) -> Result<Self, WorkerError> {
+        Self::with_alternatives(plan, &[], rank, rank_of_machine)
+    }
+
+    /// The same, serving a plan set: `plan` is placement 0 and `alternatives` the rest.
+    pub fn with_alternatives(
+        plan: &Plan,
+        alternatives: &[Plan],
+        rank: u32,
+        rank_of_machine: &HashMap<String, u32>,
+    ) -> Result<Self, WorkerError> {
         Ok(match plan.workload.mode {
-            WorkloadMode::Train => RankProgram::Train(crate::train::TrainProgram::new(plan, rank, rank_of_machine)?),
-            WorkloadMode::Infer => RankProgram::Infer(Program::new(plan, rank, rank_of_machine)?),
+            WorkloadMode::Train if alternatives.is_empty() => {
+                RankProgram::Train(crate::train::TrainProgram::new(plan, rank, rank_of_machine)?)
+            }
+            WorkloadMode::Train => {
+                return Err(WorkerError::Plan("a training plan has no alternative placements".into()))
+            }
+            WorkloadMode::Infer => {
+                let mut p = Program::new(plan, rank, rank_of_machine)?;
+                for (i, alt) in alternatives.iter().enumerate() {
+                    let alt = Program::new(alt, rank, rank_of_machine)
+                        .map_err(|e| WorkerError::Plan(format!("placement {}: {e}", i + 1)))?;
+                    p.alternatives.push(alt);
+                }
+                RankProgram::Infer(p)
+            }
         })
     }
 
@@ -60,6 +83,9 @@ pub struct Program {
     pub phases: Vec<PhaseProgram>,
     /// Per layer: (prefill rank, decode rank) of its attention, for the KV handover.
     pub attention_ranks: BTreeMap<u32, (u32, u32)>,
+    /// Serving a plan set: the set's other placements (a step names the one it runs;
+    /// this program is placement 0). Empty otherwise.
+    pub alternatives: Vec<Program>,
 }
 
 impl Program {
@@ -110,7 +136,17 @@ impl Program {
                 (l, (p, d.unwrap_or(p)))
             })
             .collect();
-        Ok(Self { rank, phases, attention_ranks })
+        Ok(Self { rank, phases, attention_ranks, alternatives: Vec::new() })
+    }
+
+    /// Placement `i` of the set: 0 is this program, `i` its `alternatives[i - 1]`.
+    pub fn placement(&self, i: u32) -> Result<&Program, WorkerError> {
+        match i {
+            0 => Ok(self),
+            i => self.alternatives.get(i as usize - 1).ok_or_else(|| {
+                WorkerError::Wire(format!("placement {i} is not one of the set's {}", self.alternatives.len() + 1))
+            }),
+        }
     }
 
     pub fn phase(&self, phase: Phase) -> Result<&PhaseProgram, WorkerError> {
@@ -120,14 +156,20 @@ impl Program {
             .ok_or_else(|| WorkerError::Plan(format!("the plan has no {phase} phase")))
     }
 
-    /// The (kind, layer) of every op this rank runs in any phase: the weights it loads.
+    /// The (kind, layer) of every op this rank runs in any phase of any placement: the
+    /// weights it loads, each once.
     pub fn local_weights(&self) -> HashSet<(OpKind, Option<u32>)> {
-        self.phases
+        let mut all: HashSet<_> = self
+            .phases
             .iter()
             .flat_map(|p| p.ops.iter())
             .filter(|o| o.rank == self.rank)
             .map(|o| (o.kind, o.layer))
-            .collect()
+            .collect();
+        for alt in &self.alternatives {
+            all.extend(alt.local_weights());
+        }
+        all
     }
 
     /// Layers whose KV cache this rank must receive after prefill.
@@ -158,11 +200,28 @@ pub struct StepRun {
     pub bytes_sent: u64,
     /// Time every op, synchronising the device after each.
     pub timing: bool,
+    /// The plan set's placement this step runs in (0 without a set).
+    pub placement: u32,
+    /// (request, layer) caches moving here for this step: their attention waits for them.
+    pub incoming: HashSet<(u64, u32)>,
+    /// Keep a finished prompt's caches here instead of handing them to the decode ranks.
+    pub keep_kv: bool,
 }
 
 impl StepRun {
     pub fn new(id: u64, phase: Phase, input: StepInput) -> Self {
-        Self { id, phase, input, values: HashMap::new(), next: 0, bytes_sent: 0, timing: false }
+        Self {
+            id,
+            phase,
+            input,
+            values: HashMap::new(),
+            next: 0,
+            bytes_sent: 0,
+            timing: false,
+            placement: 0,
+            incoming: HashSet::new(),
+            keep_kv: false,
+        }
     }
 
     /// Whether this step has a segment of `request`.
@@ -183,6 +242,7 @@ impl StepRun {
         exec: &mut Executor,
         out: &mut dyn FnMut(Outbound),
     ) -> Result<Progress, WorkerError> {
+        let prog = prog.placement(self.placement)?;
         let phase = prog.phase(self.phase)?;
         while self.next < phase.ops.len() {
             let op = &phase.ops[self.next];
@@ -193,11 +253,19 @@ impl StepRun {
             if !op.inputs.iter().all(|i| self.values.contains_key(i)) {
                 return Ok(Progress::Blocked);
             }
-            // Decode attention whose prefill ran elsewhere needs the handed-over caches.
-            if self.phase == Phase::Decode && op.kind == OpKind::Attention {
+            // Decode attention whose prefill ran elsewhere needs the handed-over caches, and
+            // attention whose caches move here for this step needs them.
+            if op.kind == OpKind::Attention {
                 let layer = op.layer.unwrap_or(0);
-                let missing = self.input.segments.iter().any(|g| !exec.kv.contains_key(&(g.request, layer)));
-                if missing && prog.handover_in().contains(&layer) {
+                let missing = |g: &&crate::exec::Seg| !exec.kv.contains_key(&(g.request, layer));
+                let handover = self.phase == Phase::Decode && prog.handover_in().contains(&layer);
+                let waits = self
+                    .input
+                    .segments
+                    .iter()
+                    .filter(missing)
+                    .any(|g| handover || self.incoming.contains(&(g.request, layer)));
+                if waits {
                     return Ok(Progress::Blocked);
                 }
             }
@@ -220,7 +288,7 @@ impl StepRun {
             if op.kind == OpKind::LmHead {
                 out(Outbound::Logits { logits: result[0].clone() });
             }
-            if op.kind == OpKind::Attention && self.phase == Phase::Prefill {
+            if op.kind == OpKind::Attention && self.phase == Phase::Prefill && !self.keep_kv {
                 let layer = op.layer.unwrap_or(0);
                 for (l, to) in prog.handover_out() {
                     if l != layer {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use candle_core::Device;
+use lemur_protocol::plan::{PlanBucket, PlanOp, PlanSet, Switching};
 use lemur_protocol::{OpKind, Phase};
 use lemur_worker::batch::{BatchConfig, Event, FinishReason, Request};
 use lemur_worker::runtime::memnet::{Fault, MemNet, Rule};
@@ -37,10 +38,14 @@ fn serve_with(
     batch: BatchConfig,
     timeouts: lemur_worker::runtime::Timeouts,
 ) -> Result<Served> {
-    let cluster = cluster_of(id, plan);
-    let net = MemNet::new();
     let mut job = infer_job(plan, model, &[1], 1);
     job.serve = Some(batch);
+    serve_job(id, job, timeouts)
+}
+
+fn serve_job(id: &str, job: lemur_worker::runtime::Job, timeouts: lemur_worker::runtime::Timeouts) -> Result<Served> {
+    let cluster = cluster_of(id, &job.plan);
+    let net = MemNet::new();
     for rank in 1..cluster.ranks.len() as u32 {
         let mut cfg = NodeConfig::new(rank, cluster.clone(), Device::Cpu, None);
         (cfg.timeouts, cfg.transport) = (fast(), Arc::new(net.clone()));
@@ -217,6 +222,70 @@ fn a_step_that_never_ends_fails_its_requests_by_the_step_limit() -> Result<()> {
         assert!(st.ranks.iter().all(|r| r.lost.is_none()), "no rank was lost: {st:?}");
         Ok::<_, anyhow::Error>(())
     })?;
+    s.engine.stop();
+    s.done.recv_timeout(Duration::from_secs(30))??;
+    Ok(())
+}
+
+#[test]
+fn a_plan_set_follows_the_load_moving_caches_and_decodes_as_candle_does() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(4);
+    let model = model(dir.path(), &cfg, 7)?;
+    let layer = |op: &PlanOp, f: fn(u32) -> bool| op.layer.is_some_and(f);
+    let head = |op: &PlanOp| op.layer.is_none() && op.kind != OpKind::Embedding;
+    // Decode x1: layers 0-1 on rank 0, 2-3 and the head on rank 1. Decode x4: layers 0-2
+    // on rank 1, layer 3 and the head on rank 0. Prefill 4: even layers on rank 1;
+    // prefill 12: odd layers on rank 1. Every layer's attention changes rank somewhere.
+    let x1 = infer_plan(&cfg, 2, 8, |op| usize::from(layer(op, |l| l >= 2) || head(op)))?;
+    let x4 = infer_plan(&cfg, 2, 8, |op| usize::from(layer(op, |l| l <= 2)))?;
+    let p4 = infer_plan(&cfg, 2, 8, |op| usize::from(layer(op, |l| l % 2 == 0)))?;
+    let p12 = infer_plan(&cfg, 2, 8, |op| usize::from(layer(op, |l| l % 2 == 1)))?;
+    let bucket = |size: u64, plan: &lemur_protocol::Plan| PlanBucket { size, plan: plan.clone() };
+    let set = PlanSet {
+        format_version: lemur_protocol::PLAN_FORMAT_VERSION,
+        decode: vec![bucket(1, &x1), bucket(4, &x4)],
+        prefill: vec![bucket(4, &p4), bucket(12, &p12)],
+        weight_bytes: Default::default(),
+        kv_bytes: Default::default(),
+        // x1's placement is the faster one for one stream, x4's for several; moves are free.
+        switching: Switching {
+            decode_step_ms: vec![vec![1.0, 10.0], vec![5.0, 2.0]],
+            move_fixed_ms: vec![vec![0.0; 2]; 2],
+            move_ms_per_position: vec![vec![0.0; 2]; 2],
+        },
+    };
+    set.validate()?;
+    // Chunks of 8, at most 12 prompt tokens a step: steps of 3 to 12 prompt tokens, so a
+    // prompt's chunks run in both prefill placements.
+    let batch = BatchConfig { prefill_chunk: 8, prefill_tokens: 12, max_batch: 8, ..BatchConfig::default() };
+    let job = lemur_worker::runtime::Job {
+        serve: Some(batch),
+        ..lemur_worker::runtime::Job::with_plan_set(set, model.clone(), candle_core::DType::F32)
+    };
+    let s = serve_job("plan-set", job, fast())?;
+    // The last request runs alone long enough for the batch to move back to x1's placement.
+    let lens = [9usize, 4, 12, 6, 10, 3, 8, 24];
+    let together = s.rt.block_on(run_all(
+        &s.engine,
+        prompts().into_iter().zip(lens).map(|(p, n)| request(&s.engine, p, n)).collect(),
+    ))?;
+    let status = s.rt.block_on(s.engine.status())?;
+    let placed = status.placement.expect("serving a plan set");
+    assert!(placed.switches >= 2, "the decode placement should go to x4's and back: {placed:?}");
+    assert_eq!(placed.decode_placement, 0, "one stream left: x1's placement");
+    assert!(placed.moves > 8 * 4, "every request's caches move at least once per layer: {placed:?}");
+    for (i, (p, n)) in prompts().into_iter().zip(lens).enumerate() {
+        let alone = s.rt.block_on(run_all(&s.engine, vec![request(&s.engine, p.clone(), n)]))?;
+        assert_eq!(together[i].0, alone[0].0, "request {i}: tokens in the batch and alone");
+        let (want, want_logits) = reference_generate(&model, &p, n)?;
+        assert_eq!(together[i].0, want, "request {i}: tokens against candle");
+        let d = max_diff(&together[i].1, &want_logits);
+        assert!(d < 1e-4, "request {i}: logits differ from candle's by {d}");
+    }
+    let status = s.rt.block_on(s.engine.status())?;
+    assert_eq!((status.running, status.kv_positions_reserved), (0, 0));
+    s.rt.block_on(s.engine.drain(Duration::from_secs(5)));
     s.engine.stop();
     s.done.recv_timeout(Duration::from_secs(30))??;
     Ok(())

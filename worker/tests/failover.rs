@@ -18,7 +18,7 @@ use lemur_worker::batch::{BatchConfig, Event, FinishReason, Request};
 use lemur_worker::cluster::Cluster;
 use lemur_worker::runtime::memnet::{Fault, MemNet, Rule};
 use lemur_worker::runtime::{
-    run_node, serve_node, serve_worker, ClusterStatus, Engine, NodeConfig, Replan, SubmitError,
+    run_node, serve_node, serve_worker, ClusterStatus, Engine, Job, NodeConfig, Replan, SubmitError,
 };
 use lemur_worker::sampling::Sampling;
 
@@ -94,11 +94,15 @@ impl Served {
 /// Rank 0 serving `plan` with `replan`; rank 1 a long-running worker, rank 2 one run
 /// (or long-running too, with `forever`).
 fn serve(id: &str, plan: &Plan, model: &Path, net: MemNet, replan: Replan, forever: bool) -> Result<Served> {
-    let cluster = cluster_of(id, plan);
+    serve_job(id, infer_job(plan, model, &[1], 1), net, replan, forever)
+}
+
+/// The same for a job made elsewhere (a plan set's).
+fn serve_job(id: &str, mut job: Job, net: MemNet, replan: Replan, forever: bool) -> Result<Served> {
+    let cluster = cluster_of(id, &job.plan);
     let cache = tempfile::tempdir()?;
     worker(&cluster, &net, cache.path(), 1, true);
     worker(&cluster, &net, cache.path(), 2, forever);
-    let mut job = infer_job(plan, model, &[1], 1);
     job.serve = Some(BatchConfig { max_batch: 8, prefill_chunk: 8, prefill_tokens: 16, ..BatchConfig::default() });
     job.replan = Some(replan);
     let mut cfg = NodeConfig::new(0, cluster.clone(), Device::Cpu, Some(job));
@@ -212,6 +216,58 @@ fn a_rank_lost_mid_decode_is_planned_around_replayed_unchanged_and_planned_back_
     assert!(net.sent(&a2, &a0, "logits") > logits_from_2, "rank 2 computes the head again");
     // Back in its first placement, rank 2 took its weights from its cache.
     assert_eq!(net.sent(&a0, &a2, "weight_blob"), blobs_to_2);
+    Ok(())
+}
+
+#[test]
+fn a_plan_set_is_replanned_as_one_placement_around_a_lost_rank_and_restored_when_it_returns() -> Result<()> {
+    use lemur_protocol::plan::{PlanBucket, PlanSet, Switching};
+    let dir = tempfile::tempdir()?;
+    let (model, reqs, want, x1) = fixture(dir.path(), 9)?;
+    // Rank 2 runs the head in every placement; the layers trade ranks between them.
+    let cfg = tiny(2);
+    let layers = |l0: usize, l1: usize| {
+        infer_plan(&cfg, 3, 8, move |op| match op.layer {
+            Some(0) => l0,
+            Some(_) => l1,
+            None if op.kind == OpKind::Embedding => 0,
+            None => 2,
+        })
+    };
+    let bucket = |size: u64, plan: Plan| PlanBucket { size, plan };
+    let set = PlanSet {
+        format_version: lemur_protocol::PLAN_FORMAT_VERSION,
+        decode: vec![bucket(1, x1), bucket(4, layers(1, 0)?)],
+        prefill: vec![bucket(16, layers(2, 1)?)],
+        weight_bytes: Default::default(),
+        kv_bytes: Default::default(),
+        switching: Switching {
+            decode_step_ms: vec![vec![1.0, 10.0], vec![5.0, 2.0]],
+            move_fixed_ms: vec![vec![0.0; 2]; 2],
+            move_ms_per_position: vec![vec![0.0; 2]; 2],
+        },
+    };
+    let net = MemNet::new();
+    let job = Job::with_plan_set(set, model.clone(), candle_core::DType::F32);
+    let s = serve_job("failover-set", job, net.clone(), planner_replan(), false)?;
+    let (a0, a2) = (s.addr(0), s.addr(2));
+    assert_eq!(tokens(s.run(&reqs)?), want, "served over the set");
+    let placed = s.status()?.placement.expect("a plan set");
+    assert!(placed.switches >= 1 && placed.moves > 0, "{placed:?}");
+
+    // Rank 2 dies mid-decode: the ranks left serve one re-planned placement.
+    net.add(Rule::on(&a2, &a0, "logits", Fault::Isolate(a2.clone())).after(2));
+    assert_eq!(tokens(s.run(&reqs)?), want, "replayed on the ranks left");
+    let st = s.wait_for("planned around rank 2", |st| st.replans == 1 && !st.replanning)?;
+    assert!(st.placement.is_none(), "one placement over two ranks, not the set: {st:?}");
+    assert_eq!(tokens(s.run(&reqs[..2])?), want[..2]);
+
+    // Rank 2 back: the set as it was, switching again.
+    worker(&s.cluster, &net, s.cache.path(), 2, true);
+    let st = s.wait_for("rank 2 back", |st| st.replans == 2 && !st.replanning && st.ranks.iter().all(|r| r.active))?;
+    assert_eq!(st.placement.map(|p| p.switches), Some(0), "{st:?}");
+    assert_eq!(tokens(s.run(&reqs)?), want, "served over the set again");
+    assert!(s.status()?.placement.is_some_and(|p| p.switches >= 1));
     Ok(())
 }
 

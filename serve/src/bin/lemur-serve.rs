@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lemur_protocol::auth::ClusterKey;
 use lemur_protocol::cli::parse;
+use lemur_protocol::plan::PlanSet;
 use lemur_protocol::wire::DenseMatmul;
 use lemur_protocol::{Plan, WeightFormat, WorkloadMode};
 use lemur_worker::batch::BatchConfig;
@@ -39,8 +40,13 @@ struct Args {
     #[arg(long)]
     model: PathBuf,
     /// The plan (from `lemur-plan --out`).
-    #[arg(long, conflicts_with = "profiles", required_unless_present = "profiles")]
+    #[arg(long, conflicts_with_all = ["profiles", "plan_set"], required_unless_present_any = ["profiles", "plan_set"])]
     plan: Option<PathBuf>,
+    /// A plan set (from `lemur-plan --serve --out`): each step runs in the placement of
+    /// its load's bucket, the batch moving (with its KV caches) when the planner's prices
+    /// say it pays. Every rank holds the weights of its ops in every placement.
+    #[arg(long, conflicts_with = "profiles")]
+    plan_set: Option<PathBuf>,
     /// Plan here from the machine profiles in this folder (the cluster's machines).
     #[arg(long)]
     profiles: Option<PathBuf>,
@@ -142,8 +148,20 @@ fn run(args: Args) -> Result<()> {
     let quantize = args.quantize;
     let mut checkpoint = Checkpoint::open(&args.model).context("--model")?;
     (checkpoint.dequantize, checkpoint.quantize) = (args.dequantize, quantize);
-    let plan = match (&args.plan, &args.profiles) {
-        (Some(path), _) => {
+    let set = match &args.plan_set {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let set = PlanSet::from_json(&text).with_context(|| format!("--plan-set {}", path.display()))?;
+            for p in set.placements() {
+                checkpoint.check_plan_model(&p.model).with_context(|| format!("--plan-set {}", path.display()))?;
+            }
+            Some(set)
+        }
+        None => None,
+    };
+    let plan = match (&args.plan, &args.profiles, &set) {
+        (_, _, Some(set)) => set.placements()[0].clone(),
+        (Some(path), _, _) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let plan = Plan::from_json(&text).with_context(|| format!("{}", path.display()))?;
             if plan.workload.mode != WorkloadMode::Infer {
@@ -152,8 +170,8 @@ fn run(args: Args) -> Result<()> {
             checkpoint.check_plan_model(&plan.model).with_context(|| format!("--plan {}", path.display()))?;
             plan
         }
-        (None, Some(dir)) => plan_here(&args, dir, &cluster, &checkpoint)?,
-        (None, None) => bail!("give --plan PLAN or --profiles DIR"),
+        (None, Some(dir), _) => plan_here(&args, dir, &cluster, &checkpoint)?,
+        (None, None, _) => bail!("give --plan PLAN, --plan-set SET or --profiles DIR"),
     };
     let tok = Arc::new(Tok::from_checkpoint(&args.model).context("--model: the server needs the tokenizer")?);
     let listener = TcpListener::bind(&args.http).with_context(|| format!("--http {}", args.http))?;
@@ -178,7 +196,10 @@ fn run(args: Args) -> Result<()> {
         serve: Some(batch),
         dense_matmul: args.dense_matmul,
         replan: (!args.no_failover).then(|| replanner(Duration::from_secs(args.replan_seconds))),
-        ..Job::new(plan, args.model.clone(), dtype)
+        ..match set {
+            Some(set) => Job::with_plan_set(set, args.model.clone(), dtype),
+            None => Job::new(plan, args.model.clone(), dtype),
+        }
     };
     let front = lemur_serve::Front {
         listener,

@@ -344,6 +344,14 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Tokens request `id` may still generate (0 if it is not running).
+    pub fn remaining(&self, id: u64) -> usize {
+        self.running
+            .iter()
+            .find(|s| s.req.id == id)
+            .map_or(0, |s| s.req.max_new_tokens.saturating_sub(s.generated.len()))
+    }
+
     /// KV positions reserved by the running requests.
     pub fn reserved_positions(&self) -> usize {
         self.reserved

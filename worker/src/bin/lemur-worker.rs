@@ -362,6 +362,7 @@ fn run(args: Args, ignored: &[String]) -> Result<()> {
             timing: args.timings.is_some(),
             repeat: args.repeat,
             replan: None,
+            plan_set: None,
             train_loop,
             train: match &adapter {
                 Some((cfg, _)) => Some(TrainSetup {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix::WeakAddr;
 use candle_core::{DType, Device, Tensor};
-use lemur_protocol::wire::{DenseMatmul, Frame, Gather, Message, RunKey, Segment, WireTensor};
+use lemur_protocol::wire::{DenseMatmul, Frame, Gather, KvMove, Message, RunKey, Segment, WireTensor};
 use lemur_protocol::Phase;
 
 use super::actors::Router;
@@ -85,10 +85,10 @@ pub(super) struct Compute {
     tick_pending: bool,
     /// The most training micro-batches held at once.
     peak_runs: u32,
-    /// Steps and micro-batches started lately, and KV caches handed over (request, layer):
-    /// a frame that arrives twice is dropped the second time.
+    /// Steps and micro-batches started lately, and KV caches handed over (request, layer,
+    /// the step that sent it): a frame that arrives twice is dropped the second time.
     started: Recent<RunKey>,
-    handed_over: Recent<(u64, u32)>,
+    handed_over: Recent<(u64, u32, u64)>,
 }
 
 /// Keys seen lately, the oldest forgotten past a bound: how a duplicated frame is told.
@@ -178,7 +178,8 @@ impl Outbox<'_> {
             }
             Outbound::Kv { to, request, layer, cache } => {
                 let (metas, datas) = to_wire_all([&cache.keys()?.contiguous()?, &cache.values()?.contiguous()?])?;
-                let msg = Message::KvHandover { request_id: request, layer, start: cache.start as u64, tensors: metas };
+                let (start, step_id) = (cache.start as u64, self.key.request);
+                let msg = Message::KvHandover { request_id: request, layer, start, step_id, tensors: metas };
                 self.to(to, Frame { message: msg, tensors: datas })
             }
             Outbound::Timing { op, seconds } => {
@@ -241,13 +242,14 @@ impl Compute {
         let wire = frame.wire_tensors();
         let nth = |i: usize| wire.get(i).ok_or_else(|| WorkerError::Wire("a message without its tensors".into()));
         match frame.message {
-            Message::Start { step_id, phase, segments, .. } => {
+            Message::Start { step_id, phase, segments, placement, moves, keep_kv, .. } => {
                 let key = RunKey { request: step_id, step: 0 };
                 if !self.started.first(key) {
                     tracing::debug!(rank = self.me, step_id, "a second start of the step; dropped");
                     return Ok(());
                 }
-                self.start_step(key, phase, &segments, nth(0)?)
+                let layout = StepLayout { placement, moves, keep_kv };
+                self.start_step(key, phase, &segments, nth(0)?, layout)
             }
             Message::StartMicroBatch { opt_step, micro_batch, .. } => {
                 let key = RunKey { request: opt_step, step: micro_batch };
@@ -280,8 +282,8 @@ impl Compute {
                 }
                 Ok(())
             }
-            Message::KvHandover { request_id, layer, start, .. } => {
-                if !self.handed_over.first((request_id, layer)) {
+            Message::KvHandover { request_id, layer, start, step_id, .. } => {
+                if !self.handed_over.first((request_id, layer, step_id)) {
                     tracing::debug!(rank = self.me, request_id, layer, "a second handover of the cache; dropped");
                     return Ok(());
                 }
@@ -310,12 +312,42 @@ impl Compute {
         phase: Phase,
         segments: &[Segment],
         tokens: &WireTensor,
+        layout: StepLayout,
     ) -> Result<(), WorkerError> {
-        if !matches!(self.prog.as_ref(), RankProgram::Infer(_)) {
+        let prog = self.prog.clone();
+        let RankProgram::Infer(prog) = prog.as_ref() else {
             return Err(WorkerError::Plan("an inference step under a training plan".into()));
-        }
+        };
         let tokens = from_wire(&tokens.meta, &tokens.data, &self.device())?;
         let segments = check_segments(segments, &tokens)?;
+        prog.placement(layout.placement)?;
+        // The caches this step's placement needs elsewhere leave before it runs.
+        let mut incoming = HashSet::new();
+        for m in &layout.moves {
+            if m.from == m.to || !segments.iter().any(|g| g.request == m.request_id) {
+                return Err(WorkerError::Wire(format!(
+                    "start: a move of request {}'s layer {} cache from rank {} to rank {} that the step cannot use",
+                    m.request_id, m.layer, m.from, m.to
+                )));
+            }
+            if m.to == self.me {
+                incoming.insert((m.request_id, m.layer));
+            }
+            if m.from != self.me {
+                continue;
+            }
+            let cache = self.exec_mut()?.kv.remove(&(m.request_id, m.layer)).ok_or_else(|| {
+                WorkerError::Plan(format!(
+                    "rank {} holds no KV cache of request {} layer {} to move to rank {}",
+                    self.me, m.request_id, m.layer, m.to
+                ))
+            })?;
+            let mut out = self.outbox(key);
+            out.send(Outbound::Kv { to: m.to, request: m.request_id, layer: m.layer, cache });
+            if let Some(e) = out.error.take() {
+                return Err(e);
+            }
+        }
         if phase == Phase::Prefill {
             for g in segments.iter().filter(|g| g.position == 0) {
                 self.traffic.prefill_started.insert(g.request, Instant::now());
@@ -324,7 +356,8 @@ impl Compute {
         let dense = self.dense_matmul.applies(phase);
         let input = StepInput { tokens, segments, targets: None, dropout_seed: 0, dense };
         let mut run = StepRun::new(key.request, phase, input);
-        run.timing = self.timing;
+        (run.timing, run.placement, run.incoming, run.keep_kv) =
+            (self.timing, layout.placement, incoming, layout.keep_kv);
         for (from_op, ts) in self.early.remove(&key).unwrap_or_default() {
             run.deliver(from_op, ts);
         }
@@ -560,6 +593,14 @@ impl Compute {
         };
         self.router.send(0, Frame::control(msg))
     }
+}
+
+/// Where a `Start` runs: the plan set's placement, the caches that move for it, and
+/// whether a finished prompt's caches stay where prefill left them.
+struct StepLayout {
+    placement: u32,
+    moves: Vec<KvMove>,
+    keep_kv: bool,
 }
 
 /// A `Start`'s segments, checked against its tokens (`[1, total]`): none empty, lengths

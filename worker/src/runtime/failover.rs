@@ -55,6 +55,14 @@ pub(super) async fn place(
     let machines: Vec<String> = live.iter().map(|r| r.machine.clone()).collect();
     tracing::info!(?machines, "planning a new placement");
     let Some(mut job) = cfg.job.take() else { return Err(WorkerError::Plan("rank 0 has no job".into())) };
+    // Every rank back: the plan set the server started with, as it was.
+    if lost.is_empty() && job.plan_set.is_some() {
+        let plan = job.plan.clone();
+        cfg.job = Some(job);
+        return Ok((cfg, plan));
+    }
+    // A placement planned over the ranks left is one placement, not a set.
+    job.plan_set = None;
     let (first, replan) = (job.plan.clone(), replan.clone());
     let plan = tokio::task::spawn_blocking(move || (replan.0)(&first, &machines))
         .await
@@ -95,6 +103,10 @@ pub(super) async fn first_setup(
         }
     }
 }
+
+/// A new placement set up: its ranks, the plan set's policy (when every rank
+/// is back and the server serves a set), and the KV positions it leaves.
+type Rebuilt = (Ready, Option<crate::placement::Placer>, Option<usize>);
 
 /// `rank 2: why; rank 3: why`.
 fn describe(lost: &BTreeMap<u32, String>) -> String {
@@ -138,21 +150,23 @@ impl Node {
         let (cfg, replan, epoch) = (f.cfg.clone(), f.replan.clone(), self.epoch);
         let lost = f.lost.clone();
         let fut = async move {
-            let (cfg, plan) = place(cfg, &replan, &lost).await?;
+            let (cfg, _) = place(cfg, &replan, &lost).await?;
             let ready = setup::connect_and_load(&cfg).await?;
-            Ok((ready, plan))
+            let placer = crate::placement::Placer::for_job(cfg.job.as_ref(), &ready.prog)?;
+            let kv = cfg.job.as_ref().and_then(|j| j.kv_positions());
+            Ok((ready, placer, kv))
         };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| act.rebuilt(epoch, result, ctx)));
         self.dispatch(events, ctx);
     }
 
     /// The new placement is up (or could not be made).
-    fn rebuilt(&mut self, epoch: u64, result: Result<(Ready, Plan), WorkerError>, ctx: &mut Context<Self>) {
+    fn rebuilt(&mut self, epoch: u64, result: Result<Rebuilt, WorkerError>, ctx: &mut Context<Self>) {
         if self.shutting_down || epoch != self.epoch {
             return;
         }
         match result {
-            Ok((ready, plan)) => {
+            Ok((ready, placer, set_kv)) => {
                 let Some(f) = self.failover.as_ref() else { return };
                 self.active = ready.active.clone();
                 let (router, compute) = spawn_cluster(ctx.address(), self.me, self.epoch, ready, &f.cfg);
@@ -166,7 +180,8 @@ impl Node {
                     r.active = self.active.contains(&r.rank);
                     r.lost = f.lost.get(&r.rank).cloned();
                 }
-                let events = s.sched.set_kv_positions(kv.or(plan.kv_positions().map(|p| p as usize)));
+                s.placer = placer;
+                let events = s.sched.set_kv_positions(kv.or(set_kv));
                 tracing::info!(epoch, ranks = ?self.active, replans = s.replans, "serving on the new placement");
                 self.dispatch(events, ctx);
             }

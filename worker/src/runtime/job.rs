@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::DType;
+use lemur_protocol::plan::PlanSet;
 use lemur_protocol::wire::TrainSetup;
 use lemur_protocol::Plan;
 use serde::Serialize;
@@ -178,6 +179,9 @@ pub struct Job {
     /// Serving: plan around a lost rank and bring back one that returns (without it, a
     /// lost rank takes the cluster down).
     pub replan: Option<Replan>,
+    /// Serving a plan set (`plan` is then its placement 0): each step runs in the
+    /// placement its load asks for ([`crate::placement`]).
+    pub plan_set: Option<Arc<PlanSet>>,
 }
 
 impl Job {
@@ -204,7 +208,35 @@ impl Job {
             serve: None,
             replan: None,
             dense_matmul: lemur_protocol::wire::DenseMatmul::Never,
+            plan_set: None,
         }
+    }
+
+    /// A serving job over a plan set: its first placement is the plan, the others travel
+    /// with it.
+    pub fn with_plan_set(set: PlanSet, model_dir: PathBuf, dtype: DType) -> Self {
+        let plan = set.decode.first().map_or_else(|| set.prefill[0].plan.clone(), |b| b.plan.clone());
+        Self { plan_set: Some(Arc::new(set)), ..Self::new(plan, model_dir, dtype) }
+    }
+
+    /// The plan set's placements after the first (none without a set); an error if the
+    /// set's first placement is not `plan`.
+    pub fn alternatives(&self) -> Result<Vec<Plan>, WorkerError> {
+        let Some(set) = &self.plan_set else { return Ok(Vec::new()) };
+        let all = set.placements();
+        if all.first() != Some(&&self.plan) {
+            return Err(WorkerError::Plan("the job's plan is not its plan set's first placement".into()));
+        }
+        Ok(all[1..].iter().map(|p| (*p).clone()).collect())
+    }
+
+    /// The KV positions the job's placements leave for all requests together.
+    pub fn kv_positions(&self) -> Option<usize> {
+        match &self.plan_set {
+            Some(set) => set.kv_positions(),
+            None => self.plan.kv_positions(),
+        }
+        .map(|p| p as usize)
     }
 
     /// Checks the request against the model before any rank is contacted: a prompt of at

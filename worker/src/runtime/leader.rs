@@ -21,6 +21,7 @@ use super::serving::{Serving, Sink};
 use super::trainer::{TrainAction, Trainer};
 use crate::batch::{BatchConfig, Event, Request, Scheduler};
 use crate::error::WorkerError;
+use crate::placement::{Placed, Placer};
 use crate::tensor_wire::{f32_to_wire, f32_values, ids_to_wire};
 
 /// Where the runtime leaves rank 0's outcome (or any rank's error) for `run_node`.
@@ -29,7 +30,7 @@ pub(super) type Shared = Arc<Mutex<Option<Result<Option<Outcome>, WorkerError>>>
 /// What rank 0 is asked to run, once the actors are up.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(super) struct Begin(pub Job);
+pub(super) struct Begin(pub Job, pub Option<Placer>);
 
 /// Per rank, what it reported when a request finished.
 #[derive(Debug, Clone, Default)]
@@ -131,8 +132,20 @@ impl Node {
             serving.steps += 1;
             serving.last_batch = step.segments.len();
             let tokens = ids_to_wire(&[&step.tokens]);
-            let msg =
-                Message::Start { step_id: step.id, phase: step.phase, tokens: tokens.meta, segments: step.segments };
+            let sched = &serving.sched;
+            let (placed, keep_kv) = match serving.placer.as_mut() {
+                Some(p) => (p.place(step.phase, &step.segments, |id| sched.remaining(id)), true),
+                None => (Placed { placement: 0, moves: Vec::new() }, false),
+            };
+            let msg = Message::Start {
+                step_id: step.id,
+                phase: step.phase,
+                tokens: tokens.meta,
+                segments: step.segments,
+                placement: placed.placement,
+                moves: placed.moves,
+                keep_kv,
+            };
             self.router.broadcast(&Frame { message: msg, tensors: vec![tokens.data] });
         }
     }
@@ -168,6 +181,9 @@ impl Node {
             more.extend(serving.sched.cancel(id));
         }
         for id in serving.sched.take_frees() {
+            if let Some(p) = serving.placer.as_mut() {
+                p.forget(id);
+            }
             self.router.broadcast(&Frame::control(Message::Finish { request_id: id }));
         }
         for e in job_events {
@@ -524,18 +540,19 @@ impl Handler<Inbound> for Node {
 
 impl Handler<Begin> for Node {
     type Result = ();
-    fn handle(&mut self, Begin(job): Begin, ctx: &mut Self::Context) {
+    fn handle(&mut self, Begin(job, placer): Begin, ctx: &mut Self::Context) {
         if let Some(cfg) = job.serve {
             // The model bounds every request; the plan's memory bounds them all together.
             let model = &job.plan.model;
             let cfg = BatchConfig {
                 max_positions: cfg.max_positions.min(model.max_position_embeddings as usize),
                 window: cfg.window.or(model.sliding_window.map(|w| w as usize)),
-                kv_positions: cfg.kv_positions.or(job.plan.kv_positions().map(|p| p as usize)),
+                kv_positions: cfg.kv_positions.or(job.kv_positions()),
                 ..cfg
             };
-            tracing::info!(?cfg, "serving");
+            tracing::info!(?cfg, plan_set = placer.is_some(), "serving");
             let mut serving = Serving::new(Scheduler::new(cfg), self.n, &self.active);
+            serving.placer = placer;
             if let Some(f) = &self.failover {
                 for (r, why) in &f.lost {
                     serving.ranks[*r as usize].lost = Some(why.clone());

@@ -192,6 +192,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
         _ => (setup::connect_and_load(&cfg).await?, None, cfg),
     };
     let t = cfg.timeouts;
+    let placer = if me == 0 { crate::placement::Placer::for_job(cfg.job.as_ref(), &ready.prog)? } else { None };
     let node = Node::create(|ctx| {
         let active = ready.active.clone();
         let (router, compute) = spawn_cluster(ctx.address(), me, 0, ready, &cfg);
@@ -212,7 +213,7 @@ async fn start(cfg: NodeConfig, result: Shared) -> Result<Addr<Node>, WorkerErro
     });
     if me == 0 {
         let job = cfg.job.ok_or_else(|| WorkerError::Plan("rank 0 needs a job".into()))?;
-        node.do_send(Begin(job));
+        node.do_send(Begin(job, placer));
     }
     Ok(node)
 }

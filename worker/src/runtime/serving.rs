@@ -51,6 +51,8 @@ pub(super) struct Serving {
     pub replans: u64,
     /// Requests put back in the queue to run again on a new placement.
     pub replayed: u64,
+    /// Serving a plan set: the placement of each step.
+    pub placer: Option<crate::placement::Placer>,
 }
 
 impl Serving {
@@ -73,6 +75,7 @@ impl Serving {
             rejoin_pending: false,
             replans: 0,
             replayed: 0,
+            placer: None,
         }
     }
 }
@@ -120,6 +123,8 @@ pub struct ClusterStatus {
     pub last_batch: usize,
     /// Seconds with a step in flight since the start.
     pub busy_seconds: f64,
+    /// Serving a plan set: the decode placement now, its switches and the KV caches moved.
+    pub placement: Option<crate::placement::PlacerStats>,
 }
 
 #[derive(Message)]
@@ -284,6 +289,7 @@ impl Handler<Status> for Node {
             steps: s.steps,
             last_batch: s.last_batch,
             busy_seconds: s.busy.as_secs_f64(),
+            placement: s.placer.as_ref().map(|p| p.stats()),
         })
     }
 }

@@ -254,21 +254,24 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
     let net = cfg.transport.as_ref();
     let mut conns: HashMap<u32, Conn> = HashMap::new();
     let active: Vec<u32>;
-    let (plan, source, dtype, timing, train, dense_matmul) = if me == 0 {
+    let (plan, alternatives, source, dtype, timing, train, dense_matmul) = if me == 0 {
         let job =
             cfg.job.clone().ok_or_else(|| WorkerError::Plan("rank 0 needs --plan, --model and a prompt".into()))?;
         // Check the plan, the request and every rank's weights before dialling anyone: only
         // rank 0 has the checkpoint, and it serves each rank the weights of its ops.
         let mut ck = Checkpoint::open(&job.model_dir)?;
         (ck.dequantize, ck.quantize) = (job.dequantize, job.quantize);
-        ck.check_plan_model(&job.plan.model)?;
-        ck.check_plan_weights(&job.plan)?;
+        let alternatives = job.alternatives()?;
+        for p in std::iter::once(&job.plan).chain(&alternatives) {
+            ck.check_plan_model(&p.model)?;
+            ck.check_plan_weights(p)?;
+        }
         job.validate(&ck.config)?;
         let ranks = cfg.cluster.rank_of_machine();
         active = cfg.run_ranks()?;
         let mut allowed = HashMap::new();
         for &r in &active {
-            let ops = RankProgram::new(&job.plan, r, &ranks)?.local_weights();
+            let ops = RankProgram::with_alternatives(&job.plan, &alternatives, r, &ranks)?.local_weights();
             ck.check_tensors(&ops)?;
             allowed.insert(r, fetch::ops_with_weights(&ops, &ck.config));
         }
@@ -292,12 +295,14 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
                     dequantize: job.dequantize,
                     quantize: job.quantize,
                     dense_matmul: job.dense_matmul,
+                    alternatives: alternatives.clone(),
                 }))
                 .await
                 .map_err(|e| WorkerError::from(e).at(peer.rank))?;
             conns.insert(peer.rank, conn);
         }
-        (job.plan, Source::Leader(Arc::new(ck), allowed), job.dtype, job.timing, job.train, job.dense_matmul)
+        let source = Source::Leader(Arc::new(ck), allowed);
+        (job.plan, alternatives, source, job.dtype, job.timing, job.train, job.dense_matmul)
     } else {
         let mut listener = net.listen(&info.addr).await?;
         tracing::info!(rank = me, addr = %info.addr, "listening");
@@ -309,19 +314,29 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             .map_err(|_| WorkerError::NoLeader { seconds: t.wait_for_leader.as_secs_f64() })??;
         let mut leader = acc.got.remove(&0).ok_or_else(|| WorkerError::Wire("no connection from rank 0".into()))?;
         let frame = read_frame(&mut leader, t.handshake, "the plan", 0).await?;
-        let (plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul) = match frame.message {
-            Message::Setup { plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul } => {
-                (plan, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul)
-            }
-            // A leader checking that this rank is up (to bring it back into its plan).
-            Message::Shutdown { reason } => return Err(WorkerError::Dismissed(reason)),
-            other => {
-                return Err(WorkerError::Peer {
-                    rank: 0,
-                    message: format!("sent `{}` instead of the plan", other.name()),
-                })
-            }
-        };
+        let (plan, alternatives, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul) =
+            match frame.message {
+                Message::Setup {
+                    plan,
+                    ranks,
+                    checkpoint,
+                    dtype,
+                    timing,
+                    train,
+                    dequantize,
+                    quantize,
+                    dense_matmul,
+                    alternatives,
+                } => (plan, alternatives, ranks, checkpoint, dtype, timing, train, dequantize, quantize, dense_matmul),
+                // A leader checking that this rank is up (to bring it back into its plan).
+                Message::Shutdown { reason } => return Err(WorkerError::Dismissed(reason)),
+                other => {
+                    return Err(WorkerError::Peer {
+                        rank: 0,
+                        message: format!("sent `{}` instead of the plan", other.name()),
+                    })
+                }
+            };
         let run: Vec<u32> = ranks.iter().map(|r| r.rank).collect();
         let known = ranks.iter().all(|r| cfg.cluster.get(r.rank).is_ok_and(|mine| mine == r));
         if !known || !run.contains(&0) || !run.contains(&me) {
@@ -366,7 +381,7 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
         active = run;
         let dtype = candle_dtype(dtype);
         let variant = variant(dtype, dequantize, quantize);
-        (*plan, Source::Fetch(*checkpoint, variant), dtype, timing, train, dense_matmul)
+        (*plan, alternatives, Source::Fetch(*checkpoint, variant), dtype, timing, train, dense_matmul)
     };
 
     // Validate and load before any compute; report failures to rank 0 by name. Rank 0
@@ -376,11 +391,14 @@ pub(super) async fn connect_and_load(cfg: &NodeConfig) -> Result<Ready, WorkerEr
             let serving = futures::future::try_join_all(
                 conns.iter_mut().map(|(r, conn)| fetch::serve(conn, *r, &allowed[r], ck.clone(), dtype, &t)),
             );
-            let own = load_local(&plan, me, cfg, ck.clone(), dtype, train.as_ref());
+            let own = load_local((&plan, &alternatives), me, cfg, ck.clone(), dtype, train.as_ref());
             tokio::try_join!(own, serving).map(|(own, _)| own)
         }
         Source::Fetch(checkpoint, variant) => match conns.get_mut(&0) {
-            Some(leader) => load_fetched(&plan, me, cfg, (checkpoint, variant), dtype, train.as_ref(), leader).await,
+            Some(leader) => {
+                let plans = (&plan, alternatives.as_slice());
+                load_fetched(plans, me, cfg, (checkpoint, variant), dtype, train.as_ref(), leader).await
+            }
             None => Err(WorkerError::Wire("no connection from rank 0".into())),
         },
     };
@@ -471,14 +489,14 @@ type Loaded = (RankProgram, Executor, u64, f64);
 /// Rank 0: its program, and its weights and adapters loaded from its checkpoint (on a
 /// blocking thread).
 async fn load_local(
-    plan: &Plan,
+    (plan, alternatives): (&Plan, &[Plan]),
     me: u32,
     cfg: &NodeConfig,
     ck: Arc<Checkpoint>,
     dtype: DType,
     train: Option<&TrainSetup>,
 ) -> Result<Loaded, WorkerError> {
-    let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
+    let prog = RankProgram::with_alternatives(plan, alternatives, me, &cfg.cluster.rank_of_machine())?;
     let adapters = adapters_of(&prog, train)?;
     let device = cfg.device.clone();
     let wanted = prog.local_weights();
@@ -499,7 +517,7 @@ async fn load_local(
 /// A rank other than 0: its program, and the weights of its ops from its cache or fetched
 /// from rank 0 (see [`fetch`]), then its adapters.
 async fn load_fetched(
-    plan: &Plan,
+    (plan, alternatives): (&Plan, &[Plan]),
     me: u32,
     cfg: &NodeConfig,
     (checkpoint, variant): (CheckpointRef, String),
@@ -510,7 +528,10 @@ async fn load_fetched(
     let config = checkpoint.config.clone();
     config.validate().map_err(|e| WorkerError::Peer { rank: 0, message: format!("the checkpoint's shape: {e}") })?;
     check_model_shape(&config, "rank 0's checkpoint", &plan.model)?;
-    let prog = RankProgram::new(plan, me, &cfg.cluster.rank_of_machine())?;
+    for alt in alternatives {
+        check_model_shape(&config, "rank 0's checkpoint", &alt.model)?;
+    }
+    let prog = RankProgram::with_alternatives(plan, alternatives, me, &cfg.cluster.rank_of_machine())?;
     let adapters = adapters_of(&prog, train)?;
     let local = prog.local_weights();
     let t0 = Instant::now();
