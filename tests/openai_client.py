@@ -7,6 +7,7 @@ Usage: openai_client.py BASE_URL MODEL MODE, MODE one of:
   queue     (a server with --max-batch 1 --max-queue 1) the third request gets a 429.
   planset   (a server over a plan set) 8 concurrent streams against solo runs; the decode
             placement switched and KV caches moved.
+  plannedset (a server that planned a plan set at start) the same streams; caches moved.
   failover  a long greedy stream; prints "streaming" once it has begun (the test kills
             rank 1), reads it to the end and checks it against the same request run
             before, checks /health and /metrics, prints "restart" and waits for a line
@@ -257,4 +258,13 @@ def planset():
     print("ok")
 
 
-{"api": api, "sigterm": sigterm, "queue": queue, "failover": failover, "planset": planset}[MODE]()
+def plannedset():
+    # The planner's set for SmolLM2 on the Apple pair prefills on the M5 Pro and decodes
+    # one stream on the M4 Pro: every prompt's caches move for its first decode step.
+    concurrent_equal_solo()
+    assert metric("lemur_kv_moves_total") > 0
+    assert health()["status"] == "ok"
+    print("ok")
+
+
+{"api": api, "sigterm": sigterm, "queue": queue, "failover": failover, "planset": planset, "plannedset": plannedset}[MODE]()

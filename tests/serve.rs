@@ -51,6 +51,15 @@ fn over_a_plan_set_concurrent_streams_switch_placements_and_equal_their_solo_run
 }
 
 #[test]
+fn a_plan_set_planned_at_start_serves_streams_equal_to_their_solo_runs() -> Result<()> {
+    let (gguf, python) = (smollm2()?, openai_python()?);
+    let dir = tempfile::tempdir()?;
+    let server = Server::start_planned_set(dir.path(), &gguf, &["--max-batch", "8"])?;
+    run_client(&python, &server.url, "plannedset")?;
+    Ok(())
+}
+
+#[test]
 fn a_full_queue_answers_429() -> Result<()> {
     let (gguf, python) = (smollm2()?, openai_python()?);
     let dir = tempfile::tempdir()?;
@@ -138,12 +147,19 @@ fn bad_flags_and_files_are_refused_naming_them() -> Result<()> {
         (&["--cluster", c, "--model", "/nope", "--plan", p], &["--model", "/nope"]),
         (&["--cluster", c, "--model", g, "--plan", "/nope.json"], &["/nope.json"]),
         (&["--cluster", c, "--model", g], &["--plan"]),
+        (&["--cluster", c, "--model", g, "--plan", p, "--decode-buckets", "1,4"], &["--decode-buckets", "--profiles"]),
+        (
+            &["--cluster", c, "--model", g, "--plan", p, "--prefill-buckets", "64"],
+            &["--prefill-buckets", "--decode-buckets"],
+        ),
+        (&["--cluster", c, "--model", g, "--plan-set", p], &["--plan-set", "not a plan set"]),
         (&["--cluster", c, "--model", g, "--plan", p, "--dense-matmul", "sometimes"], &["--dense-matmul", "never"]),
         (&["--cluster", c, "--model", g, "--plan", p, "--max-batch", "0"], &["--max-batch", "at least 1"]),
         (&["--cluster", c, "--model", g, "--plan", p, "--http", &taken], &["--http", "in use"]),
     ];
     for (args, want) in cases {
-        let out = Command::new(serve_bin()).args(*args).output()?;
+        let child = Command::new(serve_bin()).args(*args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let out = wait_exit(child, Duration::from_secs(60)).with_context(|| format!("{args:?}"))?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         for w in *want {

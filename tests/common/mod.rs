@@ -489,6 +489,17 @@ impl Server {
         Self::start_on("--plan-set", &set, &cluster, gguf, extra)
     }
 
+    /// The same, planning a plan set from the shipped profiles at start
+    /// (`--profiles ... --decode-buckets`).
+    pub fn start_planned_set(dir: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
+        let (_, cluster) = smol_plan(dir, gguf)?;
+        let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+        let mut args =
+            vec!["--decode-buckets", "1,4", "--prefill-buckets", "64", "--plan-prompt", "64", "--dtype", "f16"];
+        args.extend_from_slice(extra);
+        Self::start_on("--profiles", &profiles, &cluster, gguf, &args)
+    }
+
     fn start_on(flag: &str, plan: &Path, cluster: &Path, gguf: &Path, extra: &[&str]) -> Result<Self> {
         let mut procs = spawn_workers(cluster, 2, &[])?;
         let port = free_ports(1)[0];
@@ -512,7 +523,12 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(90);
         while Instant::now() < deadline {
             if let Some(status) = procs.0[0].try_wait()? {
-                bail!("lemur-serve exited with {status} before it was ready");
+                let mut err = String::new();
+                if let Some(mut pipe) = procs.0[0].stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut err);
+                }
+                bail!("lemur-serve exited with {status} before it was ready: {}", err.trim());
             }
             if health_ok(port) {
                 return Ok(Self { url, procs });

@@ -114,6 +114,14 @@ struct Args {
     plan_prompt: u64,
     #[arg(long, default_value_t = 256, value_parser = parse::at_least_one::<u64>)]
     plan_gen: u64,
+    /// Planning with --profiles: plan a plan set with these decode batch sizes (as
+    /// `lemur-plan --serve` does; decode buckets plan for --plan-prompt + --plan-gen
+    /// positions) instead of one placement, and serve it as --plan-set does.
+    #[arg(long, value_delimiter = ',', value_parser = parse::at_least_one::<u64>)]
+    decode_buckets: Option<Vec<u64>>,
+    /// With --decode-buckets: the prefill buckets' prompt lengths (default 128,512).
+    #[arg(long, value_delimiter = ',', value_parser = parse::at_least_one::<u64>)]
+    prefill_buckets: Option<Vec<u64>>,
     /// Dequantize a GGUF's quantized weights at load instead of running them as stored.
     #[arg(long, conflicts_with = "quantize")]
     dequantize: bool,
@@ -139,6 +147,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    // clap's `requires` lets these through beside a conflicting --plan; say so before
+    // anything loads.
+    if args.decode_buckets.is_some() && args.profiles.is_none() {
+        bail!("--decode-buckets plans a plan set here: it needs --profiles DIR");
+    }
+    if args.prefill_buckets.is_some() && args.decode_buckets.is_none() {
+        bail!("--prefill-buckets needs --decode-buckets (it is a plan set's other half)");
+    }
     let cluster = Cluster::load(&args.cluster)?;
     let key = args.key_file.as_deref().map(ClusterKey::load).transpose().context("--key-file")?;
     // Before loading anything: a keyless cluster must not be reachable from a network.
@@ -148,8 +164,9 @@ fn run(args: Args) -> Result<()> {
     let quantize = args.quantize;
     let mut checkpoint = Checkpoint::open(&args.model).context("--model")?;
     (checkpoint.dequantize, checkpoint.quantize) = (args.dequantize, quantize);
-    let set = match &args.plan_set {
-        Some(path) => {
+    let set = match (&args.plan_set, &args.profiles, &args.decode_buckets) {
+        (None, Some(dir), Some(decode)) => Some(plan_set_here(&args, dir, decode, &cluster, &checkpoint)?),
+        (Some(path), _, _) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let set = PlanSet::from_json(&text).with_context(|| format!("--plan-set {}", path.display()))?;
             for p in set.placements() {
@@ -157,7 +174,7 @@ fn run(args: Args) -> Result<()> {
             }
             Some(set)
         }
-        None => None,
+        _ => None,
     };
     let plan = match (&args.plan, &args.profiles, &set) {
         (_, _, Some(set)) => set.placements()[0].clone(),
@@ -222,19 +239,48 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Plans the cluster's machines for this checkpoint (batch 1 at the given lengths).
-fn plan_here(args: &Args, dir: &std::path::Path, cluster: &Cluster, ck: &Checkpoint) -> Result<Plan> {
+/// Plans a plan set over the cluster's machines for this checkpoint.
+fn plan_set_here(
+    args: &Args,
+    dir: &std::path::Path,
+    decode: &[u64],
+    cluster: &Cluster,
+    ck: &Checkpoint,
+) -> Result<PlanSet> {
+    let planner = planner_here(args, dir, cluster, ck)?;
+    let buckets = lemur_planner::serving::Buckets {
+        decode: decode.to_vec(),
+        prefill: args.prefill_buckets.clone().unwrap_or_else(|| vec![128, 512]),
+        context: args.plan_prompt + args.plan_gen,
+    };
+    let set = lemur_planner::serving::plan_set(&lemur_planner::Roofline, planner.request(), &buckets)
+        .context("planning the plan set")?;
+    eprint!("{}", set.table());
+    Ok(set.to_file())
+}
+
+/// A planner over the cluster's machines for this checkpoint (batch 1 at the given lengths).
+fn planner_here(
+    args: &Args,
+    dir: &std::path::Path,
+    cluster: &Cluster,
+    ck: &Checkpoint,
+) -> Result<lemur_planner::Planner> {
     let dtype = lemur_protocol::DType::parse(&args.dtype).with_context(|| format!("--dtype {}", args.dtype))?;
     let machines: Vec<&str> = cluster.ranks.iter().map(|r| r.machine.as_str()).collect();
-    let mut planner = lemur_planner::Planner::from_profiles(dir)
+    let planner = lemur_planner::Planner::from_profiles(dir)
         .with_context(|| format!("--profiles {}", dir.display()))?
         .machines(&machines)
         .with_context(|| format!("--cluster {}", args.cluster.display()))?
         .model(ck.config.clone())
         .dtype(dtype)
         .infer(args.plan_prompt, args.plan_gen, 1);
-    planner = planner.weights(ck.weight_format());
-    let planned = planner.plan().context("planning")?;
+    Ok(planner.weights(ck.weight_format()))
+}
+
+/// Plans the cluster's machines for this checkpoint (batch 1 at the given lengths).
+fn plan_here(args: &Args, dir: &std::path::Path, cluster: &Cluster, ck: &Checkpoint) -> Result<Plan> {
+    let planned = planner_here(args, dir, cluster, ck)?.plan().context("planning")?;
     eprint!("{}", lemur_planner::report::summary(&planned));
     Ok(planned.plan)
 }
